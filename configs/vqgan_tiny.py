@@ -1,0 +1,17 @@
+"""Tiny CPU VQGAN (32 px, f=4, 128 codes): the demo and tests. Shapes match the golden vqgan_small."""
+import ml_collections
+
+from configs.vqgan_base import base_config, vqgan_model
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    model = vqgan_model(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
+                        resolution=32, embed_dim=32, n_embed=128)
+    c = base_config(model, disc_start=200, disc_num_layers=2, disc_ndf=16, disc_weight=0.8,
+                    perceptual_weight=0.0)
+    c.optim.base_learning_rate = 1e-4 / 16   # lr 1e-4 at batch 16
+    c.data.update(dict(name="builtin_photos", image_size=32, global_batch_size=16, eval_batch_size=16,
+                       eval_examples=128))
+    c.train.update(dict(num_steps=400, log_every=20, eval_every=100, image_every=100))
+    c.checkpoint.update(dict(every=100, keep=2))
+    return c

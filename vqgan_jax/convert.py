@@ -1,0 +1,215 @@
+"""taming-transformers VQGAN checkpoints <-> this project's Flax variables.
+
+``from_taming`` / ``to_taming`` are exact inverses: conv kernels OIHW <-> HWIO, GroupNorm ``weight`` <->
+``scale``, module paths ``down.0.block.1`` <-> ``down_0_block_1``. ``loss.*`` keys (LPIPS and discriminator)
+are ignored by the VQGAN converter.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vqgan_jax.model import VQGAN
+
+_TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel"}
+_DDCONFIG_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution",
+                  "in_channels", "out_ch", "dropout", "double_z")
+_LOSS_KEYS = ("disc_start", "codebook_weight", "pixelloss_weight", "disc_num_layers", "disc_in_channels",
+              "disc_factor", "disc_weight", "perceptual_weight", "use_actnorm", "disc_conditional",
+              "disc_ndf", "disc_loss")
+_IGNORED_PREFIXES = ("loss.",)
+
+
+def config_from_taming(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """ConfigDict(model=..., loss=..., temperature_schedule=...) from the ``model:`` section of a taming YAML.
+
+    Accepts the whole YAML dict too (its ``model`` entry is used).
+    """
+    cfg = dict(cfg)
+    if "model" in cfg and "target" not in cfg:
+        cfg = dict(cfg["model"])
+    target = cfg.get("target")
+    if target not in _TARGETS:
+        raise ValueError(f"taming config: model.target must be one of {sorted(_TARGETS)}, got {target!r}")
+    params = dict(cfg.get("params") or {})
+    missing = [k for k in ("ddconfig", "n_embed", "embed_dim") if k not in params]
+    if missing:
+        raise ValueError(f"taming config: model.params lacks {missing}")
+    dd = dict(params["ddconfig"])
+    absent = [k for k in _DDCONFIG_KEYS if k not in dd and k not in ("in_channels", "out_ch", "dropout",
+                                                                      "double_z")]
+    if absent:
+        raise ValueError(f"taming config: model.params.ddconfig lacks {absent}")
+    unknown = sorted(set(dd) - set(_DDCONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"taming config: unsupported ddconfig keys {unknown}")
+    model = {k: dd[k] for k in _DDCONFIG_KEYS if k in dd}
+    model["ch_mult"] = tuple(int(c) for c in model["ch_mult"])
+    model["attn_resolutions"] = tuple(int(r) for r in model["attn_resolutions"])
+    model["n_embed"] = int(params["n_embed"])
+    model["embed_dim"] = int(params["embed_dim"])
+    model["quantizer"] = _TARGETS[target]
+    if params.get("remap") is not None:
+        raise ValueError("taming config: index remapping (params.remap) is not supported")
+    if model["quantizer"] == "gumbel":
+        model["kl_weight"] = float(params.get("kl_weight", 1e-8))
+        sched = dict((params.get("temperature_scheduler_config") or {}).get("params") or {})
+        model["temperature"] = float(sched.get("lr_start", 1.0))
+    out = ml_collections.ConfigDict({"model": model})
+    loss = dict((params.get("lossconfig") or {}).get("params") or {})
+    out.loss = {k: loss[k] for k in _LOSS_KEYS if k in loss}
+    if model["quantizer"] == "gumbel" and params.get("temperature_scheduler_config"):
+        out.temperature_schedule = dict(params["temperature_scheduler_config"].get("params", {}))
+    if "base_learning_rate" in cfg:
+        out.base_learning_rate = float(cfg["base_learning_rate"])
+    return out
+
+
+def _model_config(config: Any) -> Any:
+    return config["model"] if "model" in config else config
+
+
+_MODULE_RE = [
+    (re.compile(r"^(down|up)_(\d+)_(block|attn)_(\d+)$"), r"\1.\2.\3.\4"),
+    (re.compile(r"^(down|up)_(\d+)_(downsample|upsample)$"), r"\1.\2.\3"),
+    (re.compile(r"^mid_(block_1|block_2|attn_1)$"), r"mid.\1"),
+]
+
+
+def _taming_key(path: tuple[str, ...]) -> str:
+    parts = []
+    for p in path[:-1]:
+        for rx, rep in _MODULE_RE:
+            if rx.match(p):
+                p = rx.sub(rep, p)
+                break
+        parts.append(p)
+    leaf = path[-1]
+    if path[:1] == ("quantize",) and leaf in ("embedding", "embed"):
+        return f"quantize.{leaf}.weight"
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+    return ".".join(parts + [leaf])
+
+
+def _param_table(model: VQGAN) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """taming key -> (flax path, expected taming-layout shape)."""
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, model.resolution, model.resolution, model.in_channels)))))
+    table = {}
+    for path, s in flax.traverse_util.flatten_dict(shapes["params"]).items():
+        shape = tuple(s.shape)
+        if len(shape) == 4:
+            shape = (shape[3], shape[2], shape[0], shape[1])
+        elif len(shape) == 2 and path[-1] == "kernel":
+            shape = (shape[1], shape[0])
+        table[_taming_key(path)] = (path, shape)
+    return table
+
+
+def _check_keys(state_dict: Mapping[str, Any], table: Mapping[str, tuple], what: str) -> None:
+    problems = []
+    for k, (_, shape) in table.items():
+        if k not in state_dict:
+            problems.append(f"  missing key {k!r}: expected shape {shape}")
+        elif tuple(np.shape(state_dict[k])) != shape:
+            problems.append(f"  key {k!r}: expected shape {shape}, found {tuple(np.shape(state_dict[k]))}")
+    for k in state_dict:
+        if k not in table and not k.startswith(_IGNORED_PREFIXES):
+            problems.append(f"  unexpected key {k!r} (shape {tuple(np.shape(state_dict[k]))})")
+    if problems:
+        raise ValueError(f"{what}: state dict does not match the config ({len(problems)} problems):\n"
+                         + "\n".join(problems))
+
+
+def from_taming(state_dict: Mapping[str, np.ndarray], config: Any) -> tuple[VQGAN, dict]:
+    """taming VQModel/GumbelVQ state dict (+ config from :func:`config_from_taming`) -> (model, variables)."""
+    model = VQGAN.from_config(_model_config(config))
+    table = _param_table(model)
+    _check_keys(state_dict, table, "from_taming")
+    flat = {}
+    for key, (path, _) in table.items():
+        w = np.asarray(state_dict[key], dtype=np.float32)
+        if w.ndim == 4:
+            w = w.transpose(2, 3, 1, 0)      # OIHW -> HWIO
+        elif w.ndim == 2 and path[-1] == "kernel":
+            w = w.T
+        flat[path] = jnp.asarray(w)
+    variables = {"params": flax.traverse_util.unflatten_dict(flat)}
+    if model.use_ema and model.quantizer == "vq":
+        emb = variables["params"]["quantize"]["embedding"]
+        variables["codebook_ema"] = {"quantize": {"count": jnp.ones((model.n_embed,), jnp.float32),
+                                                  "sum": emb}}
+    return model, variables
+
+
+def to_taming(variables: Mapping[str, Any], config: Any) -> dict[str, np.ndarray]:
+    """Inverse of :func:`from_taming`: Flax variables -> taming state dict (numpy, PyTorch layout)."""
+    model = VQGAN.from_config(_model_config(config))
+    table = _param_table(model)
+    flat = flax.traverse_util.flatten_dict(nn.unbox(dict(variables["params"])))
+    by_path = {path: key for key, (path, _) in table.items()}
+    unknown = sorted("/".join(p) for p in flat if p not in by_path)
+    if unknown:
+        raise ValueError(f"to_taming: parameters not in the config's model: {unknown}")
+    out = {}
+    for path, w in flat.items():
+        w = np.asarray(w)
+        if w.ndim == 4:
+            w = w.transpose(3, 2, 0, 1)
+        elif w.ndim == 2 and path[-1] == "kernel":
+            w = w.T
+        out[by_path[path]] = w
+    missing = sorted(set(table) - set(out))
+    if missing:
+        raise ValueError(f"to_taming: variables lack {missing}")
+    return out
+
+
+def _require_torch():
+    try:
+        import torch  # noqa: F401 - only this loader needs PyTorch
+    except ImportError as e:
+        raise ImportError("Reading PyTorch .ckpt files needs torch: pip install -e \".[reference]\"") from e
+    return torch
+
+
+def read_torch_state_dict(ckpt_path: str) -> dict[str, np.ndarray]:
+    """``state_dict`` of a Lightning/PyTorch checkpoint as numpy arrays (``torch.load(weights_only=True)``)."""
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"checkpoint file not found: {ckpt_path}")
+    torch = _require_torch()
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many unpickling error types
+        raise ValueError(f"{ckpt_path}: cannot be read with torch.load(weights_only=True): {e}") from e
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{ckpt_path}: expected a dict with a 'state_dict' entry")
+    return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+            for k, v in sd.items() if hasattr(v, "detach")}
+
+
+def read_yaml(yaml_path: str) -> dict:
+    import yaml
+    if not os.path.isfile(yaml_path):
+        raise FileNotFoundError(f"config file not found: {yaml_path}")
+    with open(yaml_path) as f:
+        return yaml.safe_load(f)
+
+
+def load_taming_checkpoint(ckpt_path: str, yaml_path: str) -> tuple[VQGAN, dict]:
+    """Official taming VQGAN (``last.ckpt`` + ``*-project.yaml``) -> (model, variables)."""
+    config = config_from_taming(read_yaml(yaml_path))
+    sd = read_torch_state_dict(ckpt_path)
+    try:
+        return from_taming(sd, config)
+    except ValueError as e:
+        raise ValueError(f"{ckpt_path} with {yaml_path}: {e}") from e

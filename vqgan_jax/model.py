@@ -1,0 +1,199 @@
+"""VQGAN: taming's Encoder / Decoder around a vector quantizer, NHWC.
+
+Configured by the fields of taming's ``ddconfig`` plus ``embed_dim`` and ``n_embed``; parameter names mirror
+taming's state-dict keys (``down_0_block_1`` <-> ``down.0.block.1``) so checkpoints convert one to one.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from common_jax.layers import Conv
+from vqgan_jax.layers import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample, swish
+from vqgan_jax.quantize import GumbelQuantize, VectorQuantizer
+
+
+def _block(remat: bool):
+    # Rematerialise each ResnetBlock in training when memory, not compute, is the limit.
+    return nn.remat(ResnetBlock, static_argnums=(2,)) if remat else ResnetBlock
+
+
+class Encoder(nn.Module):
+    ch: int
+    ch_mult: Sequence[int]
+    num_res_blocks: int
+    attn_resolutions: Sequence[int]
+    z_channels: int
+    resolution: int
+    dropout: float = 0.0
+    double_z: bool = False
+    dtype: Any = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        block = _block(self.remat)
+        h = Conv(self.ch, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x)
+        res = self.resolution
+        n = len(self.ch_mult)
+        for i in range(n):
+            for j in range(self.num_res_blocks):
+                h = block(self.ch * self.ch_mult[i], self.dropout, self.dtype,
+                          name=f"down_{i}_block_{j}")(h, deterministic)
+                if res in self.attn_resolutions:
+                    h = AttnBlock(self.dtype, name=f"down_{i}_attn_{j}")(h)
+            if i != n - 1:
+                h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
+                res //= 2
+        c = h.shape[-1]
+        h = block(c, self.dropout, self.dtype, name="mid_block_1")(h, deterministic)
+        h = AttnBlock(self.dtype, name="mid_attn_1")(h)
+        h = block(c, self.dropout, self.dtype, name="mid_block_2")(h, deterministic)
+        h = swish(Normalize("norm_out", self.dtype)(h))
+        out = 2 * self.z_channels if self.double_z else self.z_channels
+        return Conv(out, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
+
+
+class Decoder(nn.Module):
+    ch: int
+    ch_mult: Sequence[int]
+    num_res_blocks: int
+    attn_resolutions: Sequence[int]
+    out_ch: int
+    resolution: int
+    dropout: float = 0.0
+    dtype: Any = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, z: jax.Array, deterministic: bool = True, pre_out_only: bool = False) -> jax.Array:
+        """Latents -> images; ``pre_out_only`` stops before ``conv_out`` (the adaptive GAN weight needs it)."""
+        block = _block(self.remat)
+        n = len(self.ch_mult)
+        c = self.ch * self.ch_mult[-1]
+        res = self.resolution // 2 ** (n - 1)
+        h = Conv(c, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z)
+        h = block(c, self.dropout, self.dtype, name="mid_block_1")(h, deterministic)
+        h = AttnBlock(self.dtype, name="mid_attn_1")(h)
+        h = block(c, self.dropout, self.dtype, name="mid_block_2")(h, deterministic)
+        for i in reversed(range(n)):
+            for j in range(self.num_res_blocks + 1):
+                h = block(self.ch * self.ch_mult[i], self.dropout, self.dtype,
+                          name=f"up_{i}_block_{j}")(h, deterministic)
+                if res in self.attn_resolutions:
+                    h = AttnBlock(self.dtype, name=f"up_{i}_attn_{j}")(h)
+            if i != 0:
+                h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
+                res *= 2
+        h = swish(Normalize("norm_out", self.dtype)(h))
+        if pre_out_only:
+            return h
+        return Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
+
+
+class EncodeOutput(NamedTuple):
+    h: jax.Array            # encoder output (B, h, w, z_channels)
+    z: jax.Array            # after quant_conv (B, h, w, embed_dim)
+    z_q: jax.Array          # quantized, straight-through (B, h, w, embed_dim)
+    indices: jax.Array      # (B, h, w) int32
+    loss: jax.Array         # codebook (+ commitment / KL) loss
+    perplexity: jax.Array
+    usage: jax.Array        # (n_embed,) counts in this batch
+
+
+class VQGAN(nn.Module):
+    """Encoder -> quant_conv -> quantizer -> post_quant_conv -> Decoder (taming ``VQModel``/``GumbelVQ``)."""
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    z_channels: int = 256
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    dropout: float = 0.0
+    double_z: bool = False
+    embed_dim: int = 256
+    n_embed: int = 1024
+    quantizer: str = "vq"          # "vq" (VectorQuantizer2) or "gumbel" (GumbelQuantize)
+    beta: float = 0.25
+    legacy: bool = True
+    kl_weight: float = 5e-4
+    temperature: float = 1.0
+    l2_normalize: bool = False
+    codebook_dim: int | None = None
+    use_ema: bool = False
+    ema_decay: float = 0.99
+    entropy_weight: float = 0.0
+    dtype: Any = None               # compute dtype (e.g. jnp.bfloat16); params stay float32
+    remat: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "VQGAN":
+        """Build from a config/dict holding (a subset of) this module's fields; unknown keys are an error."""
+        d = dict(cfg)
+        fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"VQGAN config: unknown keys {unknown}; known: {sorted(fields)}")
+        for k in ("ch_mult", "attn_resolutions"):
+            if k in d:
+                d[k] = tuple(int(v) for v in d[k])
+        if isinstance(d.get("dtype"), str):
+            d["dtype"] = jnp.dtype(d["dtype"]) if d["dtype"] else None
+        return cls(**d)
+
+    def setup(self):
+        if self.quantizer not in ("vq", "gumbel"):
+            raise ValueError(f"VQGAN: quantizer must be 'vq' or 'gumbel', got {self.quantizer!r}")
+        dd = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                  attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
+                  dropout=self.dropout, dtype=self.dtype, remat=self.remat)
+        self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **dd)
+        self.decoder = Decoder(out_ch=self.out_ch, **dd)
+        self.quant_conv = Conv(self.embed_dim, (1, 1))
+        self.post_quant_conv = Conv(self.z_channels, (1, 1))
+        if self.quantizer == "vq":
+            self.quantize = VectorQuantizer(
+                self.n_embed, self.embed_dim, beta=self.beta, legacy=self.legacy,
+                l2_normalize=self.l2_normalize, codebook_dim=self.codebook_dim, use_ema=self.use_ema,
+                ema_decay=self.ema_decay, entropy_weight=self.entropy_weight)
+        else:
+            self.quantize = GumbelQuantize(self.n_embed, self.embed_dim, kl_weight=self.kl_weight,
+                                           temperature=self.temperature)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def encode(self, x: jax.Array, train: bool = False, temperature: Any = None) -> EncodeOutput:
+        """Images NHWC in [-1, 1] -> codes and quantized latents."""
+        h = self.encoder(x, deterministic=not train)
+        z = self.quant_conv(h).astype(jnp.float32)
+        if self.quantizer == "gumbel":
+            q = self.quantize(z, train=train, temperature=temperature)
+        else:
+            q = self.quantize(z, train=train)
+        return EncodeOutput(h, z, q.z_q, q.indices, q.loss, q.perplexity, q.usage)
+
+    def decode_pre_out(self, z_q: jax.Array, train: bool = False) -> jax.Array:
+        """Quantized latents -> decoder activation entering ``decoder.conv_out``."""
+        return self.decoder(self.post_quant_conv(z_q), deterministic=not train, pre_out_only=True)
+
+    def decode(self, z_q: jax.Array, train: bool = False) -> jax.Array:
+        return self.decoder(self.post_quant_conv(z_q), deterministic=not train)
+
+    def embed_code(self, indices: jax.Array) -> jax.Array:
+        """Codes (B, h, w) -> quantized latents (B, h, w, embed_dim)."""
+        return self.quantize.embed_code(indices)
+
+    def decode_code(self, indices: jax.Array) -> jax.Array:
+        """Codes (B, h, w) int -> reconstructed images NHWC (unbounded, nominally [-1, 1])."""
+        return self.decode(self.embed_code(indices))
+
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, EncodeOutput]:
+        enc = self.encode(x, train=train)
+        return self.decode(enc.z_q, train=train), enc
