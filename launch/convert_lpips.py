@@ -1,0 +1,56 @@
+"""Convert torchvision's VGG16 and lpips's lin weights into one LPIPS(vgg) .npz for common_jax.lpips.
+
+    python -m launch.convert_lpips --vgg16=vgg16-397923af.pth --lin=vgg.pth --out=lpips_vgg.npz
+
+``vgg16-397923af.pth``: https://download.pytorch.org/models/vgg16-397923af.pth (torchvision's ImageNet
+VGG16). ``vgg.pth``: ``lpips/weights/v0.1/vgg.pth`` inside the lpips package (pip install lpips==0.1.4).
+Reading .pth files needs PyTorch: ``pip install -e ".[reference]"``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from common_jax.lpips import from_lpips, state_dict_from_torchvision
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("vgg16", None, "torchvision vgg16 state dict (.pth), e.g. vgg16-397923af.pth")
+flags.DEFINE_string("lin", None, "lpips lin weights (.pth), lpips/weights/v0.1/vgg.pth")
+flags.DEFINE_string("out", "lpips_vgg.npz", "output .npz")
+
+
+def _load_torch_state_dict(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} not found")
+    try:
+        import torch  # lazily: only the converter needs it
+    except ImportError as e:
+        raise ImportError(f"reading {path!r} needs PyTorch, which is not installed: "
+                          f"pip install -e \".[reference]\"") from e
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path!r} holds a {type(sd).__name__}, expected a state dict")
+    return {k: v.detach().cpu().numpy() for k, v in sd.items() if hasattr(v, "detach")}
+
+
+def convert(vgg16_path: str, lin_path: str, out_path: str) -> dict[str, np.ndarray]:
+    """Read both .pth files, check the result loads, write ``out_path``; returns the state dict."""
+    sd = state_dict_from_torchvision(_load_torch_state_dict(vgg16_path), _load_torch_state_dict(lin_path))
+    from_lpips(sd)  # fail here, not at training time, if anything is off
+    np.savez(out_path, **sd)
+    return sd
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not FLAGS.vgg16 or not FLAGS.lin:
+        raise app.UsageError("--vgg16 and --lin are required")
+    convert(FLAGS.vgg16, FLAGS.lin, FLAGS.out)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
