@@ -1,0 +1,208 @@
+"""Metric writers, on-device metric averaging, image grids/PNGs and a progress/ETA reporter.
+
+Shared by both training stages and the samplers. Only process 0 writes anything to disk.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Iterable, Iterator, Mapping, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------- writers
+class LoggingOnlyWriter:
+    """Minimal writer (clu MetricWriter duck type) that only logs; avoids importing TensorFlow."""
+
+    def __init__(self, prefix: str = ""):
+        self._prefix = prefix
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        body = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
+        log.info("%s[%d] %s", self._prefix, step, body)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        shapes = ", ".join(f"{k}={np.shape(v)}" for k, v in sorted(images.items()))
+        log.info("%s[%d] images: %s", self._prefix, step, shapes)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for k, v in sorted(texts.items()):
+            log.info("%s[%d] %s: %s", self._prefix, step, k, v)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        log.info("%shparams: %s", self._prefix, dict(hparams))
+
+    def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None) -> None:
+        del step, arrays, num_buckets
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def create_writer(workdir: str | os.PathLike | None, *, tensorboard: bool = True) -> Any:
+    """TensorBoard + logging writer on process 0, logging only elsewhere (or when ``tensorboard=False``).
+
+    clu's writers import TensorFlow (seconds); ``tensorboard=False`` skips that import entirely.
+    """
+    if not tensorboard or workdir is None:
+        return LoggingOnlyWriter()
+    from clu import metric_writers  # lazy: pulls in TensorFlow
+    return metric_writers.create_default_writer(os.fspath(workdir), just_logging=jax.process_index() > 0)
+
+
+# ----------------------------------------------------------------------------------------- host fetching
+def to_host(x: Any) -> np.ndarray:
+    """A (possibly multi-host, sharded) jax.Array as a full numpy array on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+@jax.jit
+def _tree_add(a: Any, b: Any) -> Any:
+    return jax.tree.map(jnp.add, a, b)
+
+
+class MetricAverager:
+    """Sums per-step metric trees on device; ``result()`` fetches once and divides by the count.
+
+    Keeps the training loop free of host syncs between log steps.
+    """
+
+    def __init__(self) -> None:
+        self._sum: Any = None
+        self._count = 0
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        metrics = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), dict(metrics))
+        self._sum = metrics if self._sum is None else _tree_add(self._sum, metrics)
+        self._count += 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def result(self) -> dict[str, float]:
+        """Mean of every metric since the last reset (empty dict when nothing was added)."""
+        if self._sum is None:
+            return {}
+        host = {k: to_host(v) for k, v in self._sum.items()}
+        return {k: float(np.mean(v)) / self._count for k, v in host.items()}
+
+    def reset(self) -> None:
+        self._sum, self._count = None, 0
+
+
+# ------------------------------------------------------------------------------------------------ images
+def image_grid(images: Any, ncols: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """uint8 NHWC images -> one uint8 HWC grid with ``ncols`` columns (rows as needed).
+
+    Missing cells of the last row are filled with ``pad_value``.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"image_grid: expected NHWC images, got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"image_grid: expected uint8 images, got {images.dtype} "
+                         "(convert with to_uint8 first)")
+    if ncols < 1:
+        raise ValueError(f"image_grid: ncols must be >= 1, got {ncols}")
+    n, h, w, c = images.shape
+    ncols = min(ncols, max(n, 1))
+    nrows = -(-n // ncols)
+    grid = np.full((nrows * h + (nrows + 1) * pad, ncols * w + (ncols + 1) * pad, c), pad_value, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def to_uint8(images: Any, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    """Float images in [low, high] -> uint8 in [0, 255] (clipped)."""
+    x = (np.asarray(images, np.float32) - low) / (high - low)
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_png(path: str | os.PathLike, img: Any) -> None:
+    """Write a uint8 HWC (C in 1, 3, 4) or HW image as PNG, creating parent directories."""
+    from PIL import Image
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise ValueError(f"save_png({path}): expected uint8, got {img.dtype}")
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (3, 4)):
+        raise ValueError(f"save_png({path}): expected HW, HWx1, HWx3 or HWx4, got shape {img.shape}")
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+class Progress:
+    """Rate and ETA over a known total: training steps, sampled batches, eval batches.
+
+    ``update(done)`` returns the rate since the previous update; ``line(done)`` a human-readable status.
+    The rate excludes time before the first update (compilation), so the ETA is not skewed by it.
+    """
+
+    def __init__(self, total: int, start: int = 0, desc: str = "step",
+                 clock=time.monotonic) -> None:
+        self.total, self.desc, self._clock = int(total), desc, clock
+        self._t0, self._n0 = clock(), int(start)
+        self._t_last, self._n_last = self._t0, int(start)
+        self.rate = float("nan")
+
+    def update(self, done: int) -> float:
+        now = self._clock()
+        dt, dn = now - self._t_last, done - self._n_last
+        if dt > 0 and dn > 0:
+            self.rate = dn / dt
+        self._t_last, self._n_last = now, done
+        return self.rate
+
+    def eta_seconds(self, done: int) -> float:
+        if not np.isfinite(self.rate) or self.rate <= 0:
+            return float("nan")
+        return max(self.total - done, 0) / self.rate
+
+    def line(self, done: int) -> str:
+        pct = 100.0 * done / max(self.total, 1)
+        eta = self.eta_seconds(done)
+        eta_s = format_duration(eta) if np.isfinite(eta) else "?"
+        rate = f"{self.rate:.3g}" if np.isfinite(self.rate) else "?"
+        elapsed = format_duration(self._clock() - self._t0)
+        return f"{self.desc} {done}/{self.total} ({pct:.1f}%) {rate} {self.desc}s/s elapsed {elapsed} ETA {eta_s}"
+
+
+def progress_iter(iterable: Iterable[T], total: int, desc: str = "batch",
+                  every_secs: float = 10.0) -> Iterator[T]:
+    """Yield from ``iterable`` and log a progress line with ETA at most every ``every_secs`` (process 0)."""
+    prog = Progress(total, desc=desc)
+    last = time.monotonic()
+    for i, item in enumerate(iterable):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_secs or i + 1 == total:
+            prog.update(i + 1)
+            last = now
+            if jax.process_index() == 0:
+                log.info("%s", prog.line(i + 1))

@@ -1,0 +1,373 @@
+"""The one training loop both stages use. A stage supplies a ``Task``; the loop holds no model math.
+
+The loop: mesh from config -> abstract state (``jax.eval_shape``) -> shardings from the logical-axis
+table -> init (jit with out_shardings) or exact resume from the newest complete checkpoint -> a train
+step jitted once (state donated, batch split over ('data', 'fsdp')) -> periodic logging, eval, image
+summaries and checkpoints -> a final checkpoint. SIGTERM (single process) or JAX's preemption sync
+point (multi-host) make it save and return early with ``preempted=True``.
+
+Config fields read (defaults in brackets): ``seed`` [0], ``total_steps`` (required), ``log_every``
+[100], ``eval_every`` [0: only at the end, when an eval loader is given], ``eval_steps`` [0: whole eval
+loader], ``image_every`` [0: only at the end], ``checkpoint.every`` [1000], ``checkpoint.keep`` [3],
+``checkpoint.async_save`` [True], ``mesh.data/fsdp/model``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from common_jax import checkpoint as ckpt
+from common_jax import metrics as mlib
+from common_jax.config_utils import check_config_compatible, config_to_dict, get
+from common_jax.mesh import LOGICAL_AXIS_RULES, batch_sharding, mesh_from_config, replicated, shard_batch
+
+PyTree = Any
+
+
+# -------------------------------------------------------------------------------------------- the Task
+@runtime_checkable
+class Task(Protocol):
+    """What a stage gives the loop. All methods are pure and traced under jit by the loop.
+
+    The state is a flax ``struct.dataclass`` with an integer ``step`` field that ``train_step``
+    increments. Optional methods (looked up with getattr):
+      ``eval_step(state, batch) -> dict`` of SUMS over the batch; a ``count`` entry (number of real
+        examples, e.g. ``mask.sum()``) makes the loop divide the other sums by the total count, otherwise
+        they are averaged over eval batches.
+      ``summaries(state, batch) -> dict[str, uint8 NHWC]`` images written as grids (TensorBoard + PNG).
+    """
+
+    def init_state(self, rng: jax.Array) -> PyTree:
+        """A fresh train state; called under jax.eval_shape and jax.jit."""
+
+    def state_logical_specs(self, abstract_state: PyTree) -> PyTree:
+        """Logical PartitionSpecs (names from LOGICAL_AXIS_RULES), a tree (prefix) of the state."""
+
+    def train_step(self, state: PyTree, batch: PyTree, rng: jax.Array) -> tuple[PyTree, dict]:
+        """One optimisation step: (new state with step+1, scalar metrics)."""
+
+
+def specs_from_boxed_init(init_boxed: Callable[..., PyTree], *args: Any) -> PyTree:
+    """Logical PartitionSpecs of every leaf of ``init_boxed(*args)``'s output, which holds flax
+    ``LogicallyPartitioned`` boxes (as linen ``init`` returns with ``nn.with_logical_partitioning``;
+    optax states built from boxed params are boxed alike). Unboxed leaves get ``P()`` (replicated).
+
+    Pair with ``init_state = lambda rng: nn.unbox(init_boxed(rng))``: the specs tree then matches the
+    unboxed state leaf for leaf.
+    """
+    return nn.get_partition_spec(jax.eval_shape(init_boxed, *args))
+
+
+def state_shardings(task: Task, abstract_state: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+    """NamedShardings of the task's state on ``mesh`` via the one logical-axis table.
+
+    The task's specs are PartitionSpecs already, so they go straight to ``nn.logical_to_mesh_sharding``
+    (``mesh.logical_to_sharding`` would run ``get_partition_spec`` again, which turns ``P()`` into None).
+    """
+    specs = task.state_logical_specs(abstract_state)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    try:
+        jax.tree.map(lambda s, x: None, shardings, abstract_state,
+                     is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding))
+    except ValueError as e:
+        raise ValueError(f"task.state_logical_specs does not match the state's tree structure "
+                         f"(every leaf needs a PartitionSpec, P() for replicated): {e}") from None
+    missing = [jax.tree_util.keystr(p) for p, s in jax.tree_util.tree_flatten_with_path(
+        shardings, is_leaf=lambda x: x is None)[0] if s is None]
+    if missing:
+        raise ValueError(f"task.state_logical_specs gave no PartitionSpec for {missing[:5]} "
+                         "(use P() for replicated leaves)")
+    return shardings
+
+
+# ------------------------------------------------------------------------------ gradient accumulation
+def accumulate_gradients(loss_and_grad_fn: Callable[..., tuple[tuple[jax.Array, PyTree], PyTree]],
+                         params: PyTree, batch: PyTree, num_micro: int,
+                         rng: jax.Array | None = None) -> tuple[tuple[jax.Array, PyTree], PyTree]:
+    """Mean of ``loss_and_grad_fn`` over ``num_micro`` micro-batches, with ``lax.scan`` (constant memory).
+
+    ``loss_and_grad_fn(params, micro_batch[, rng]) -> ((loss, aux), grads)`` -- the output shape of
+    ``jax.value_and_grad(loss_fn, has_aux=True)``; the result has the same shape, averaged. With ``rng``,
+    micro-batch ``i`` gets ``fold_in(rng, i)``. Micro-batch ``i`` holds examples ``i, i+n, i+2n, ...``:
+    the split keeps every device's batch shard local (no resharding).
+    """
+    if num_micro < 1:
+        raise ValueError(f"accumulate_gradients: num_micro must be >= 1, got {num_micro}")
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"accumulate_gradients: batch leaves disagree on the batch size: {sorted(sizes)}")
+    (b,) = sizes
+    if b % num_micro:
+        raise ValueError(f"accumulate_gradients: batch size {b} is not divisible by num_micro={num_micro}")
+
+    def call(micro, i):
+        if rng is None:
+            return loss_and_grad_fn(params, micro)
+        return loss_and_grad_fn(params, micro, jax.random.fold_in(rng, i))
+
+    if num_micro == 1:
+        return call(batch, 0)
+    micro_batches = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(b // num_micro, num_micro, *x.shape[1:]), 0, 1), batch)
+
+    def body(acc, xs):
+        micro, i = xs
+        out = call(micro, i)
+        out = jax.tree.map(lambda v: v.astype(jnp.promote_types(v.dtype, jnp.float32)), out)
+        return jax.tree.map(jnp.add, acc, out), None
+
+    first_shape = jax.eval_shape(lambda: call(jax.tree.map(lambda x: x[0], micro_batches), 0))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), first_shape)
+    total, _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(num_micro)))
+    return jax.tree.map(lambda v: v / num_micro, total)
+
+
+# ----------------------------------------------------------------------------------------- preemption
+class _PreemptionFlag:
+    """SIGTERM sets a flag that the loop checks once per step (single-process runs).
+
+    Multi-host runs rely on JAX's preemption sync service instead (orbax ``reached_preemption``), which
+    makes all hosts agree on the step to stop at; a per-host flag could make hosts disagree and hang.
+    """
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> "_PreemptionFlag":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            self._installed = True
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        del signum, frame
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+@dataclasses.dataclass
+class RunResult:
+    state: PyTree
+    step: int
+    train_metrics: dict  # the last logged averages
+    eval_metrics: dict   # the last eval averages ({} when no eval ran)
+    preempted: bool
+
+
+def _require_loader_api(loader: Any) -> Iterator:
+    if not hasattr(loader, "__next__"):
+        if hasattr(loader, "get_state"):
+            raise TypeError("run: train_loader must be an iterator (with __next__) exposing get_state/set_state")
+        loader = iter(loader)
+    if not (hasattr(loader, "get_state") and hasattr(loader, "set_state")):
+        logging.warning("train_loader has no get_state/set_state: a resumed run restarts the data stream "
+                        "(resume is not exact)")
+    return loader
+
+
+def _check_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, step: int) -> None:
+    n_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        shape = getattr(x, "shape", ())
+        if not shape:
+            raise ValueError(f"batch at step {step}: leaf {jax.tree_util.keystr(path)} is a scalar; "
+                             "every batch leaf needs a leading batch dimension")
+        if shape[0] % (n_split // jax.process_count() or 1):
+            raise ValueError(f"batch at step {step}: leaf {jax.tree_util.keystr(path)} has host batch "
+                             f"{shape[0]}, not divisible by this host's share of data*fsdp = "
+                             f"{mesh.shape['data']}*{mesh.shape['fsdp']} over {jax.process_count()} process(es)")
+
+
+def _grid_cols(n: int) -> int:
+    return max(1, int(math.ceil(math.sqrt(n))))
+
+
+def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Iterable,
+        eval_loader_factory: Callable[[], Iterable] | None = None, *,
+        writer: Any = None, tensorboard: bool = True,
+        compat_prefixes: Sequence[str] = ("model",),
+        mesh: jax.sharding.Mesh | None = None,
+        stop_after: int | None = None) -> RunResult:
+    """Train ``task`` until ``config.total_steps`` (resuming from ``workdir`` if it holds a checkpoint).
+
+    ``writer``: a clu-style metric writer (default: TensorBoard + logging on process 0, or logging only
+    with ``tensorboard=False``). ``compat_prefixes``: config keys that must match the checkpoint's
+    config to resume. ``stop_after``: return after this many steps in this call (tests, debugging),
+    saving a checkpoint there. Returns the final state (on the mesh) and the last metrics.
+    """
+    total = get(config, "total_steps")
+    if total is None:
+        raise ValueError("run: config.total_steps is required (number of optimisation steps)")
+    total = int(total)
+    seed = int(get(config, "seed", 0))
+    log_every = max(1, int(get(config, "log_every", 100)))
+    eval_every = int(get(config, "eval_every", 0) or 0)
+    eval_steps = int(get(config, "eval_steps", 0) or 0)
+    image_every = int(get(config, "image_every", 0) or 0)
+    ckpt_every = int(get(config, "checkpoint.every", 1000))
+    keep = get(config, "checkpoint.keep", 3)
+    async_save = bool(get(config, "checkpoint.async_save", True))
+
+    workdir = os.path.abspath(os.fspath(workdir))
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+    mesh = mesh_from_config(config) if mesh is None else mesh
+    own_writer = writer is None
+    if own_writer:
+        writer = mlib.create_writer(workdir, tensorboard=tensorboard)
+    train_loader = _require_loader_api(train_loader)
+
+    root_key = jax.random.key(seed)
+    init_key, base_key = jax.random.split(root_key)
+    repl = replicated(mesh)
+    batch_shard = batch_sharding(mesh, 1)  # prefix: leading dim split over (data, fsdp), rest replicated
+
+    manager = ckpt.make_manager(workdir, keep=keep, every=ckpt_every, async_save=async_save)
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            abstract = jax.eval_shape(task.init_state, init_key)
+            shardings = state_shardings(task, abstract, mesh)
+
+            start = ckpt.latest_step(manager)
+            if start is not None:
+                where = f"checkpoint in {workdir}"
+                meta = ckpt.read_meta(manager, start)
+                check_config_compatible(meta.get("config", {}), config, compat_prefixes, source=where)
+                state, meta, data_item = ckpt.restore(manager, start, abstract, shardings)
+                if hasattr(train_loader, "set_state") and data_item:
+                    train_loader.set_state(ckpt.local_process_state(data_item, where))
+                logging.info("resumed from step %d of %s", start, manager.directory)
+            else:
+                state = jax.jit(task.init_state, out_shardings=shardings)(init_key)
+                start = 0
+                logging.info("initialised a fresh state (no checkpoint in %s)", manager.directory)
+            if is_main:
+                with open(os.path.join(workdir, "config.json"), "w") as f:
+                    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+                n_params = sum(x.size for x in jax.tree.leaves(abstract))
+                logging.info("train state: %d values; mesh %s", n_params, dict(mesh.shape))
+
+            def _train_step(state, batch, key):
+                return task.train_step(state, batch, jax.random.fold_in(key, state.step))
+
+            train_step = jax.jit(_train_step, in_shardings=(shardings, batch_shard, repl),
+                                 out_shardings=(shardings, repl), donate_argnums=(0,))
+            eval_fn = summaries_fn = None
+            if eval_loader_factory is not None and hasattr(task, "eval_step"):
+                eval_fn = jax.jit(task.eval_step, in_shardings=(shardings, batch_shard), out_shardings=repl)
+            if hasattr(task, "summaries"):
+                summaries_fn = jax.jit(task.summaries, in_shardings=(shardings, batch_shard),
+                                       out_shardings=repl)
+
+            def meta_now() -> dict:
+                return {"config": config_to_dict(config)}
+
+            def data_now() -> Any:
+                return train_loader.get_state() if hasattr(train_loader, "get_state") else None
+
+            def evaluate(state) -> dict:
+                sums, n_batches = None, 0
+                for i, batch in enumerate(eval_loader_factory()):
+                    if eval_steps and i >= eval_steps:
+                        break
+                    out = eval_fn(state, shard_batch(batch, mesh))
+                    sums = out if sums is None else mlib._tree_add(sums, out)
+                    n_batches += 1
+                if sums is None:
+                    raise ValueError("run: the eval loader yielded no batches")
+                host = {k: mlib.to_host(v) for k, v in sums.items()}
+                count = host.pop("count", None)
+                denom = float(count.sum()) if count is not None else float(n_batches)
+                if denom <= 0:
+                    raise ValueError("run: eval 'count' summed to 0 (all examples masked?)")
+                return {k: float(v.sum()) / denom if v.ndim else float(v) / denom for k, v in host.items()}
+
+            def write_images(state, batch, step) -> None:
+                images = jax.device_get(summaries_fn(state, batch))
+                for name, img in images.items():
+                    img = mlib.to_host(img)
+                    if img.dtype != jnp.uint8:
+                        img = mlib.to_uint8(img)
+                    grid = mlib.image_grid(img, _grid_cols(img.shape[0]))
+                    writer.write_images(step, {name: grid[None]})
+                    if is_main:
+                        mlib.save_png(os.path.join(workdir, "images", f"{name}_{step:08d}.png"), grid)
+
+            def image_batch(fallback):
+                if eval_loader_factory is None:
+                    return fallback
+                return shard_batch(next(iter(eval_loader_factory())), mesh)
+
+            averager = mlib.MetricAverager()
+            progress = mlib.Progress(total, start=start)
+            train_metrics: dict = {}
+            eval_metrics: dict = {}
+            step = start
+            preempted = False
+            end = total if stop_after is None else min(total, start + int(stop_after))
+            batch = None
+
+            with _PreemptionFlag() as flag:
+                while step < end:
+                    try:
+                        host_batch = next(train_loader)
+                    except StopIteration:
+                        raise ValueError(f"run: the train loader ran out at step {step}; it must be "
+                                         f"infinite (repeat) for {total} steps") from None
+                    if step == start:
+                        _check_batch(host_batch, mesh, step)
+                    batch = shard_batch(host_batch, mesh)
+                    state, step_metrics = train_step(state, batch, base_key)
+                    step += 1
+                    averager.add(step_metrics)
+
+                    if step % log_every == 0 or step == end:
+                        train_metrics = averager.result()
+                        averager.reset()
+                        rate = progress.update(step)
+                        scalars = {f"train/{k}": v for k, v in train_metrics.items()}
+                        scalars["steps_per_sec"] = rate
+                        writer.write_scalars(step, scalars)
+                        logging.info("%s", progress.line(step))
+                    if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total):
+                        eval_metrics = evaluate(state)
+                        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    if summaries_fn is not None and ((image_every and step % image_every == 0)
+                                                     or step == total):
+                        write_images(state, image_batch(batch), step)
+
+                    if flag.set or (jax.process_count() > 1 and manager.reached_preemption(step)):
+                        preempted = True
+                    if step % ckpt_every == 0 or step == end or preempted:
+                        ckpt.save(manager, step, state, meta_now(), data_now(), force=True)
+                    if preempted:
+                        logging.warning("preemption signal: saved step %d, stopping", step)
+                        break
+
+            writer.flush()
+            manager.wait_until_finished()
+            return RunResult(state=state, step=step, train_metrics=train_metrics,
+                             eval_metrics=eval_metrics, preempted=preempted)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        if own_writer:
+            writer.close()
