@@ -1,0 +1,573 @@
+"""Preparing datasets on disk (TFDS in array_record format, or plain array_record for codes) and opening them.
+
+Image datasets are TFDS datasets written with ``file_format='array_record'`` so they can be read by random
+access (grain) without TensorFlow. Preparation uses TFDS (and so TensorFlow) once.
+
+Codes datasets (stage two) are plain array_record shards plus one JSON file per shard, not TFDS: TFDS writes
+all splits of a dataset in one ``download_and_prepare`` call, whereas codes are produced one split at a time,
+often by several hosts at once (one shard each). See :func:`write_codes_dataset`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from common_jax import builtin_photos
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+CODES_FORMAT = "taming_jax_codes"
+CODES_FEATURES = ("codes", "label", "cond_codes")
+_SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.json$")
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """The dataset is not in data_dir; the message says how to prepare it."""
+
+
+@dataclasses.dataclass
+class PreparedDataset:
+    """Where a prepared dataset lives and what it holds. Pass ``name`` and ``data_dir`` to ``make_loader``."""
+    name: str
+    data_dir: str
+    path: str
+    splits: dict[str, int]
+    class_names: list[str] | None = None
+    reused: bool = False
+
+
+@dataclasses.dataclass
+class ImageFolderSummary(PreparedDataset):
+    """Also lists files converted to RGB (path, original mode) and files skipped (path, reason)."""
+    converted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Locating and opening prepared datasets.
+
+def _how_to_prepare(name: str) -> str:
+    base = name.split("/")[0].split(":")[0]
+    if base == "imagenet2012":
+        return "prepare it with common_jax.datasets.prepare_imagenet2012(data_dir, manual_dir)"
+    if base == "builtin_photos":
+        return "prepare it with common_jax.datasets.prepare_builtin_photos(data_dir, ...)"
+    return ("prepare it with common_jax.datasets.build_image_folder(src_dir, data_dir, name=...), "
+            "prepare_builtin_photos(data_dir) or write_codes_dataset(data_dir, name, split, examples)")
+
+
+def _split_name_version(name: str) -> tuple[str, str | None]:
+    if ":" in name:
+        base, version = name.rsplit(":", 1)
+        return base, version
+    return name, None
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else -1 for p in v.split("."))
+
+
+def _find_tfds_dir(data_dir: Path, name: str) -> Path | None:
+    """data_dir/name[/config]/version holding dataset_info.json (newest version if none is given)."""
+    base, version = _split_name_version(name)
+    root = data_dir / base
+    if not root.is_dir():
+        return None
+
+    def versions(d: Path) -> list[Path]:
+        return sorted((p for p in d.iterdir() if p.is_dir() and (p / "dataset_info.json").is_file()),
+                      key=lambda p: _version_key(p.name))
+
+    if version is not None:
+        d = root / version
+        return d if (d / "dataset_info.json").is_file() else None
+    found = versions(root)
+    if found:
+        return found[-1]
+    # "name" given for a dataset with configs: accept it when there is exactly one prepared config.
+    configs = [c for c in root.iterdir() if c.is_dir() and versions(c)]
+    if len(configs) == 1:
+        return versions(configs[0])[-1]
+    if len(configs) > 1:
+        names = ", ".join(f"{base}/{c.name}" for c in sorted(configs))
+        raise ValueError(f"dataset '{name}' in {data_dir} has several configs; name one of: {names}")
+    return None
+
+
+def _is_codes_dir(path: Path) -> bool:
+    return path.is_dir() and any(_SHARD_RE.match(p.name) for p in path.iterdir())
+
+
+def dataset_path(data_dir: str | os.PathLike, name: str) -> tuple[str, Path]:
+    """('tfds' | 'codes', directory) of a prepared dataset, or DatasetNotPreparedError naming how to prepare it."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetNotPreparedError(f"data_dir '{data_dir}' does not exist, so dataset '{name}' is not "
+                                      f"there; {_how_to_prepare(name)}")
+    if _is_codes_dir(data_dir / name):
+        return "codes", data_dir / name
+    found = _find_tfds_dir(data_dir, name)
+    if found is None:
+        raise DatasetNotPreparedError(f"dataset '{name}' is not prepared in data_dir '{data_dir}' (no "
+                                      f"{data_dir / _split_name_version(name)[0]}/.../dataset_info.json); "
+                                      f"{_how_to_prepare(name)}")
+    return "tfds", found
+
+
+@dataclasses.dataclass
+class SplitSource:
+    """A random-access source of one split: ``source[i]`` is a dict of numpy values / encoded image bytes."""
+    source: Any
+    kind: str                      # 'tfds' or 'codes'
+    features: tuple[str, ...]      # keys of each record
+    image_features: tuple[str, ...]  # keys holding encoded image bytes (decoded by the loader)
+    class_names: list[str] | None
+    path: str
+
+
+def open_split(data_dir: str | os.PathLike, name: str, split: str) -> SplitSource:
+    """Open one split of a prepared dataset for random access (no TensorFlow needed)."""
+    kind, path = dataset_path(data_dir, name)
+    if kind == "codes":
+        src = read_codes(data_dir, name, split)
+        return SplitSource(src, "codes", tuple(src.features), (), None, str(path))
+    import tensorflow_datasets as tfds
+    builder = tfds.builder_from_directory(str(path))
+    info = builder.info
+    fmt = getattr(info.file_format, "value", info.file_format)
+    if str(fmt) != "array_record":
+        raise ValueError(f"dataset '{name}' at {path} is stored as '{fmt}', but random access needs "
+                         f"'array_record'; re-prepare it with file_format='array_record'")
+    available = list(info.splits.keys())
+    base_split = re.split(r"[\[+]", split)[0]
+    if base_split not in available:
+        raise KeyError(f"dataset '{name}' at {path} has no split '{split}'; splits: {available}")
+    feats = info.features
+    image_keys = tuple(k for k, f in feats.items() if isinstance(f, tfds.features.Image))
+    decoders = {k: tfds.decode.SkipDecoding() for k in image_keys}
+    source = builder.as_data_source(split=split, decoders=decoders)
+    class_names = None
+    if "label" in feats and isinstance(feats["label"], tfds.features.ClassLabel):
+        class_names = list(feats["label"].names)
+    return SplitSource(source, "tfds", tuple(feats.keys()), image_keys, class_names, str(path))
+
+
+def describe_dataset(data_dir: str | os.PathLike, name: str) -> PreparedDataset:
+    """Splits, sizes and class names of a prepared dataset."""
+    kind, path = dataset_path(data_dir, name)
+    if kind == "codes":
+        splits = {s: sum(m["num_examples"] for m in metas) for s, metas in _codes_shards(path).items()}
+        return PreparedDataset(name, str(data_dir), str(path), splits, None, True)
+    import tensorflow_datasets as tfds
+    info = tfds.builder_from_directory(str(path)).info
+    splits = {k: int(v.num_examples) for k, v in info.splits.items()}
+    names = None
+    if "label" in info.features and isinstance(info.features["label"], tfds.features.ClassLabel):
+        names = list(info.features["label"].names)
+    return PreparedDataset(name, str(data_dir), str(path), splits, names, True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image folder.
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white (dropping alpha shows arbitrary colours)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image_file(path: str | os.PathLike) -> tuple[bytes, str | None]:
+    """Fully decode an image file; return (bytes to store, original mode if it was converted else None).
+
+    RGB JPEG/PNG files without EXIF rotation are stored as they are; anything else is converted to RGB
+    (EXIF orientation applied) and stored as PNG. Raises OSError/ValueError for unreadable files.
+    """
+    raw = Path(path).read_bytes()
+    with Image.open(io.BytesIO(raw)) as img:
+        img.load()  # forces a full decode: truncated files fail here, not later in a reader worker
+        orientation = img.getexif().get(0x0112, 1)
+        if img.mode == "RGB" and img.format in ("JPEG", "PNG") and orientation == 1:
+            return raw, None
+        mode = img.mode if orientation == 1 else f"{img.mode}+exif_orientation"
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
+    if rgb.width < 1 or rgb.height < 1:
+        raise ValueError("image has zero size")
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return buf.getvalue(), mode
+
+
+def _check_image(path: Path) -> tuple[bool, str | None]:
+    """(True, converted-from mode or None) for a readable image, (False, reason) otherwise."""
+    try:
+        return True, load_image_file(path)[1]
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip and report this file"
+        return False, f"{type(e).__name__}: {e}"
+
+
+def _scan_folder(src: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[str, str]]]:
+    """(class names, [(file, label)], skipped) with class = first-level subfolder, or one class."""
+    def images_under(d: Path, recursive: bool) -> list[Path]:
+        it = d.rglob("*") if recursive else d.iterdir()
+        return sorted(p for p in it if p.is_file() and not p.name.startswith(".")
+                      and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    subdirs = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = [d for d in subdirs if images_under(d, True)]
+    skipped: list[tuple[str, str]] = []
+    if class_dirs:
+        classes = [d.name for d in class_dirs]
+        files = [(p, i) for i, d in enumerate(class_dirs) for p in images_under(d, True)]
+        for p in images_under(src, False):
+            skipped.append((str(p), "image at the top level while class subfolders exist"))
+    else:
+        classes = [src.resolve().name or "images"]
+        files = [(p, 0) for p in images_under(src, False)]
+    return classes, files, skipped
+
+
+def _assign_splits(files: list[tuple[Path, int]], n_classes: int, heldout_fraction: float,
+                   seed: int) -> dict[str, list[tuple[Path, int]]]:
+    """Per-class deterministic held-out selection (at least one held-out file overall if possible)."""
+    rng = np.random.default_rng(seed)
+    by_class: list[list[tuple[Path, int]]] = [[] for _ in range(n_classes)]
+    for f in files:
+        by_class[f[1]].append(f)
+    train, val = [], []
+    for members in by_class:
+        order = rng.permutation(len(members))
+        n_val = int(round(heldout_fraction * len(members)))
+        val += [members[i] for i in order[:n_val]]
+        train += [members[i] for i in order[n_val:]]
+    if heldout_fraction > 0 and not val and len(train) >= 2:
+        val.append(train.pop())
+    return {"train": train, "validation": val} if heldout_fraction > 0 else {"train": train}
+
+
+def build_image_folder(src_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str = "image_folder",
+                       heldout_fraction: float = 0.05, seed: int = 0, version: str = "1.0.0",
+                       overwrite: bool = False) -> ImageFolderSummary:
+    """Turn a folder of images into a TFDS array_record dataset with splits train/validation.
+
+    Classes are the first-level subfolders of ``src_dir`` (images found recursively below each), or a single
+    class named after the folder when it has none. Features: ``image`` (RGB), ``label`` (ClassLabel),
+    ``file_name`` (path relative to ``src_dir``). Grey/RGBA/palette/CMYK/16-bit files are converted to RGB;
+    unreadable files are skipped. Both are logged and listed in the returned summary. An existing dataset of
+    the same name and version is reused (``reused=True``, nothing rescanned) unless ``overwrite``.
+    """
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"image folder '{src}' does not exist or is not a directory")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"dataset name must be lower_snake_case (TFDS rule), got '{name}'")
+    data_dir = Path(data_dir)
+    out_dir = data_dir / name / version
+    if (out_dir / "dataset_info.json").is_file():
+        if not overwrite:
+            d = describe_dataset(data_dir, f"{name}:{version}")
+            log.info("image folder dataset '%s' already prepared at %s; reusing it", name, out_dir)
+            return ImageFolderSummary(name, str(data_dir), str(out_dir), d.splits, d.class_names, reused=True)
+        shutil.rmtree(out_dir)
+
+    classes, files, skipped = _scan_folder(src)
+    if not files:
+        raise ValueError(f"image folder '{src}' contains no image files (looked for {', '.join(IMAGE_EXTENSIONS)}"
+                         f" directly in it or in its subfolders)")
+    # Decode every file once up front (threads: PIL releases the GIL while decoding) so that bad files are
+    # known before splits are assigned and TFDS never meets an empty split or an undecodable image.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        checked = list(pool.map(_check_image, (p for p, _ in files)))
+    good: list[tuple[Path, int]] = []
+    converted: list[tuple[str, str]] = []
+    for (path, label), (ok, info) in zip(files, checked):
+        if not ok:
+            skipped.append((str(path), info))
+            log.warning("skipping unreadable image %s (%s)", path, info)
+            continue
+        good.append((path, label))
+        if info is not None:
+            converted.append((str(path), info))
+            log.warning("converting %s from mode %s to RGB", path, info)
+    if skipped:
+        log.warning("image folder %s: %d file(s) skipped: %s", src, len(skipped),
+                    "; ".join(f"{p} ({r})" for p, r in skipped))
+    if not good:
+        raise ValueError(f"image folder '{src}': no readable training image; skipped: {skipped}")
+    splits = _assign_splits(good, len(classes), heldout_fraction, seed)
+    if "validation" in splits and not splits["validation"]:
+        log.warning("image folder %s: too few readable images for a validation split; writing train only", src)
+        del splits["validation"]
+
+    def generate(split: str):
+        for path, label in splits[split]:
+            rel = path.relative_to(src).as_posix()
+            yield rel, {"image": load_image_file(path)[0], "label": label, "file_name": rel}
+
+    import tensorflow_datasets as tfds
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(names=classes),
+        "file_name": tfds.features.Text(),
+    })
+    builder = tfds.dataset_builders.store_as_tfds_dataset(
+        name=name, version=version, features=features,
+        split_datasets={s: generate(s) for s in splits}, data_dir=str(data_dir),
+        description=f"Images of {src} (classes: {', '.join(classes)}).", file_format="array_record")
+    return ImageFolderSummary(name, str(data_dir), str(builder.data_dir), {s: len(v) for s, v in splits.items()},
+                              classes, converted=converted, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ImageNet (TFDS's own builder, manual download).
+
+def prepare_imagenet2012(data_dir: str | os.PathLike, manual_dir: str | os.PathLike) -> PreparedDataset:
+    """Prepare TFDS ``imagenet2012`` as array_record from the two archives in ``manual_dir``."""
+    manual = Path(manual_dir)
+    missing = [f for f in IMAGENET_MANUAL_FILES if not (manual / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"imagenet2012: manual_dir '{manual}' lacks {', '.join(missing)}; it must hold "
+            f"{' and '.join(IMAGENET_MANUAL_FILES)} downloaded (after registering) from "
+            f"https://image-net.org/download-images.php")
+    import tensorflow_datasets as tfds
+    builder = tfds.builder("imagenet2012", data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    info = builder.info
+    return PreparedDataset("imagenet2012", str(data_dir), str(builder.data_dir),
+                           {k: int(v.num_examples) for k, v in info.splits.items()},
+                           list(info.features["label"].names))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in photos.
+
+def builtin_photos_name(crop_size: int = 32, crops_per_photo: int = 64, seed: int = 0,
+                        heldout_crops_per_photo: int | None = None, heldout_fraction: float = 0.25,
+                        scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)) -> str:
+    """The dataset name ('builtin_photos/<config>') that prepare_builtin_photos gives these arguments."""
+    config = f"c{crop_size}_n{crops_per_photo}_s{seed}"
+    if heldout_crops_per_photo is not None or heldout_fraction != 0.25 or tuple(scales) != (1.0, 1.5, 2.0, 3.0):
+        config += f"_h{heldout_crops_per_photo}_f{heldout_fraction:g}_x" + "-".join(f"{s:g}" for s in scales)
+    return "builtin_photos/" + config.replace(".", "p")
+
+
+def prepare_builtin_photos(data_dir: str | os.PathLike, crop_size: int = 32, crops_per_photo: int = 64,
+                           seed: int = 0, heldout_crops_per_photo: int | None = None,
+                           heldout_fraction: float = 0.25,
+                           scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)) -> PreparedDataset:
+    """Crops of the ten photographs shipped with scikit-image/scikit-learn, label = photo index.
+
+    Training crops come from the left part of each photo, ``validation`` crops from a disjoint right strip
+    (``heldout_fraction`` of the width, separated by a gap), so evaluation never sees training pixels.
+    Side lengths are ``scale * crop_size`` (clamped to fit), resized to ``crop_size``. Held-out crops per
+    photo default to ``max(1, crops_per_photo // 4)``. Deterministic in the arguments; a second call with
+    the same arguments reuses the prepared dataset. Returns ``name`` to pass to ``make_loader``.
+    """
+    if crop_size < 4 or crops_per_photo < 1:
+        raise ValueError(f"need crop_size >= 4 and crops_per_photo >= 1, got {crop_size}, {crops_per_photo}")
+    if not 0.0 < heldout_fraction < 0.5:
+        raise ValueError(f"heldout_fraction must be in (0, 0.5), got {heldout_fraction}")
+    if not scales or min(scales) < 1.0:
+        raise ValueError(f"scales must be >= 1 (crop side = scale * crop_size), got {scales}")
+    name = builtin_photos_name(crop_size, crops_per_photo, seed, heldout_crops_per_photo, heldout_fraction,
+                               tuple(scales))
+    n_held = max(1, crops_per_photo // 4) if heldout_crops_per_photo is None else heldout_crops_per_photo
+    data_dir = Path(data_dir)
+    base, config = name.split("/")
+    if (data_dir / base / config / "1.0.0" / "dataset_info.json").is_file():
+        return describe_dataset(data_dir, name)
+
+    rng = np.random.default_rng(seed)
+    per_split: dict[str, list] = {"train": [], "validation": []}
+    for label, photo_name in enumerate(builtin_photos.PHOTO_NAMES):
+        img = builtin_photos.load_photo(photo_name)
+        train_cols, held_cols = builtin_photos.crop_regions(img.shape[1], heldout_fraction, crop_size)
+        for split, cols, n in (("train", train_cols, crops_per_photo), ("validation", held_cols, n_held)):
+            try:
+                crops = builtin_photos.random_crops(img, cols, n, crop_size, scales, rng)
+            except ValueError as e:
+                raise ValueError(f"built-in photo '{photo_name}' ({img.shape[1]}x{img.shape[0]}), {split} "
+                                 f"region: {e}; use a smaller crop_size or a larger heldout_fraction") from e
+            for k, crop in enumerate(crops):
+                buf = io.BytesIO()
+                Image.fromarray(crop).save(buf, format="PNG")
+                per_split[split].append((f"{photo_name}_{k:05d}", {"image": buf.getvalue(), "label": label}))
+
+    import tensorflow_datasets as tfds
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(crop_size, crop_size, 3), encoding_format="png"),
+        "label": tfds.features.ClassLabel(names=list(builtin_photos.PHOTO_NAMES)),
+    })
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=base, version="1.0.0", config=config, features=features, split_datasets=per_split,
+        data_dir=str(data_dir), file_format="array_record",
+        description="Crops of the photographs shipped with scikit-image and scikit-learn; "
+                    "validation crops come from a held-out strip of each photo.")
+    return dataclasses.replace(describe_dataset(data_dir, name), reused=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Codes datasets (plain array_record + JSON metadata per shard).
+
+def _shard_stem(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}"
+
+
+def _as_int32(value: Any, key: str, i: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"codes example {i}: '{key}' must be integer, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"codes example {i}: '{key}' does not fit in int32")
+    return arr.astype("<i4")
+
+
+def write_codes_dataset(data_dir: str | os.PathLike, name: str, split: str,
+                        examples: Iterable[Mapping[str, Any]], *, shard_index: int = 0, shard_count: int = 1,
+                        overwrite: bool = False) -> PreparedDataset:
+    """Write one split (or one shard of it, e.g. one per host) of a codes dataset.
+
+    Each example is ``{'codes': int (h, w) or (T,), 'label': int scalar, optional 'cond_codes': int array}``;
+    all examples of a shard must have the same keys and shapes. Files:
+    ``data_dir/name/{split}-{i:05d}-of-{n:05d}.array_record`` and ``.json`` (shapes, dtypes, count). Each
+    record is the little-endian int32 bytes of the features, in the order listed in the JSON.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise ValueError(f"split name must be letters, digits or '_', got '{split}'")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    out = Path(data_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _shard_stem(split, shard_index, shard_count)
+    rec_path, meta_path = out / f"{stem}.array_record", out / f"{stem}.json"
+    if meta_path.exists() and not overwrite:
+        raise FileExistsError(f"codes shard {meta_path} already exists; pass overwrite=True to replace it")
+    tmp = out / f".{stem}.array_record.tmp"
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    spec: dict[str, dict[str, Any]] | None = None
+    n = 0
+    try:
+        for i, ex in enumerate(examples):
+            keys = sorted(ex)
+            unknown = [k for k in keys if k not in CODES_FEATURES]
+            if unknown or "codes" not in ex or "label" not in ex:
+                raise KeyError(f"codes example {i}: keys {keys}; required 'codes' and 'label', optional "
+                               f"'cond_codes', unknown {unknown}")
+            arrays = {k: _as_int32(ex[k], k, i) for k in keys}
+            if arrays["label"].shape != ():
+                raise ValueError(f"codes example {i}: 'label' must be a scalar, got shape {arrays['label'].shape}")
+            if spec is None:
+                spec = {k: {"shape": list(a.shape), "dtype": "int32"} for k, a in arrays.items()}
+            for k, a in arrays.items():
+                if k not in spec or list(a.shape) != spec[k]["shape"]:
+                    raise ValueError(f"codes example {i}: '{k}' has shape {list(a.shape)}, expected "
+                                     f"{spec.get(k, {}).get('shape')} (as in example 0); keys {sorted(spec)}")
+            if len(arrays) != len(spec):
+                raise KeyError(f"codes example {i}: keys {keys}, expected {sorted(spec)} (as in example 0)")
+            writer.write(b"".join(arrays[k].tobytes() for k in sorted(spec)))
+            n += 1
+    finally:
+        writer.close()
+    if spec is None:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"write_codes_dataset('{name}', '{split}'): no examples given")
+    os.replace(tmp, rec_path)
+    meta = {"format": CODES_FORMAT, "version": 1, "split": split, "shard_index": shard_index,
+            "shard_count": shard_count, "num_examples": n, "features": spec, "order": sorted(spec)}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return PreparedDataset(name, str(data_dir), str(out), {split: n})
+
+
+def _codes_shards(path: Path) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for p in sorted(path.iterdir()):
+        m = _SHARD_RE.match(p.name)
+        if not m:
+            continue
+        try:
+            meta = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"codes metadata {p} is not valid JSON ({e})") from e
+        if meta.get("format") != CODES_FORMAT:
+            raise ValueError(f"{p}: 'format' is {meta.get('format')!r}, expected {CODES_FORMAT!r}")
+        meta["_path"] = str(p.with_suffix(".array_record"))
+        out.setdefault(m["split"], []).append(meta)
+    return out
+
+
+class CodesSource:
+    """Random-access reader of one codes split: ``src[i] -> {'codes': int32 array, 'label': int32, ...}``."""
+
+    def __init__(self, paths: Sequence[str], spec: Mapping[str, Mapping[str, Any]], order: Sequence[str]):
+        import grain
+        self._paths = list(paths)
+        self._reader = grain.sources.ArrayRecordDataSource(self._paths)
+        self._spec = {k: tuple(v["shape"]) for k, v in spec.items()}
+        self._order = list(order)
+        self.features = tuple(self._order)
+        self._sizes = [int(np.prod(self._spec[k], dtype=np.int64)) for k in self._order]
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        flat = np.frombuffer(self._reader[i], dtype="<i4")
+        out, off = {}, 0
+        for k, size in zip(self._order, self._sizes):
+            out[k] = flat[off:off + size].reshape(self._spec[k]).astype(np.int32)
+            off += size
+        return out
+
+    def __repr__(self) -> str:
+        return f"CodesSource({len(self)} records, {self._spec})"
+
+
+def read_codes(data_dir: str | os.PathLike, name: str, split: str) -> CodesSource:
+    """Open a codes split written by :func:`write_codes_dataset` (all its shards, in shard order)."""
+    path = Path(data_dir) / name
+    if not _is_codes_dir(path):
+        raise DatasetNotPreparedError(f"codes dataset '{name}' is not in data_dir '{data_dir}' (no "
+                                      f"{path}/<split>-00000-of-NNNNN.json); write it with "
+                                      f"common_jax.datasets.write_codes_dataset(data_dir, name, split, examples)")
+    shards = _codes_shards(path)
+    if split not in shards:
+        raise KeyError(f"codes dataset '{name}' at {path} has no split '{split}'; splits: {sorted(shards)}")
+    metas = sorted(shards[split], key=lambda m: m["shard_index"])
+    count = metas[0]["shard_count"]
+    have = [m["shard_index"] for m in metas]
+    if have != list(range(count)) or any(m["shard_count"] != count for m in metas):
+        raise ValueError(f"codes dataset '{name}' split '{split}' at {path}: expected shards 0..{count - 1} of "
+                         f"{count}, found {have}")
+    for m in metas[1:]:
+        if m["features"] != metas[0]["features"]:
+            raise ValueError(f"codes dataset '{name}' split '{split}': shard {m['shard_index']} has features "
+                             f"{m['features']}, shard 0 has {metas[0]['features']}")
+    for m in metas:
+        if not Path(m["_path"]).is_file():
+            raise FileNotFoundError(f"codes shard file {m['_path']} is missing (its metadata exists)")
+    return CodesSource([m["_path"] for m in metas], metas[0]["features"], metas[0]["order"])
