@@ -207,6 +207,18 @@ class Loader:
             raise TypeError("infinite training stream has no length (pass num_epochs for a finite one)")
         return self.num_batches
 
+    def close(self) -> None:
+        """Stop reader threads / worker processes (a later ``next`` starts them again)."""
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable position: the next global batch index plus what defines the stream."""
         return {"version": STATE_VERSION, "next_batch": self._next, **self._identity}
@@ -225,8 +237,8 @@ class Loader:
         nxt = int(state["next_batch"])
         if nxt < 0 or (self.num_batches is not None and nxt > self.num_batches):
             raise ValueError(f"loader state next_batch={nxt} is outside [0, {self.num_batches}]")
+        self.close()
         self._next = nxt
-        self._it = None
 
 
 def _ensure_absl_flags_parsed() -> None:
