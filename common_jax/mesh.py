@@ -92,3 +92,26 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
             return jax.device_put(x, sharding)
         return jax.make_array_from_process_local_data(sharding, x)
     return jax.tree_util.tree_map(put, batch)
+
+
+def fit_to_shapes(shardings: Any, abstract: Any) -> Any:
+    """Drop mesh axes from dimensions they do not divide (e.g. a 139-token vocabulary on model=2).
+
+    Such a dimension is replicated instead of failing at placement time; everything else keeps the
+    table's layout.
+    """
+    def fit(sharding, leaf):
+        if not isinstance(sharding, NamedSharding) or not hasattr(leaf, "shape"):
+            return sharding
+        spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
+        changed = False
+        for i, (axes, dim) in enumerate(zip(spec, leaf.shape)):
+            if axes is None:
+                continue
+            names = axes if isinstance(axes, tuple) else (axes,)
+            size = int(np.prod([sharding.mesh.shape[a] for a in names]))
+            if dim % size:
+                spec[i], changed = None, True
+        return NamedSharding(sharding.mesh, P(*spec)) if changed else sharding
+    return jax.tree_util.tree_map(fit, shardings, abstract,
+                                  is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))

@@ -37,7 +37,11 @@ def base_config(model: ml_collections.ConfigDict, **loss_overrides) -> ml_collec
         name="imagenet2012", data_dir="", image_size=256, global_batch_size=8, eval_batch_size=8,
         eval_examples=512, worker_count=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
-    c.train = ml_collections.ConfigDict(dict(
-        num_steps=1_000_000, log_every=100, eval_every=5000, image_every=1000))
+    # loop cadence (read by common_jax.training.run)
+    c.total_steps = 1_000_000
+    c.log_every = 100
+    c.eval_every = 5000
+    c.eval_steps = 0            # 0: the whole held-out split (capped by data.eval_examples)
+    c.image_every = 1000
     c.checkpoint = ml_collections.ConfigDict(dict(every=5000, keep=3, async_save=True))
     return c

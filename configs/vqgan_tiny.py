@@ -12,6 +12,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.base_learning_rate = 1e-4 / 16   # lr 1e-4 at batch 16
     c.data.update(dict(name="builtin_photos", image_size=32, global_batch_size=16, eval_batch_size=16,
                        eval_examples=128))
-    c.train.update(dict(num_steps=400, log_every=20, eval_every=100, image_every=100))
+    c.total_steps, c.log_every, c.eval_every, c.image_every = 400, 20, 100, 100
     c.checkpoint.update(dict(every=100, keep=2))
     return c

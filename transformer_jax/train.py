@@ -1,0 +1,185 @@
+"""Stage two: the GPT over code indices as a :class:`common_jax.training.Task`.
+
+The task sees integer batches only (``codes`` (B, h, w), plus ``label`` or ``cond_codes``): images are
+encoded by the frozen stage-one model either once up front (a codes dataset) or on the fly by
+:class:`EncodingLoader`, outside the train step, so the step holds no VQGAN and no model math lives in
+the loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from common_jax.training import accumulate_gradients, specs_from_boxed_init
+from transformer_jax import conditioning as cond_lib
+from transformer_jax.gpt import GPT
+
+LN2 = math.log(2.0)
+
+
+@struct.dataclass
+class GPTState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def gpt_from_config(cfg: Any) -> GPT:
+    """GPT from ``config.gpt`` (fields of :class:`GPT`; ``dtype`` as a string, '' = float32)."""
+    d = dict(cfg)
+    fields = set(GPT.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"gpt config: unknown keys {unknown}; known: {sorted(fields)}")
+    dt = d.get("dtype", "")
+    d["dtype"] = jnp.dtype(dt) if isinstance(dt, str) and dt else (dt or jnp.float32)
+    return GPT(**d)
+
+
+def _is_matmul_kernel(path: tuple) -> bool:
+    # Weight decay on Dense/Linear kernels only (taming: no decay on biases, LayerNorm, embeddings).
+    return any(getattr(k, "key", None) == "kernel" for k in path)
+
+
+def learning_rate(config: Any) -> optax.Schedule:
+    """Linear warmup then cosine decay; the peak is base_lr (x global batch x accumulation if scaled)."""
+    o = config.optim
+    peak = o.base_learning_rate
+    if o.get("scale_lr_by_batch", True):
+        peak *= config.data.global_batch_size * o.grad_accum_steps
+    warmup = int(o.warmup_steps)
+    total = max(int(config.total_steps), warmup + 1)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=peak * o.min_lr_ratio)
+
+
+def make_optimizer(config: Any) -> optax.GradientTransformation:
+    o = config.optim
+    mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _is_matmul_kernel(p), params)
+    parts = []
+    if o.get("grad_clip", 0.0):
+        parts.append(optax.clip_by_global_norm(o.grad_clip))
+    parts.append(optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                             mask=mask))
+    return optax.chain(*parts)
+
+
+class TransformerTask:
+    """Next-token training of ``[cond | image codes]`` with pkeep corruption and CFG condition dropout."""
+
+    def __init__(self, config: Any, cond_grid: tuple[int, int] | None = None):
+        self.config = config
+        self.model = gpt_from_config(config.gpt)
+        self.cond = config.cond
+        cond_lib.check_cond_config(self.cond, self.model.vocab_size)
+        self.n_cond = cond_lib.prefix_length(self.cond, cond_grid)
+        self.grid = tuple(config.data.code_grid)
+        need = self.n_cond + self.grid[0] * self.grid[1] - 1
+        if need > self.model.block_size:
+            raise ValueError(f"gpt.block_size={self.model.block_size} is too small: {self.n_cond} cond tokens + "
+                             f"{self.grid[0]}x{self.grid[1]} codes need {need}")
+        self.tx = make_optimizer(config)
+        self.grad_accum = int(config.optim.grad_accum_steps)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _init_boxed(self, rng: jax.Array) -> GPTState:
+        params = self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        return GPTState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def init_state(self, rng: jax.Array) -> GPTState:
+        return nn.unbox(self._init_boxed(rng))
+
+    def state_logical_specs(self, abstract_state: GPTState) -> Any:
+        return specs_from_boxed_init(self._init_boxed, jax.random.key(0))
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _sequence(self, batch: Mapping[str, jax.Array], rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        codes = jnp.asarray(batch["codes"], jnp.int32)
+        b = codes.shape[0]
+        z = codes.reshape(b, -1)
+        c = cond_lib.cond_tokens(self.cond, batch, b)
+        if rng is not None:
+            k_cfg, k_keep = jax.random.split(rng)
+            c = cond_lib.drop_condition(k_cfg, c, self.cond.cfg_dropout, self.cond.null_token)
+            a = cond_lib.corrupt_tokens(k_keep, z, self.cond.pkeep, self.model.vocab_size)
+        else:
+            a = z
+        return jnp.concatenate([c, a], axis=1)[:, :-1], z
+
+    def _nll(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Per-token NLL (B, T_img) in nats and the argmax accuracy mask."""
+        if rng is not None:
+            k_seq, k_drop = jax.random.split(rng)
+        else:
+            k_seq = k_drop = None
+        inp, z = self._sequence(batch, k_seq)
+        rngs = {"dropout": k_drop} if k_drop is not None else {}
+        logits = self.model.apply({"params": params}, inp, deterministic=rng is None, rngs=rngs)
+        logits = logits[:, self.n_cond - 1:]
+        return cond_lib.token_nll(logits, z), (jnp.argmax(logits, -1) == z)
+
+    def train_step(self, state: GPTState, batch: Mapping[str, jax.Array], rng: jax.Array
+                   ) -> tuple[GPTState, dict]:
+        def loss_and_grad(params, micro, key):
+            def loss_fn(p):
+                nll, correct = self._nll(p, micro, key)
+                return nll.mean(), {"accuracy": correct.mean()}
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+        (loss, aux), grads = accumulate_gradients(loss_and_grad, state.params, batch, self.grad_accum, rng)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "bits_per_token": loss / LN2, "accuracy": aux["accuracy"],
+                   "grad_norm": optax.global_norm(grads), "lr": learning_rate(self.config)(state.step)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def eval_step(self, state: GPTState, batch: Mapping[str, jax.Array]) -> dict:
+        """Sums over real examples; the loop divides by ``count`` (tokens) -> bits per token."""
+        nll, correct = self._nll(state.params, batch, None)
+        mask = jnp.asarray(batch.get("mask", jnp.ones(nll.shape[:1])), jnp.float32)[:, None]
+        return {"nll_bits_per_token": jnp.sum(nll * mask) / LN2,
+                "accuracy": jnp.sum(correct * mask),
+                "count": jnp.sum(mask * jnp.ones_like(nll))}
+
+
+class EncodingLoader:
+    """Wraps an image loader: each batch's ``image`` becomes ``codes`` via a frozen (jitted) encoder.
+
+    Iterator state passes through, so resume stays exact.
+    """
+
+    def __init__(self, loader: Iterator, encode: Callable[[np.ndarray], np.ndarray]):
+        self.loader, self.encode = loader, encode
+
+    def __iter__(self) -> "EncodingLoader":
+        return self
+
+    def __next__(self) -> dict:
+        batch = dict(next(self.loader))
+        batch["codes"] = np.asarray(self.encode(batch.pop("image")), np.int32)
+        return batch
+
+    def get_state(self) -> Any:
+        return self.loader.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self.loader.set_state(state)
+
+
+def make_encoder(vqgan: Any, variables: Any) -> Callable[[np.ndarray], jax.Array]:
+    """Jitted images -> codes of a frozen stage-one model (variables passed as an argument, not baked in)."""
+    fn = jax.jit(lambda v, x: vqgan.apply(v, x, method="encode").indices)
+    return lambda images: fn(variables, jnp.asarray(images))
+
+
+def unigram_entropy_bits(codes: np.ndarray, vocab: int) -> float:
+    """Entropy (bits/token) of the empirical code distribution: the NLL a context-free model reaches."""
+    counts = np.bincount(np.asarray(codes).reshape(-1), minlength=vocab).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())

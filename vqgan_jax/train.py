@@ -1,0 +1,234 @@
+"""Stage one: VQGAN + PatchGAN training as a :class:`common_jax.training.Task`.
+
+One jitted step updates both networks (taming alternates two optimizers on the same batch; here the
+generator step and the discriminator step run back to back inside one program, D seeing the
+reconstruction of the same forward pass). The loss math lives in :mod:`vqgan_jax.losses`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from common_jax.training import accumulate_gradients, specs_from_boxed_init
+from vqgan_jax import losses
+from vqgan_jax.model import VQGAN
+from vqgan_jax.quantize import ema_codebook, restart_dead_codes
+
+LpipsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@struct.dataclass
+class VQGANState:
+    step: jax.Array
+    params: Any                 # generator (autoencoder + codebook)
+    opt_g: Any
+    disc_params: Any
+    disc_stats: Any             # BatchNorm running statistics
+    opt_d: Any
+    code_usage: jax.Array       # EMA of per-step code counts: codebook health, dead-code restart
+    ema_params: Any = None      # generator weight EMA (loss.generator_ema > 0)
+    codebook_ema: Any = None    # EMA codebook statistics (model.use_ema)
+    lpips: Any = None           # frozen LPIPS variables (perceptual_weight > 0); never optimised
+
+
+def model_from_config(config: Any) -> VQGAN:
+    m = dict(config.model)
+    if not m.get("codebook_dim"):
+        m["codebook_dim"] = None
+    return VQGAN.from_config(m)
+
+
+def learning_rate(config: Any) -> float:
+    """taming's rule: base_lr x global batch size x gradient-accumulation steps."""
+    o = config.optim
+    return float(o.base_learning_rate) * int(config.data.global_batch_size) * int(o.grad_accum_steps)
+
+
+def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = jnp.mean((jnp.clip(y, -1, 1) - x) ** 2, axis=(1, 2, 3))
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
+
+
+class VQGANTask:
+    """Generator: L1 (+LPIPS) + adaptive-weight hinge GAN + codebook terms; discriminator: hinge/vanilla."""
+
+    def __init__(self, config: Any, lpips: tuple[Any, Any] | None = None):
+        self.config = config
+        self.loss_cfg = config.loss
+        losses.check_loss_config(self.loss_cfg)
+        if self.loss_cfg.use_actnorm:
+            raise ValueError("loss.use_actnorm=True: ActNorm's data-dependent init is not supported in "
+                             "training; use BatchNorm (use_actnorm=False)")
+        self.model = model_from_config(config)
+        self.disc = losses.build_discriminator(self.loss_cfg)
+        if float(self.loss_cfg.perceptual_weight) > 0 and lpips is None:
+            raise ValueError("loss.perceptual_weight > 0 needs LPIPS weights: pass "
+                             "--config.lpips_weights=/path/lpips_vgg.npz (made by python -m launch.convert_lpips) "
+                             "or set --config.loss.perceptual_weight=0")
+        self.lpips_model, self._lpips_vars = lpips if lpips is not None else (None, None)
+        lr = learning_rate(config)
+        self.tx_g = optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
+        self.tx_d = optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
+        self.grad_accum = int(config.optim.grad_accum_steps)
+        self.res = int(config.model.resolution)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _init_boxed(self, rng: jax.Array) -> VQGANState:
+        k_g, k_d = jax.random.split(rng)
+        x = jnp.zeros((1, self.res, self.res, int(self.config.model.in_channels)))
+        gvars = self.model.init({"params": k_g, "gumbel": k_g}, x)
+        params = gvars["params"]
+        dvars = self.disc.init(k_d, x)
+        ema_gen = float(self.loss_cfg.get("generator_ema", 0.0) or 0.0)
+        return VQGANState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_g=self.tx_g.init(params),
+            disc_params=dvars["params"], disc_stats=dvars.get("batch_stats", {}),
+            opt_d=self.tx_d.init(dvars["params"]),
+            code_usage=jnp.ones((self.model.n_embed,), jnp.float32),
+            ema_params=params if ema_gen > 0 else None,
+            codebook_ema=gvars.get("codebook_ema"),
+            lpips=self._lpips_vars)
+
+    def init_state(self, rng: jax.Array) -> VQGANState:
+        return nn.unbox(self._init_boxed(rng))
+
+    def state_logical_specs(self, abstract_state: VQGANState) -> Any:
+        return specs_from_boxed_init(self._init_boxed, jax.random.key(0))
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _lpips_fn(self, lpips_vars: Any) -> LpipsFn | None:
+        if self.lpips_model is None:
+            return None
+        frozen = jax.lax.stop_gradient(lpips_vars)
+        return lambda a, b: self.lpips_model.apply(frozen, a, b)
+
+    def _disc_train(self, dvars: Any, images: jax.Array) -> tuple[jax.Array, Any]:
+        logits, mut = self.disc.apply(dvars, images, train=True, mutable=["batch_stats"])
+        return logits, mut.get("batch_stats", {})
+
+    def _generator(self, params: Any, state: VQGANState, x: jax.Array, rng: jax.Array):
+        k_gumbel, k_drop = jax.random.split(rng)
+        variables = {"params": params}
+        mutable = []
+        if state.codebook_ema is not None:
+            variables["codebook_ema"] = state.codebook_ema
+            mutable = ["codebook_ema"]
+
+        def fwd(m, x):
+            enc = m.encode(x, train=True)
+            return enc, m.decode_pre_out(enc.z_q, train=True)
+
+        (enc, h), mut = self.model.apply(variables, x, method=fwd, mutable=mutable,
+                                         rngs={"gumbel": k_gumbel, "dropout": k_drop})
+        dvars = {"params": state.disc_params, "batch_stats": state.disc_stats}
+        loss, metrics = losses.generator_loss(
+            x, h, params["decoder"]["conv_out"], enc.loss,
+            lambda dv, img: self._disc_train(dv, img)[0], dvars, state.step, self.loss_cfg,
+            self._lpips_fn(state.lpips))
+        xrec = jax.lax.stop_gradient(losses.reconstruct(h, params["decoder"]["conv_out"]))
+        aux = {"metrics": metrics, "xrec": xrec, "usage": enc.usage, "perplexity": enc.perplexity,
+               "z": jax.lax.stop_gradient(enc.z), "codebook_ema": mut.get("codebook_ema")}
+        return loss, aux
+
+    # -- the step --------------------------------------------------------------------------------
+    def train_step(self, state: VQGANState, batch: Mapping[str, jax.Array], rng: jax.Array
+                   ) -> tuple[VQGANState, dict]:
+        x = jnp.asarray(batch["image"], jnp.float32)
+        k_gen, k_restart = jax.random.split(rng)
+
+        def gen_loss_and_grad(params, micro, key):
+            return jax.value_and_grad(self._generator, has_aux=True)(params, state, micro["image"], key)
+
+        if self.grad_accum == 1:
+            (g_loss, aux), g_grads = gen_loss_and_grad(state.params, {"image": x}, k_gen)
+        else:
+            # Accumulate only the generator; D runs once on the full batch's reconstructions.
+            def lg(params, micro, key):
+                (l, a), g = gen_loss_and_grad(params, micro, key)
+                return (l, {"metrics": a["metrics"], "usage": a["usage"], "perplexity": a["perplexity"]}), g
+            (g_loss, aux), g_grads = accumulate_gradients(lg, state.params, {"image": x},
+                                                          self.grad_accum, k_gen)
+            xrec = self.model.apply({"params": state.params}, x)[0]
+            aux = dict(aux, xrec=jax.lax.stop_gradient(xrec), z=None, codebook_ema=None)
+        upd, opt_g = self.tx_g.update(g_grads, state.opt_g, state.params)
+        params = optax.apply_updates(state.params, upd)
+
+        def d_loss_fn(dparams):
+            lr_, stats = self._disc_train({"params": dparams, "batch_stats": state.disc_stats}, x)
+            lf_, stats = self._disc_train({"params": dparams, "batch_stats": stats}, aux["xrec"])
+            loss, m = losses.discriminator_loss(lr_, lf_, state.step, self.loss_cfg)
+            return loss, (m, stats)
+
+        (d_loss, (d_metrics, disc_stats)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+            state.disc_params)
+        upd, opt_d = self.tx_d.update(d_grads, state.opt_d, state.disc_params)
+        disc_params = optax.apply_updates(state.disc_params, upd)
+
+        usage = aux["usage"] * (self.model.n_embed / jnp.maximum(aux["usage"].sum(), 1.0))
+        code_usage = 0.99 * state.code_usage + 0.01 * usage   # in units of "uniform share" per code
+        codebook_ema = state.codebook_ema
+        if codebook_ema is not None and aux["codebook_ema"] is not None:
+            codebook_ema = aux["codebook_ema"]
+            params = _set_codebook(params, ema_codebook(codebook_ema["quantize"]))
+        restarted = jnp.float32(0.0)
+        thr = float(self.loss_cfg.get("dead_code_threshold", 0.0) or 0.0)
+        if thr > 0 and aux["z"] is not None and self.model.quantizer == "vq" and not self.model.codebook_dim:
+            z_flat = aux["z"].reshape(-1, aux["z"].shape[-1])
+            new_cb, restarted = restart_dead_codes(params["quantize"]["embedding"], code_usage, z_flat,
+                                                   k_restart, thr)
+            params = _set_codebook(params, new_cb)
+            code_usage = jnp.where(code_usage < thr, 1.0, code_usage)
+        ema_params = state.ema_params
+        if ema_params is not None:
+            decay = float(self.loss_cfg.generator_ema)
+            ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+
+        metrics = dict(aux["metrics"])
+        metrics.update(d_metrics)
+        metrics.update({
+            "perplexity": aux["perplexity"],
+            "codebook_usage": jnp.mean((aux["usage"] > 0).astype(jnp.float32)),
+            "codebook_alive": jnp.mean((code_usage > 0.01).astype(jnp.float32)),
+            "codes_restarted": restarted,
+        })
+        new = state.replace(step=state.step + 1, params=params, opt_g=opt_g, disc_params=disc_params,
+                            disc_stats=disc_stats, opt_d=opt_d, code_usage=code_usage,
+                            ema_params=ema_params, codebook_ema=codebook_ema)
+        return new, metrics
+
+    # -- eval and images -------------------------------------------------------------------------
+    def _eval_params(self, state: VQGANState) -> Any:
+        return state.ema_params if state.ema_params is not None else state.params
+
+    def eval_step(self, state: VQGANState, batch: Mapping[str, jax.Array]) -> dict:
+        """Sums over real examples (``mask``): L1, PSNR, LPIPS when weights are loaded, batch code usage."""
+        x = jnp.asarray(batch["image"], jnp.float32)
+        mask = jnp.asarray(batch.get("mask", jnp.ones(x.shape[:1])), jnp.float32)
+        xrec, enc = self.model.apply({"params": self._eval_params(state)}, x)
+        l1 = jnp.mean(jnp.abs(x - xrec), axis=(1, 2, 3))
+        out = {"l1": jnp.sum(l1 * mask), "psnr": jnp.sum(psnr(x, xrec) * mask), "count": jnp.sum(mask)}
+        if self.lpips_model is not None:
+            out["lpips"] = jnp.sum(self.lpips_model.apply(state.lpips, x, xrec) * mask)
+        used = jnp.zeros((self.model.n_embed,)).at[enc.indices.reshape(x.shape[0], -1)].max(
+            jnp.broadcast_to(mask[:, None], enc.indices.reshape(x.shape[0], -1).shape))
+        out["batch_codebook_usage"] = jnp.mean(used) * jnp.sum(mask)
+        return out
+
+    def summaries(self, state: VQGANState, batch: Mapping[str, jax.Array]) -> dict:
+        """Inputs and reconstructions interleaved (uint8 NHWC), 8 pairs."""
+        x = jnp.asarray(batch["image"], jnp.float32)[:8]
+        xrec, _ = self.model.apply({"params": self._eval_params(state)}, x)
+        pairs = jnp.stack([x, jnp.clip(xrec, -1, 1)], axis=1).reshape(-1, *x.shape[1:])
+        return {"reconstructions": jnp.round((pairs + 1) * 127.5).astype(jnp.uint8)}
+
+
+def _set_codebook(params: Any, codebook: jax.Array) -> Any:
+    q = dict(params["quantize"])
+    q["embedding"] = codebook.astype(q["embedding"].dtype)
+    return {**params, "quantize": q}
