@@ -36,7 +36,7 @@ def logged_run(tmp_path_factory):
     absl_logger.addHandler(handler)
     absl_logger.setLevel(pylogging.INFO)
     try:
-        cfg = toy_task.toy_config(total_steps=4, every=2)
+        cfg = toy_task.toy_config(total_steps=4, every=1)  # keep=2
         res = run(cfg, workdir, toy_task.ToyTask(), toy_task.ToyLoader(16),
                   eval_loader_factory=lambda: toy_task.eval_batches(16, 2))
     finally:
@@ -55,7 +55,7 @@ def test_run_writes_tensorboard_logs_images(logged_run):
     png = os.path.join(workdir, "images", "pred_00000004.png")
     assert os.path.exists(png)
     assert os.path.exists(os.path.join(workdir, "config.json"))
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]  # keep=2 of 1..4
 
 
 def test_eval_is_masked_mean_over_examples(logged_run):
