@@ -1,0 +1,292 @@
+"""Stage-two GPT, parameter-compatible with taming's minGPT, with a functional KV cache for decoding.
+
+Architecture (taming/modules/transformer/mingpt.py): token + learned position embeddings, pre-LN blocks
+``x + attn(ln1(x))``, ``x + mlp(ln2(x))``, causal multi-head attention with separate query/key/value/proj
+Linears (with bias), exact-erf GELU MLP 4x, final LayerNorm (eps 1e-5), bias-free head.
+
+Parameters are float32 with logical axis names; ``dtype`` is the compute dtype (e.g. bfloat16). The KV
+cache is a plain pytree (one ``(k, v)`` pair per layer, each ``(batch, heads, time, head_dim)``) passed in
+and returned by :meth:`GPT.decode`, so a whole decode loop can live inside one jitted ``lax.fori_loop``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# One (k, v) pair per layer, each (batch, heads, time, head_dim).
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
+_INIT = nn.initializers.normal(stddev=0.02)  # minGPT's _init_weights for Linear and Embedding
+_ZEROS = nn.initializers.zeros_init()
+_ONES = nn.initializers.ones_init()
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis; statistics in float32 whatever the compute dtype."""
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(_ONES, ("norm",)), (c,), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(_ZEROS, ("norm",)), (c,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """``x @ kernel (+ bias)`` with a named (in, out) kernel."""
+    features: int
+    kernel_axes: tuple[str, str]
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.kernel_axes),
+                            (x.shape[-1], self.features), jnp.float32)
+        y = jnp.einsum("...c,cf->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(_ZEROS, self.kernel_axes[1:]),
+                              (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class HeadsProjection(nn.Module):
+    """Linear (C -> n_head * head_dim) with the kernel kept as (C, heads, head_dim).
+
+    ``layout`` picks the output layout so that no transpose is needed: ``"bthd"`` for
+    ``jax.nn.dot_product_attention``, ``"bhtd"`` for the KV cache.
+    """
+    n_head: int
+    head_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layout: str = "bthd") -> jax.Array:
+        kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, ("embed", "heads", "kv")),
+                            (x.shape[-1], self.n_head, self.head_dim), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(_ZEROS, ("heads", "kv")),
+                          (self.n_head, self.head_dim), jnp.float32)
+        y = jnp.einsum(f"btc,chd->{layout}", x.astype(self.dtype), kernel.astype(self.dtype))
+        b = bias.astype(self.dtype)
+        return y + (b[:, None, :] if layout == "bhtd" else b)
+
+
+class OutProjection(nn.Module):
+    """Linear (n_head * head_dim -> C) with the kernel kept as (heads, head_dim, C)."""
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jax.Array, layout: str = "bthd") -> jax.Array:
+        h, d = (y.shape[2], y.shape[3]) if layout == "bthd" else (y.shape[1], y.shape[3])
+        kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, ("heads", "kv", "embed")),
+                            (h, d, self.features), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(_ZEROS, ("embed",)),
+                          (self.features,), jnp.float32)
+        out = jnp.einsum(f"{layout},hdc->btc", y.astype(self.dtype), kernel.astype(self.dtype))
+        return out + bias.astype(self.dtype)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, n_unmasked: int) -> jax.Array:
+    """(Tq, Tk) bool: causal, plus taming's fully visible prefix of ``n_unmasked`` tokens."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if n_unmasked > 0:
+        mask = mask | ((q_pos[:, None] < n_unmasked) & (k_pos[None, :] < n_unmasked))
+    return mask
+
+
+class CausalSelfAttention(nn.Module):
+    n_head: int
+    n_embd: int
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    n_unmasked: int = 0
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        # Module names follow taming's keys (query/key/value/proj) so conversion stays a renaming.
+        d = self.n_embd // self.n_head
+        self.query = HeadsProjection(self.n_head, d, self.dtype)
+        self.key = HeadsProjection(self.n_head, d, self.dtype)
+        self.value = HeadsProjection(self.n_head, d, self.dtype)
+        self.proj = OutProjection(self.n_embd, self.dtype)
+        self.attn_drop = nn.Dropout(self.attn_pdrop)
+        self.resid_drop = nn.Dropout(self.resid_pdrop)
+
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        q, k, v = self.query(x), self.key(x), self.value(x)          # (B, T, H, D)
+        pos = jnp.arange(x.shape[1])
+        if deterministic or self.attn_pdrop == 0.0:
+            if self.n_unmasked > 0:
+                mask = attention_mask(pos, pos, self.n_unmasked)[None, None]
+                y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            else:
+                y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:  # attention-weight dropout is not offered by dot_product_attention
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            s = s / jnp.sqrt(jnp.float32(q.shape[-1]))
+            s = jnp.where(attention_mask(pos, pos, self.n_unmasked), s, -jnp.inf)
+            w = self.attn_drop(jax.nn.softmax(s, axis=-1), deterministic=False)
+            y = jnp.einsum("bhqk,bkhd->bqhd", w.astype(self.dtype), v)
+        return self.resid_drop(self.proj(y), deterministic=deterministic)
+
+    def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], pos: jax.Array
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Tokens at positions [pos, pos + n) attending to the cache; returns (out, updated cache)."""
+        k_cache, v_cache = cache
+        # Same parameters as the full path, evaluated straight into the (B, H, T, D) cache layout.
+        q = self.query(x, "bhtd")
+        k_cache = lax.dynamic_update_slice(k_cache, self.key(x, "bhtd").astype(k_cache.dtype),
+                                           (0, 0, pos, 0))
+        v_cache = lax.dynamic_update_slice(v_cache, self.value(x, "bhtd").astype(v_cache.dtype),
+                                           (0, 0, pos, 0))
+        n, t_max = x.shape[1], k_cache.shape[2]
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k_cache.astype(self.dtype),
+                       preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
+        mask = attention_mask(pos + jnp.arange(n), jnp.arange(t_max), self.n_unmasked)
+        w = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+        y = jnp.einsum("bhqk,bhkd->bhqd", w.astype(self.dtype), v_cache.astype(self.dtype))
+        return self.proj(y, "bhtd"), (k_cache, v_cache)
+
+
+class Block(nn.Module):
+    n_head: int
+    n_embd: int
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    n_unmasked: int = 0
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.ln1 = LayerNorm(dtype=self.dtype)
+        self.ln2 = LayerNorm(dtype=self.dtype)
+        self.attn = CausalSelfAttention(self.n_head, self.n_embd, self.attn_pdrop, self.resid_pdrop,
+                                        self.n_unmasked, self.dtype)
+        self.mlp_fc = Linear(4 * self.n_embd, ("embed", "mlp"), dtype=self.dtype)
+        self.mlp_out = Linear(self.n_embd, ("mlp", "embed"), dtype=self.dtype)
+        self.mlp_drop = nn.Dropout(self.resid_pdrop)
+
+    def _mlp(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        h = jax.nn.gelu(self.mlp_fc(self.ln2(x)), approximate=False)
+        return self.mlp_drop(self.mlp_out(h), deterministic=deterministic)
+
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        x = x + self.attn(self.ln1(x), deterministic)
+        return x + self._mlp(x, deterministic)
+
+    def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], pos: jax.Array
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        a, cache = self.attn.decode(self.ln1(x), cache, pos)
+        x = x + a
+        return x + self._mlp(x, True), cache
+
+
+class GPT(nn.Module):
+    """minGPT. ``apply(variables, idx) -> logits (B, T, vocab)`` (float32).
+
+    Training dropout: ``apply(..., deterministic=False, rngs={"dropout": key})``.
+    Decoding: ``apply(variables, idx, cache, pos, method=GPT.decode)``.
+    """
+    vocab_size: int
+    block_size: int
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 256
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    n_unmasked: int = 0
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPT: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.n_unmasked <= self.block_size:
+            raise ValueError(f"GPT: n_unmasked must be in [0, block_size={self.block_size}], "
+                             f"got {self.n_unmasked}")
+        self.tok_emb = self.param("tok_emb", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+                                  (self.vocab_size, self.n_embd), jnp.float32)
+        self.pos_emb = self.param("pos_emb", nn.with_logical_partitioning(_ZEROS, ("length", "embed")),
+                                  (self.block_size, self.n_embd), jnp.float32)
+        # deterministic (argument 2, counting self) is a Python bool: static under remat.
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        self.blocks = [block(self.n_head, self.n_embd, self.attn_pdrop, self.resid_pdrop, self.n_unmasked,
+                             self.dtype, name=f"blocks_{i}") for i in range(self.n_layer)]
+        self.ln_f = LayerNorm(dtype=self.dtype)
+        self.head = Linear(self.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
+        self.drop = nn.Dropout(self.embd_pdrop)
+
+    def _check_length(self, t: int) -> None:
+        if t > self.block_size:
+            raise ValueError(f"GPT: sequence length {t} exceeds block_size {self.block_size}")
+
+    def _embed(self, idx: jax.Array, pos: jax.Array | int = 0) -> jax.Array:
+        t = idx.shape[1]
+        pos_emb = lax.dynamic_slice_in_dim(self.pos_emb, pos, t, axis=0)
+        return (jnp.take(self.tok_emb, idx, axis=0) + pos_emb[None]).astype(self.dtype)
+
+    def features(self, idx: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Final hidden states after ``ln_f`` (B, T, C), before the head."""
+        if idx.ndim != 2:
+            raise ValueError(f"GPT: idx must be (batch, time) token ids, got shape {idx.shape}")
+        self._check_length(idx.shape[1])
+        x = self.drop(self._embed(idx), deterministic=deterministic)
+        for blk in self.blocks:
+            x = blk(x, deterministic)
+        return self.ln_f(x)
+
+    def logits_from_features(self, h: jax.Array) -> jax.Array:
+        return self.head(h).astype(jnp.float32)
+
+    def __call__(self, idx: jax.Array, deterministic: bool = True) -> jax.Array:
+        return self.logits_from_features(self.features(idx, deterministic))
+
+    def decode(self, idx: jax.Array, cache: KVCache, pos: jax.Array | int
+               ) -> tuple[jax.Array, KVCache]:
+        """Process tokens at positions [pos, pos + n) given the cache; returns (logits (B, n, V), cache).
+
+        With ``n_unmasked > 0`` the first call (prefill) must cover all ``n_unmasked`` positions.
+        """
+        if len(cache) != self.n_layer:
+            raise ValueError(f"GPT.decode: cache has {len(cache)} layers, model has {self.n_layer}")
+        self._check_length(cache[0][0].shape[2])
+        pos = jnp.asarray(pos, jnp.int32)
+        x = self._embed(idx, pos)
+        new_cache = []
+        for blk, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = blk.decode(x, layer_cache, pos)
+            new_cache.append(layer_cache)
+        return self.logits_from_features(self.ln_f(x)), tuple(new_cache)
+
+
+def init_cache(model: GPT, batch: int, length: int | None = None, dtype: Any = None) -> KVCache:
+    """Zero KV cache for ``length`` positions (default block_size), in the compute dtype by default."""
+    length = model.block_size if length is None else int(length)
+    if not 0 < length <= model.block_size:
+        raise ValueError(f"init_cache: length must be in [1, block_size={model.block_size}], got {length}")
+    shape = (batch, model.n_head, length, model.n_embd // model.n_head)
+    dtype = model.dtype if dtype is None else dtype
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(model.n_layer))
+
+
+def init_variables(model: GPT, rng: jax.Array, length: int = 1) -> Any:
+    """Boxed (logically partitioned) variables from a (1, length) dummy input."""
+    return model.init(rng, jnp.zeros((1, length), jnp.int32))
+
+
+def logical_partition_specs(model: GPT) -> Any:
+    """Tree of logical PartitionSpecs for ``model``'s variables (no parameters are materialised)."""
+    abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    return nn.get_partition_spec(abstract)

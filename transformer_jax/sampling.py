@@ -1,0 +1,170 @@
+"""Autoregressive sampling for :class:`transformer_jax.gpt.GPT`: logit filtering and KV-cached decoding.
+
+:func:`sample` runs one jitted program per (model, shapes, static options): a prefill of the
+conditioning prefix, then a ``lax.fori_loop`` over the remaining steps, one token per step through the
+KV cache. Step ``t`` draws with ``jax.random.fold_in(rng, t)``, so results depend only on the key.
+
+Filtering semantics (shared by :func:`filter_logits` and the samplers): logits are divided by the
+temperature, then top-k keeps exactly ``k`` tokens, then top-p keeps the smallest set of the remaining
+tokens (in order of decreasing probability) whose renormalised mass reaches ``p`` (at least one token).
+Ties are broken by the lower token index (``lax.top_k`` and stable sorts order equal values that way),
+so the kept set is always well defined.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from transformer_jax.gpt import GPT, init_cache
+
+
+def _check_options(top_k: int | None, top_p: float | None, temperature: Any) -> None:
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not isinstance(top_p, jax.core.Tracer) and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def _candidates(logits: jax.Array, top_k: int | None, top_p: Any | None, temperature: Any
+                ) -> tuple[jax.Array, jax.Array | None]:
+    """Candidate (values, token ids) in decreasing order, values -inf where filtered out.
+
+    ids is None when no filter is active (values are then the full, unsorted logits).
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    v = logits.shape[-1]
+    k = v if top_k is None else min(top_k, v)
+    if k < v:
+        vals, ids = lax.top_k(logits, k)
+    elif top_p is not None:
+        ids = jnp.argsort(-logits, axis=-1, stable=True).astype(jnp.int32)
+        vals = jnp.take_along_axis(logits, ids, axis=-1)
+    else:
+        return logits, None
+    if top_p is not None:
+        probs = jax.nn.softmax(vals, axis=-1)  # renormalised over the top-k survivors, like HF/taming
+        before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep while the mass strictly before a token is below p: the smallest prefix reaching p.
+        keep = (before < top_p) | (jnp.arange(vals.shape[-1]) == 0) | (top_p >= 1.0)
+        vals = jnp.where(keep, vals, -jnp.inf)
+    return vals, ids
+
+
+def filter_logits(logits: jax.Array, top_k: int | None = None, top_p: float | None = None,
+                  temperature: float = 1.0) -> jax.Array:
+    """Temperature-scaled float32 logits (..., V) with filtered-out tokens set to -inf."""
+    _check_options(top_k, top_p, temperature)
+    vals, ids = _candidates(logits, top_k, top_p, temperature)
+    if ids is None:
+        return vals
+    flat_vals, flat_ids = vals.reshape(-1, vals.shape[-1]), ids.reshape(-1, ids.shape[-1])
+    out = jnp.full((flat_vals.shape[0], logits.shape[-1]), -jnp.inf, jnp.float32)
+    out = out.at[jnp.arange(flat_vals.shape[0])[:, None], flat_ids].set(flat_vals)
+    return out.reshape(logits.shape)
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, top_k: int | None = None,
+                  top_p: Any | None = None, temperature: Any = 1.0) -> jax.Array:
+    """One token per row of ``logits`` (B, V) -> (B,) int32; ``top_k == 1`` is greedy (argmax).
+
+    Draws among the filtered candidates only (k values, not V), which is the same distribution as
+    sampling from :func:`filter_logits` and cheaper.
+    """
+    if top_k == 1:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vals, ids = _candidates(logits, top_k, top_p, temperature)
+    j = jax.random.categorical(key, vals, axis=-1)
+    if ids is None:
+        return j.astype(jnp.int32)
+    return jnp.take_along_axis(ids, j[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+
+def guided_logits(cond: jax.Array, uncond: jax.Array, scale: Any) -> jax.Array:
+    """Classifier-free guidance ``uncond + s (cond - uncond)``, written so that s = 1 returns cond exactly."""
+    return cond + (scale - 1.0) * (cond - uncond)
+
+
+@functools.lru_cache(maxsize=64)
+def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided: bool):
+    """The jitted sampling program for one (model, static options); jit caches per input shape."""
+
+    def run(variables, prefix, uncond, rng, temperature, top_p, scale):
+        b, p = prefix.shape
+        tokens = jnp.concatenate([prefix, uncond], axis=0) if guided else prefix
+        cache = init_cache(model, tokens.shape[0], p + steps - 1)
+        tp = top_p if use_top_p else None
+
+        def pick(logits, t):
+            if guided:
+                logits = guided_logits(logits[:b], logits[b:], scale)
+            return choose_tokens(logits, jax.random.fold_in(rng, t), top_k, tp, temperature)
+
+        logits, cache = model.apply(variables, tokens, cache, 0, method=GPT.decode)
+        out = jnp.zeros((b, steps), jnp.int32).at[:, 0].set(pick(logits[:, -1], 0))
+
+        def body(t, carry):
+            out, cache = carry
+            prev = lax.dynamic_slice_in_dim(out, t - 1, 1, axis=1)
+            feed = jnp.concatenate([prev, prev], axis=0) if guided else prev
+            logits, cache = model.apply(variables, feed, cache, p + t - 1, method=GPT.decode)
+            out = lax.dynamic_update_slice_in_dim(out, pick(logits[:, 0], t)[:, None], t, axis=1)
+            return out, cache
+
+        out, _ = lax.fori_loop(1, steps, body, (out, cache))
+        return out
+
+    return jax.jit(run)
+
+
+def _check_tokens(name: str, x: Any, vocab_size: int) -> jax.Array:
+    if not hasattr(x, "shape") or len(x.shape) != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be (batch, length) integer token ids, got "
+                         f"{getattr(x, 'shape', type(x))} {getattr(x, 'dtype', '')}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one token (SOS or conditioning), got shape {x.shape}")
+    if not isinstance(x, jax.core.Tracer):
+        lo, hi = int(jnp.min(x)), int(jnp.max(x))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} token ids must be in [0, {vocab_size}), found range [{lo}, {hi}]")
+    return jnp.asarray(x, jnp.int32)
+
+
+def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.Array,
+           top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
+           guidance_scale: float | None = None, uncond_prefix: jax.Array | None = None) -> jax.Array:
+    """Sample ``steps`` tokens after ``prefix`` (B, P) -> (B, steps) int32, in one jitted program.
+
+    ``top_k=1`` decodes greedily. Classifier-free guidance: give ``guidance_scale`` and an
+    ``uncond_prefix`` of the same shape; both run as one doubled batch and the logits are mixed as
+    ``uncond + s (cond - uncond)`` before filtering.
+    """
+    _check_options(top_k, top_p, temperature)
+    prefix = _check_tokens("prefix", prefix, model.vocab_size)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    b, p = prefix.shape
+    if p + steps - 1 > model.block_size:
+        raise ValueError(f"prefix length {p} + steps {steps} - 1 = {p + steps - 1} exceeds the model's "
+                         f"block_size {model.block_size}")
+    if p < model.n_unmasked:
+        raise ValueError(f"prefix length {p} is shorter than n_unmasked {model.n_unmasked}: the unmasked "
+                         f"block must be prefilled in one chunk")
+    guided = guidance_scale is not None or uncond_prefix is not None
+    if guided:
+        if guidance_scale is None or uncond_prefix is None:
+            raise ValueError("classifier-free guidance needs both guidance_scale and uncond_prefix")
+        uncond_prefix = _check_tokens("uncond_prefix", uncond_prefix, model.vocab_size)
+        if uncond_prefix.shape != prefix.shape:
+            raise ValueError(f"uncond_prefix shape {uncond_prefix.shape} must equal prefix shape {prefix.shape}")
+    else:
+        uncond_prefix = jnp.zeros((0, p), jnp.int32)
+    fn = _sampler(model, steps, top_k, top_p is not None, guided)
+    return fn(variables, prefix, uncond_prefix, rng, jnp.float32(temperature),
+              jnp.float32(1.0 if top_p is None else top_p),
+              jnp.float32(1.0 if guidance_scale is None else guidance_scale))

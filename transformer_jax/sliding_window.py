@@ -1,0 +1,148 @@
+"""Sliding-window sampling of code grids larger than the transformer's training window.
+
+Reproduces taming's rule (scripts/sample_conditional.py): to sample position (i, j) of an H x W grid with
+a w x w window, the window's top-left corner is (i - li, j - lj) with ``li = window_offset(i, H, w)``
+(likewise lj); the window's codes, flattened row-major, follow the conditioning tokens (a fixed prefix
+such as SOS / class, and/or the conditioning grid cut at the same place), and the logits that predict
+window position (li, lj) are used.
+
+One jitted program covers all positions: positions are visited in raster order by ``lax.fori_loop``s,
+one loop per group of rows that need the same causal prefix. The model only runs on the tokens up to
+the end of the window row that holds (li, lj) (later tokens cannot influence that position), which for
+the interior rows is about half of the window; ``buckets`` trades this saving against compile time.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from transformer_jax.gpt import GPT
+from transformer_jax.sampling import _check_options, _check_tokens, choose_tokens
+
+
+def window_offset(i: Any, size: int, window: int) -> Any:
+    """Local offset of index ``i`` inside its window (taming's rule); works on ints and jax scalars."""
+    half = window // 2
+    if isinstance(i, int):
+        if i <= half:
+            return i
+        return window - (size - i) if size - i < half else half
+    return jnp.where(i <= half, i, jnp.where(size - i < half, window - (size - i), half))
+
+
+def row_groups(height: int, window: int, buckets: int | None) -> list[tuple[int, int, int]]:
+    """Consecutive row ranges sharing one static prefix: (row_start, row_end, window rows needed)."""
+    step = 1 if buckets is None else max(1, math.ceil(window / buckets))
+    groups: list[tuple[int, int, int]] = []
+    for i in range(height):
+        q = min(window, math.ceil((window_offset(i, height, window) + 1) / step) * step)
+        if groups and groups[-1][2] == q:
+            groups[-1] = (groups[-1][0], i + 1, q)
+        else:
+            groups.append((i, i + 1, q))
+    return groups
+
+
+@functools.lru_cache(maxsize=32)
+def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: int | None,
+                     use_top_p: bool, buckets: int | None, return_logits: bool):
+    w = window
+
+    def run(variables, prefix, cond_grid, rng, temperature, top_p):
+        b = prefix.shape[0]
+        n_ctx = prefix.shape[1] + (w * w if cond_grid.shape[1] else 0)
+        tp = top_p if use_top_p else None
+        grid = jnp.zeros((b, height, width), jnp.int32)
+        logits_all = jnp.zeros((b, height, width, model.vocab_size) if return_logits else (0,), jnp.float32)
+
+        def crop(g, i0, j0):
+            return lax.dynamic_slice(g, (0, i0, j0), (b, w, w)).reshape(b, w * w)
+
+        def make_body(length):
+            def body(p, carry):
+                grid, logits_all = carry
+                i, j = p // width, p % width
+                li, lj = window_offset(i, height, w), window_offset(j, width, w)
+                parts = [prefix]
+                if cond_grid.shape[1]:
+                    parts.append(crop(cond_grid, i - li, j - lj))
+                parts.append(crop(grid, i - li, j - lj))
+                tokens = jnp.concatenate(parts, axis=1)[:, :length]
+                h = model.apply(variables, tokens, method=GPT.features)
+                # Input position n_ctx - 1 + li*w + lj predicts window position (li, lj).
+                h = lax.dynamic_slice_in_dim(h, n_ctx - 1 + li * w + lj, 1, axis=1)
+                logits = model.apply(variables, h, method=GPT.logits_from_features)[:, 0]
+                tok = choose_tokens(logits, jax.random.fold_in(rng, p), top_k, tp, temperature)
+                grid = lax.dynamic_update_slice(grid, tok[:, None, None], (0, i, j))
+                if return_logits:
+                    logits_all = lax.dynamic_update_slice(logits_all, logits[:, None, None], (0, i, j, 0))
+                return grid, logits_all
+            return body
+
+        carry = (grid, logits_all)
+        for r0, r1, rows in row_groups(height, w, buckets):
+            length = n_ctx + rows * w - 1
+            carry = lax.fori_loop(r0 * width, r1 * width, make_body(length), carry)
+        return carry
+
+    return jax.jit(run)
+
+
+def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], window: int,
+                          rng: jax.Array, prefix: jax.Array | None = None,
+                          cond_grid: jax.Array | None = None, top_k: int | None = None,
+                          top_p: float | None = None, temperature: float = 1.0,
+                          buckets: int | None = None, return_logits: bool = False
+                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Sample an (H, W) code grid with a ``window`` x ``window`` sliding window -> (B, H, W) int32.
+
+    Conditioning tokens: ``prefix`` (B, P) (e.g. SOS or class token, prepended unchanged) and/or
+    ``cond_grid`` (B, H, W) (spatial conditioning codes, cropped with the same window); at least one
+    token in all. Position (i, j) draws with ``fold_in(rng, i * W + j)``, so on an H = W = window grid
+    this equals :func:`transformer_jax.sampling.sample` with the same key. ``buckets=None`` sizes the
+    model input per window row offset (least compute, most compiled loops); an int caps the number of
+    distinct input lengths. ``return_logits`` also returns the logits used at every position
+    (B, H, W, vocab), for checking.
+    """
+    _check_options(top_k, top_p, temperature)
+    h, wd = (int(s) for s in shape)
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    if h < window or wd < window:
+        raise ValueError(f"grid shape {(h, wd)} must be at least the window size {window} in both dims")
+    if buckets is not None and (not isinstance(buckets, int) or buckets < 1):
+        raise ValueError(f"buckets must be a positive int or None, got {buckets!r}")
+    if prefix is None and cond_grid is None:
+        raise ValueError("sample_sliding_window needs conditioning: a prefix (e.g. SOS token) and/or cond_grid")
+    batch = None
+    if prefix is not None:
+        prefix = _check_tokens("prefix", prefix, model.vocab_size)
+        batch = prefix.shape[0]
+    if cond_grid is not None:
+        if not hasattr(cond_grid, "shape") or len(cond_grid.shape) != 3 or tuple(cond_grid.shape[1:]) != (h, wd):
+            raise ValueError(f"cond_grid must be (batch, {h}, {wd}) codes, got "
+                             f"{getattr(cond_grid, 'shape', type(cond_grid))}")
+        cond_grid = _check_tokens("cond_grid", jnp.asarray(cond_grid).reshape(cond_grid.shape[0], -1),
+                                  model.vocab_size).reshape(cond_grid.shape)
+        if batch is not None and cond_grid.shape[0] != batch:
+            raise ValueError(f"cond_grid batch {cond_grid.shape[0]} != prefix batch {batch}")
+        batch = cond_grid.shape[0]
+    else:
+        cond_grid = jnp.zeros((batch, 0, 0), jnp.int32)
+    if prefix is None:
+        prefix = jnp.zeros((batch, 0), jnp.int32)
+    n_ctx = prefix.shape[1] + (window * window if cond_grid.shape[1] else 0)
+    if n_ctx + window * window - 1 > model.block_size:
+        raise ValueError(f"conditioning ({n_ctx} tokens) + window ({window}x{window}) - 1 = "
+                         f"{n_ctx + window * window - 1} exceeds the model's block_size {model.block_size}")
+    if n_ctx < model.n_unmasked:
+        raise ValueError(f"conditioning length {n_ctx} is shorter than n_unmasked {model.n_unmasked}")
+    fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits)
+    grid, logits = fn(variables, prefix, cond_grid, rng, jnp.float32(temperature),
+                      jnp.float32(1.0 if top_p is None else top_p))
+    return (grid, logits) if return_logits else grid
