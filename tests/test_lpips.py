@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from common_jax import lpips as lp
+from common_jax.layers import CONV_KERNEL_AXES
 from seeded_weights import golden, suggested_atol
 
 
@@ -81,7 +82,7 @@ def test_lins_alias_only_and_identity(small, apply_fns):
 def test_params_carry_logical_axes(small):
     _, _, _, model, variables = small
     boxed = variables["params"]["features_0"]["kernel"]
-    assert boxed.names == ("conv_hw", "conv_hw", "conv_in", "conv_out")
+    assert boxed.names == CONV_KERNEL_AXES
     assert variables["params"]["shift"].names == ("norm",)
 
 
