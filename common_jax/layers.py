@@ -14,7 +14,7 @@ import jax.numpy as jnp
 Padding = str | Sequence[tuple[int, int]] | int
 Initializer = Callable[..., jax.Array]
 
-CONV_KERNEL_AXES = ("conv_hw", "conv_hw", "conv_in", "conv_out")
+CONV_KERNEL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 
 
 def _explicit_padding(padding: Padding, kernel: tuple[int, int]) -> Any:

@@ -28,7 +28,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # Convolution kernels (H, W, in, out): FSDP on the output channels, model axis on the input ones.
     ("conv_out", "fsdp"),
     ("conv_in", "model"),
-    ("conv_hw", None),
+    ("conv_h", None),
+    ("conv_w", None),
     ("norm", None),
     # Codebooks: (n_embed, embed_dim); small, replicated.
     ("codes", None),

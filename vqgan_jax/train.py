@@ -31,9 +31,10 @@ class VQGANState:
     disc_stats: Any             # BatchNorm running statistics
     opt_d: Any
     code_usage: jax.Array       # EMA of per-step code counts: codebook health, dead-code restart
-    ema_params: Any = None      # generator weight EMA (loss.generator_ema > 0)
-    codebook_ema: Any = None    # EMA codebook statistics (model.use_ema)
-    lpips: Any = None           # frozen LPIPS variables (perceptual_weight > 0); never optimised
+    # Optional parts are empty dicts (no leaves) when off, so every state has the same tree shape.
+    ema_params: Any = struct.field(default_factory=dict)    # generator weight EMA (loss.generator_ema > 0)
+    codebook_ema: Any = struct.field(default_factory=dict)  # EMA codebook statistics (model.use_ema)
+    lpips: Any = struct.field(default_factory=dict)         # frozen LPIPS variables; never optimised
 
 
 def model_from_config(config: Any) -> VQGAN:
@@ -91,9 +92,9 @@ class VQGANTask:
             disc_params=dvars["params"], disc_stats=dvars.get("batch_stats", {}),
             opt_d=self.tx_d.init(dvars["params"]),
             code_usage=jnp.ones((self.model.n_embed,), jnp.float32),
-            ema_params=params if ema_gen > 0 else None,
-            codebook_ema=gvars.get("codebook_ema"),
-            lpips=self._lpips_vars)
+            ema_params=params if ema_gen > 0 else {},
+            codebook_ema=gvars.get("codebook_ema", {}),
+            lpips=self._lpips_vars if self._lpips_vars is not None else {})
 
     def init_state(self, rng: jax.Array) -> VQGANState:
         return nn.unbox(self._init_boxed(rng))
@@ -116,7 +117,7 @@ class VQGANTask:
         k_gumbel, k_drop = jax.random.split(rng)
         variables = {"params": params}
         mutable = []
-        if state.codebook_ema is not None:
+        if state.codebook_ema:
             variables["codebook_ema"] = state.codebook_ema
             mutable = ["codebook_ema"]
 
@@ -173,7 +174,7 @@ class VQGANTask:
         usage = aux["usage"] * (self.model.n_embed / jnp.maximum(aux["usage"].sum(), 1.0))
         code_usage = 0.99 * state.code_usage + 0.01 * usage   # in units of "uniform share" per code
         codebook_ema = state.codebook_ema
-        if codebook_ema is not None and aux["codebook_ema"] is not None:
+        if codebook_ema and aux["codebook_ema"]:
             codebook_ema = aux["codebook_ema"]
             params = _set_codebook(params, ema_codebook(codebook_ema["quantize"]))
         restarted = jnp.float32(0.0)
@@ -185,7 +186,7 @@ class VQGANTask:
             params = _set_codebook(params, new_cb)
             code_usage = jnp.where(code_usage < thr, 1.0, code_usage)
         ema_params = state.ema_params
-        if ema_params is not None:
+        if ema_params:
             decay = float(self.loss_cfg.generator_ema)
             ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
 
@@ -204,7 +205,7 @@ class VQGANTask:
 
     # -- eval and images -------------------------------------------------------------------------
     def _eval_params(self, state: VQGANState) -> Any:
-        return state.ema_params if state.ema_params is not None else state.params
+        return state.ema_params if state.ema_params else state.params
 
     def eval_step(self, state: VQGANState, batch: Mapping[str, jax.Array]) -> dict:
         """Sums over real examples (``mask``): L1, PSNR, LPIPS when weights are loaded, batch code usage."""

@@ -1,0 +1,126 @@
+"""What every entry point does before training: multi-host start-up, dataset preparation, loaders.
+
+Shared by train_vqgan, train_transformer, sample, eval_fid and demo, so the entry points stay thin.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import jax
+from absl import logging
+
+from common_jax import data as data_lib
+from common_jax import datasets
+
+BUILTIN = "builtin_photos"
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> None:
+    """Start JAX's multi-controller runtime when launched as one of several processes.
+
+    ``auto``: on when a coordinator is configured (JAX_COORDINATOR_ADDRESS), under SLURM with more than one
+    task, or on a multi-host TPU slice; ``on``/``off`` force it. ``jax.distributed.initialize()`` reads the
+    rest (process id, count, coordinator) from the environment on TPU and SLURM.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--multihost must be auto, on or off, got {mode!r}")
+    env = os.environ
+    want = mode == "on" or (mode == "auto" and (
+        bool(env.get("JAX_COORDINATOR_ADDRESS"))
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1))
+    if not want:
+        return
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                      num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kwargs)
+    logging.info("multi-host: process %d of %d, %d devices in all", jax.process_index(),
+                 jax.process_count(), jax.device_count())
+
+
+def check_workdir(workdir: str) -> str:
+    """Absolute workdir, created if needed; one clear error when it cannot be written."""
+    if not workdir:
+        raise ValueError("--workdir is required")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"workdir {workdir} is not writable: {e.strerror}") from None
+    return workdir
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def resolve_dataset(data_cfg: Any, workdir: str) -> tuple[str, str]:
+    """(data_dir, dataset name); the built-in photos are prepared on first use (process 0, others wait)."""
+    data_dir = os.path.expanduser(data_cfg.data_dir) if data_cfg.data_dir else os.path.join(workdir, "data")
+    name = data_cfg.name
+    if name == BUILTIN:
+        kwargs = dict(crop_size=int(data_cfg.image_size),
+                      crops_per_photo=int(data_cfg.get("builtin_crops_per_photo", 64)))
+        if jax.process_index() == 0:
+            datasets.prepare_builtin_photos(data_dir, **kwargs)
+        _barrier("prepare_builtin_photos")
+        name = datasets.builtin_photos_name(**kwargs)
+    return data_dir, name
+
+
+def image_loaders(config: Any, workdir: str) -> tuple[data_lib.Loader, Callable[[], data_lib.Loader], str, str]:
+    """(infinite train loader, eval loader factory, data_dir, name) of an image dataset."""
+    d = config.data
+    data_dir, name = resolve_dataset(d, workdir)
+    train = data_lib.make_loader(data_dir, name, "train", int(d.global_batch_size), train=True,
+                                 image_size=int(d.image_size), seed=int(config.seed),
+                                 worker_count=int(d.worker_count))
+
+    def eval_loader() -> data_lib.Loader:
+        return data_lib.make_loader(data_dir, name, d.get("eval_split", "validation"), int(d.eval_batch_size),
+                                    train=False, image_size=int(d.image_size), seed=int(config.seed),
+                                    num_epochs=1)
+    return train, eval_loader, data_dir, name
+
+
+def cap_eval_steps(config: Any) -> None:
+    """``eval_steps`` from ``data.eval_examples`` when it is left at 0."""
+    if not int(config.get("eval_steps", 0) or 0) and int(config.data.get("eval_examples", 0) or 0):
+        config.eval_steps = math.ceil(int(config.data.eval_examples) / int(config.data.eval_batch_size))
+
+
+# Errors a user can cause (paths, configs, checkpoints, arguments): one line, no traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, PermissionError, NotADirectoryError)
+
+
+def user_error_line(e: BaseException) -> str:
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return f"error: {msg.splitlines()[0] if msg else type(e).__name__}" + (
+        "" if len(msg.splitlines()) <= 1 else "\n" + "\n".join(msg.splitlines()[1:]))
+
+
+def run_main(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+    """Wrap an absl main: user errors print as ``error: ...`` and exit 1 (TAMING_JAX_TRACEBACK=1 re-raises)."""
+    import sys
+
+    from common_jax.checkpoint import CheckpointError
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except USER_ERRORS + (CheckpointError,) as e:
+            if os.environ.get("TAMING_JAX_TRACEBACK"):
+                raise
+            print(user_error_line(e), file=sys.stderr, flush=True)
+            sys.exit(1)
+    return wrapped

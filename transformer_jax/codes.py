@@ -1,0 +1,63 @@
+"""Pre-encoding a dataset to codes once, so stage-two training reads integers instead of images."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+
+from common_jax import data as data_lib
+from common_jax import datasets
+from common_jax.metrics import progress_iter
+
+
+def codes_dataset_name(image_dataset: str, image_size: int, stage_one_id: str) -> str:
+    """A name unique to (images, size, stage-one model), so a changed model never reuses stale codes."""
+    h = hashlib.sha1(f"{image_dataset}|{image_size}|{stage_one_id}".encode()).hexdigest()[:12]
+    return f"codes_{h}"
+
+
+def params_fingerprint(variables: Any) -> str:
+    """Cheap identity of a set of weights: shapes plus a few summary statistics of every leaf."""
+    h = hashlib.sha1()
+    for leaf in jax.tree.leaves(variables):
+        a = np.asarray(leaf, np.float64)
+        h.update(json.dumps([list(a.shape), float(a.sum()), float(np.abs(a).sum())]).encode())
+    return h.hexdigest()
+
+
+def encode_examples(loader: data_lib.Loader, encode: Callable[[np.ndarray], Any]) -> Iterator[dict]:
+    """Examples ``{'codes', 'label'}`` of a finite (eval-mode, masked) image loader."""
+    for batch in progress_iter(loader, total=len(loader), desc="encode"):
+        codes = np.asarray(encode(batch["image"]), np.int32)
+        mask = batch.get("mask", np.ones(len(codes), bool))
+        for i in np.flatnonzero(mask):
+            yield {"codes": codes[i], "label": np.int32(batch["label"][i])}
+
+
+def prepare_codes(data_dir: str, image_dataset: str, image_size: int, encode: Callable[[np.ndarray], Any],
+                  stage_one_id: str, batch_size: int, splits=("train", "validation")) -> str:
+    """Encode each split once (every process its share, one shard each); returns the codes dataset name.
+
+    Training from codes fixes one (center) crop per image, where on-the-fly encoding sees a new random
+    crop every epoch: the usual trade of pre-encoding for speed.
+    """
+    name = codes_dataset_name(image_dataset, image_size, stage_one_id)
+    n, i = jax.process_count(), jax.process_index()
+    for split in splits:
+        meta = os.path.join(data_dir, name, f"{split}-{i:05d}-of-{n:05d}.json")
+        if os.path.isfile(meta):
+            continue
+        loader = data_lib.make_loader(data_dir, image_dataset, split, batch_size * n, train=False,
+                                      image_size=image_size, seed=0, num_epochs=1)
+        logging.info("pre-encoding %s/%s to %s", image_dataset, split, name)
+        datasets.write_codes_dataset(data_dir, name, split, encode_examples(loader, encode),
+                                     shard_index=i, shard_count=n, overwrite=True)
+    if n > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("prepare_codes")
+    return name

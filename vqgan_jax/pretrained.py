@@ -1,0 +1,30 @@
+"""A frozen stage-one model for encoding/decoding: from this project's workdir or an official checkpoint."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+
+from common_jax.pretrained import load_workdir
+from vqgan_jax import convert
+from vqgan_jax.model import VQGAN
+from vqgan_jax.train import model_from_config
+
+
+def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", use_ema: bool = True
+               ) -> tuple[VQGAN, dict, ml_collections.ConfigDict]:
+    """(model, variables, model config) from a stage-one workdir, or from a taming ``.ckpt`` + ``.yaml``.
+
+    With ``use_ema`` the generator EMA weights are used when the run kept them.
+    """
+    if workdir:
+        config, state, _ = load_workdir(workdir)
+        params = state.get("ema_params") if use_ema and state.get("ema_params") else state["params"]
+        return model_from_config(config), {"params": jax.tree.map(jax.numpy.asarray, params)}, config.model
+    if taming_ckpt and taming_yaml:
+        model, variables = convert.load_taming_checkpoint(taming_ckpt, taming_yaml)
+        cfg = convert.config_from_taming(convert.read_yaml(taming_yaml))
+        return model, variables, cfg.model
+    raise ValueError("a stage-one model is needed: set first_stage.workdir (a stage-one workdir of this "
+                     "project) or first_stage.taming_ckpt and first_stage.taming_yaml (an official checkpoint)")
