@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
+import logging as pylogging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -134,6 +136,13 @@ def accumulate_gradients(loss_and_grad_fn: Callable[..., tuple[tuple[jax.Array, 
 
 
 # ----------------------------------------------------------------------------------------- preemption
+class _QuietOrbax(pylogging.Filter):
+    """Drops orbax's INFO chatter (several lines per save) so the loop's own lines stay readable."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
 class _PreemptionFlag:
     """SIGTERM sets a flag that the loop checks once per step (single-process runs).
 
@@ -204,13 +213,14 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
         writer: Any = None, tensorboard: bool = True,
         compat_prefixes: Sequence[str] = ("model",),
         mesh: jax.sharding.Mesh | None = None,
-        stop_after: int | None = None) -> RunResult:
+        stop_after: int | None = None, quiet_orbax: bool = True) -> RunResult:
     """Train ``task`` until ``config.total_steps`` (resuming from ``workdir`` if it holds a checkpoint).
 
     ``writer``: a clu-style metric writer (default: TensorBoard + logging on process 0, or logging only
     with ``tensorboard=False``). ``compat_prefixes``: config keys that must match the checkpoint's
     config to resume. ``stop_after``: return after this many steps in this call (tests, debugging),
-    saving a checkpoint there. Returns the final state (on the mesh) and the last metrics.
+    saving a checkpoint there. ``quiet_orbax``: hide orbax's INFO logs during the run.
+    Returns the final state (on the mesh) and the last metrics.
     """
     total = get(config, "total_steps")
     if total is None:
@@ -240,6 +250,9 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
     repl = replicated(mesh)
     batch_shard = batch_sharding(mesh, 1)  # prefix: leading dim split over (data, fsdp), rest replicated
 
+    quiet = _QuietOrbax() if quiet_orbax else None
+    if quiet is not None:
+        pylogging.getLogger("absl").addFilter(quiet)
     manager = ckpt.make_manager(workdir, keep=keep, every=ckpt_every, async_save=async_save)
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
@@ -318,6 +331,7 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
 
             averager = mlib.MetricAverager()
             progress = mlib.Progress(total, start=start)
+            t_start = time.monotonic()
             train_metrics: dict = {}
             eval_metrics: dict = {}
             step = start
@@ -338,6 +352,12 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                     state, step_metrics = train_step(state, batch, base_key)
                     step += 1
                     averager.add(step_metrics)
+                    if step == start + 1:
+                        # Time the compile once, and keep it out of the steps/s and ETA.
+                        jax.block_until_ready(step_metrics)
+                        logging.info("first step (incl. compilation) took %.1f s",
+                                     time.monotonic() - t_start)
+                        progress = mlib.Progress(total, start=step)
 
                     if step % log_every == 0 or step == end:
                         train_metrics = averager.result()
@@ -371,3 +391,5 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
         manager.close()
         if own_writer:
             writer.close()
+        if quiet is not None:
+            pylogging.getLogger("absl").removeFilter(quiet)

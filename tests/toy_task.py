@@ -95,8 +95,12 @@ def make_batch(seed: int, index: int, batch_size: int) -> dict:
 class ToyLoader:
     """Infinite, deterministic: batch i depends only on (seed, i); state is {'index': i}."""
 
-    def __init__(self, batch_size: int, seed: int = 0, sleep: float = 0.0):
+    def __init__(self, batch_size: int, seed: int = 0, sleep: float = 0.0,
+                 process_index: int = 0, process_count: int = 1):
         self.batch_size, self.seed, self.sleep, self.index = batch_size, seed, sleep, 0
+        # Host-local slice of the global batch, as a per-process data loader yields.
+        per = batch_size // process_count
+        self._slice = slice(process_index * per, (process_index + 1) * per)
 
     def __iter__(self):
         return self
@@ -106,7 +110,7 @@ class ToyLoader:
             time.sleep(self.sleep)
         batch = make_batch(self.seed, self.index, self.batch_size)
         self.index += 1
-        return batch
+        return {k: v[self._slice] for k, v in batch.items()}
 
     def get_state(self) -> dict:
         return {"index": self.index, "seed": self.seed}
