@@ -286,7 +286,12 @@ def init_variables(model: GPT, rng: jax.Array, length: int = 1) -> Any:
     return model.init(rng, jnp.zeros((1, length), jnp.int32))
 
 
+def abstract_variables(model: GPT) -> Any:
+    """Boxed ShapeDtypeStructs of the variables (nothing materialised); feed to
+    ``common_jax.mesh.logical_to_sharding`` to get the NamedShardings of a mesh."""
+    return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+
+
 def logical_partition_specs(model: GPT) -> Any:
-    """Tree of logical PartitionSpecs for ``model``'s variables (no parameters are materialised)."""
-    abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    return nn.get_partition_spec(abstract)
+    """Tree of logical PartitionSpecs (axis names, not mesh axes) of ``model``'s variables."""
+    return nn.get_partition_spec(abstract_variables(model))

@@ -1,0 +1,226 @@
+"""GPT (minGPT-compatible): golden logits, converter round trip and errors, KV cache, dtype, remat,
+logical axis names and sharded forward."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from common_jax.mesh import LOGICAL_AXIS_RULES, logical_to_sharding, make_mesh
+from seeded_weights import golden, suggested_atol
+from transformer_jax.convert import from_mingpt, to_mingpt
+from transformer_jax.gpt import GPT, abstract_variables, init_cache, logical_partition_specs
+
+
+@pytest.fixture(scope="module")
+def gold():
+    sd, manifest, data = golden("gpt_small")
+    cfg = manifest["config"]["GPT"]
+    model, variables = from_mingpt(sd, cfg["vocab_size"], cfg["block_size"], cfg["n_layer"],
+                                   cfg["n_head"], cfg["n_embd"])
+    return sd, manifest, data, model, variables
+
+
+@pytest.fixture(scope="module")
+def forward(gold):
+    model = gold[3]
+    return jax.jit(lambda v, idx: model.apply(v, idx))
+
+
+def test_golden_logits(gold, forward):
+    _, manifest, data, _, variables = gold
+    idx = jnp.asarray(data["input/idx"], jnp.int32)
+    np.testing.assert_allclose(np.asarray(forward(variables, idx)), data["output/logits"],
+                               rtol=0, atol=suggested_atol(manifest, "logits"))
+    np.testing.assert_allclose(np.asarray(forward(variables, idx[:, :40])), data["output/logits_prefix40"],
+                               rtol=0, atol=suggested_atol(manifest, "logits_prefix40"))
+
+
+def test_round_trip_exact(gold):
+    sd, _, _, _, variables = gold
+    back = to_mingpt(variables)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert back[k].shape == sd[k].shape, k
+        np.testing.assert_array_equal(back[k], sd[k], err_msg=k)  # masks included (tril buffers)
+
+
+def test_converter_bad_keys_listed(gold):
+    sd = dict(gold[0])
+    del sd["blocks.1.attn.query.bias"]
+    sd["blocks.0.attn.extra.weight"] = np.zeros(3, np.float32)
+    sd["head.weight"] = np.zeros((10, 64), np.float32)
+    with pytest.raises(ValueError) as e:
+        from_mingpt(sd, 138, 65, 2, 4, 64)
+    msg = str(e.value)
+    assert "missing key 'blocks.1.attn.query.bias'" in msg
+    assert "unexpected key 'blocks.0.attn.extra.weight'" in msg
+    assert "shape mismatch for 'head.weight': expected (138, 64), found (10, 64)" in msg
+
+
+def test_converter_wrong_config_and_prefix(gold):
+    sd = gold[0]
+    with pytest.raises(ValueError, match="missing key 'blocks.2.ln1.weight'"):
+        from_mingpt(sd, 138, 65, 3, 4, 64)
+    with pytest.raises(ValueError, match="divisible"):
+        from_mingpt(sd, 138, 65, 2, 5, 64)
+    prefixed = {"transformer." + k: v for k, v in sd.items()}
+    prefixed["first_stage_model.foo"] = np.zeros(1)
+    _, v = from_mingpt(prefixed, 138, 65, 2, 4, 64, prefix="transformer.")
+    np.testing.assert_array_equal(v["params"]["head"]["kernel"], sd["head.weight"].T)
+    with pytest.raises(ValueError, match="do not look like GPT params"):
+        to_mingpt({"params": {"foo": np.zeros(1)}})
+
+
+def _ref_forward(sd, idx, n_head, n_unmasked=0):
+    """Plain numpy float64 minGPT forward (taming's formulas, mask with the unmasked prefix)."""
+    sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    t = idx.shape[1]
+    x = sd["tok_emb.weight"][idx] + sd["pos_emb"][:, :t]
+    mask = np.tril(np.ones((t, t)))
+    mask[:n_unmasked, :n_unmasked] = 1
+
+    def ln(x, p):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * sd[p + ".weight"] + sd[p + ".bias"]
+
+    def lin(x, p):
+        return x @ sd[p + ".weight"].T + sd[p + ".bias"]
+
+    i = 0
+    while f"blocks.{i}.ln1.weight" in sd:
+        b = f"blocks.{i}."
+        h = ln(x, b + "ln1")
+        bsz, _, c = h.shape
+        split = lambda y: y.reshape(bsz, t, n_head, c // n_head).transpose(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(lin(h, b + "attn.query")), split(lin(h, b + "attn.key")), split(lin(h, b + "attn.value"))
+        att = q @ k.transpose(0, 1, 3, 2) / math.sqrt(c // n_head)
+        att = np.where(mask == 0, -np.inf, att)
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        y = (att @ v).transpose(0, 2, 1, 3).reshape(bsz, t, c)
+        x = x + lin(y, b + "attn.proj")
+        h = lin(ln(x, b + "ln2"), b + "mlp.0")
+        h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
+        x = x + lin(h, b + "mlp.2")
+        i += 1
+    return ln(x, "ln_f") @ sd["head.weight"].T
+
+
+def test_numpy_reference_and_n_unmasked(gold):
+    sd, _, data, _, _ = gold
+    idx = np.asarray(data["input/idx"])[:, :20]
+    for n_unmasked in (0, 6):
+        model, v = from_mingpt(sd, 138, 65, 2, 4, 64, n_unmasked=n_unmasked)
+        out = np.asarray(jax.jit(model.apply)(v, jnp.asarray(idx, jnp.int32)))
+        np.testing.assert_allclose(out, _ref_forward(sd, idx, 4, n_unmasked), rtol=0, atol=2e-5)
+        # KV cache: the unmasked block in the prefill, then single tokens.
+        cache = init_cache(model, 3, 20)
+        lg, cache = jax.jit(lambda v, x, c: model.apply(v, x, c, 0, method=GPT.decode))(
+            v, jnp.asarray(idx[:, :8], jnp.int32), cache)
+        np.testing.assert_allclose(np.asarray(lg), out[:, :8], rtol=0, atol=1e-5)
+    # n_unmasked really lets prefix positions see later prefix tokens (and nothing else does).
+    changed = idx.copy()
+    changed[:, 4] = (changed[:, 4] + 1) % 138
+    ref_a, ref_b = _ref_forward(sd, idx, 4, 6), _ref_forward(sd, changed, 4, 6)
+    assert np.abs(ref_a[:, 2] - ref_b[:, 2]).max() > 1e-3
+
+
+def test_kv_cache_matches_full_forward(gold, forward):
+    _, _, data, model, variables = gold
+    idx = jnp.asarray(data["input/idx"], jnp.int32)
+    full = np.asarray(forward(variables, idx))
+    step = jax.jit(lambda v, tok, cache, pos: model.apply(v, tok, cache, pos, method=GPT.decode))
+    cache = init_cache(model, 3)
+    lg, cache = step(variables, idx[:, :10], cache, 0)      # prefill
+    np.testing.assert_allclose(np.asarray(lg), full[:, :10], rtol=0, atol=1e-5)
+    for t in range(10, 60):
+        lg, cache = step(variables, idx[:, t:t + 1], cache, t)
+        np.testing.assert_allclose(np.asarray(lg[:, 0]), full[:, t], rtol=0, atol=1e-5, err_msg=f"step {t}")
+    lg, cache = jax.jit(lambda v, tok, c: model.apply(v, tok, c, 60, method=GPT.decode))(
+        variables, idx[:, 60:65], cache)                    # a later multi-token chunk
+    np.testing.assert_allclose(np.asarray(lg), full[:, 60:65], rtol=0, atol=1e-5)
+    assert cache[0][0].shape == (3, 4, 65, 16)              # (batch, heads, time, head_dim)
+
+
+def test_length_and_cache_errors(gold):
+    model, variables = gold[3], gold[4]
+    with pytest.raises(ValueError, match="exceeds block_size 65"):
+        model.apply(variables, jnp.zeros((1, 66), jnp.int32))
+    with pytest.raises(ValueError, match="cache has 1 layers, model has 2"):
+        model.apply(variables, jnp.zeros((1, 1), jnp.int32), init_cache(model, 1)[:1], 0, method=GPT.decode)
+    with pytest.raises(ValueError, match="length must be in"):
+        init_cache(model, 1, 66)
+    with pytest.raises(ValueError, match="idx must be"):
+        model.apply(variables, jnp.zeros((5,), jnp.int32))
+
+
+def test_bf16_compute_keeps_f32_params(gold, forward):
+    sd, _, data, _, variables = gold
+    model = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, dtype=jnp.bfloat16)
+    params = nn.meta.unbox(abstract_variables(model))["params"]
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    idx = jnp.asarray(data["input/idx"], jnp.int32)
+    out = jax.jit(model.apply)(variables, idx)
+    ref = np.asarray(forward(variables, idx))
+    assert out.dtype == jnp.float32
+    err = np.abs(np.asarray(out) - ref).max()
+    assert 0 < err < 0.03 * np.abs(ref).max()  # bf16 rounding is visible but small
+
+
+def test_remat_same_values_and_grads(gold):
+    _, _, data, model, variables = gold
+    remat = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, remat=True)
+    idx = jnp.asarray(data["input/idx"], jnp.int32)[:, :32]
+
+    def loss(m, p):
+        return jnp.mean(jax.nn.log_softmax(m.apply({"params": p}, idx))[..., 0])
+
+    l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(variables["params"])
+    l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(variables["params"])
+    np.testing.assert_allclose(l0, l1, rtol=0, atol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), g0, g1)
+
+
+def test_dropout_training_mode(gold):
+    _, _, data, _, variables = gold
+    model = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64,
+                embd_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1, remat=True)
+    idx = jnp.asarray(data["input/idx"], jnp.int32)[:, :16]
+    run = jax.jit(lambda v, key: model.apply(v, idx, deterministic=False, rngs={"dropout": key}))
+    a, b, c = (np.asarray(run(variables, jax.random.key(k))) for k in (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+    assert np.abs(a - np.asarray(jax.jit(model.apply)(variables, idx))).max() > 1e-3
+
+
+def test_every_param_has_logical_names():
+    model = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64)
+    specs = logical_partition_specs(model)["params"]
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
+    known = {name for name, _ in LOGICAL_AXIS_RULES}
+    flat_specs = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    flat_shapes = dict(jax.tree_util.tree_leaves_with_path(shapes["params"]))
+    assert len(flat_specs) == len(flat_shapes) == 2 + 2 * 16 + 3
+    for path, spec in flat_specs:
+        assert len(spec) == len(flat_shapes[path].shape), path
+        assert all(n in known for n in spec), (path, spec)
+    assert specs["blocks_0"]["attn"]["query"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads", "kv")
+    assert specs["tok_emb"] == jax.sharding.PartitionSpec("vocab", "embed")
+
+
+def test_sharded_forward_equals_single_device(gold, forward):
+    _, _, data, model, variables = gold
+    assert jax.device_count() == 8
+    mesh = make_mesh(data=4, fsdp=1, model=2)
+    shardings = logical_to_sharding(abstract_variables(model), mesh)
+    sharded = jax.device_put(variables, shardings)
+    assert sharded["params"]["blocks_0"]["attn"]["query"]["kernel"].sharding.spec[1] == "model"
+    idx = np.concatenate([data["input/idx"]] * 4, 0)[:8].astype(np.int32)
+    idx_sharded = jax.device_put(idx, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+    out = jax.jit(lambda v, x: model.apply(v, x))(sharded, idx_sharded)
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), np.asarray(forward(variables, jnp.asarray(idx))), rtol=0, atol=1e-5)
