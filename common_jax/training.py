@@ -253,8 +253,9 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
     quiet = _QuietOrbax() if quiet_orbax else None
     if quiet is not None:
         pylogging.getLogger("absl").addFilter(quiet)
-    manager = ckpt.make_manager(workdir, keep=keep, every=ckpt_every, async_save=async_save)
+    manager = None
     try:
+        manager = ckpt.make_manager(workdir, keep=keep, every=ckpt_every, async_save=async_save)
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             abstract = jax.eval_shape(task.init_state, init_key)
             shardings = state_shardings(task, abstract, mesh)
@@ -266,7 +267,11 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                 check_config_compatible(meta.get("config", {}), config, compat_prefixes, source=where)
                 state, meta, data_item = ckpt.restore(manager, start, abstract, shardings)
                 if hasattr(train_loader, "set_state") and data_item:
-                    train_loader.set_state(ckpt.local_process_state(data_item, where))
+                    local = ckpt.local_process_state(data_item, where)
+                    if local is None:
+                        logging.warning("%s holds no data-iterator state; the data stream restarts", where)
+                    else:
+                        train_loader.set_state(local)
                 logging.info("resumed from step %d of %s", start, manager.directory)
             else:
                 state = jax.jit(task.init_state, out_shardings=shardings)(init_key)
@@ -339,6 +344,8 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
             end = total if stop_after is None else min(total, start + int(stop_after))
             batch = None
 
+            if start >= end:
+                logging.info("nothing to do: step %d >= total_steps %d", start, end)
             with _PreemptionFlag() as flag:
                 while step < end:
                     try:
@@ -360,6 +367,9 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                         progress = mlib.Progress(total, start=step)
 
                     if step % log_every == 0 or step == end:
+                        if int(state.step) != step:  # a task that forgets step+1 would repeat rngs
+                            raise ValueError(f"task.train_step must increment state.step: after {step} "
+                                             f"steps it is {int(state.step)}")
                         train_metrics = averager.result()
                         averager.reset()
                         rate = progress.update(step)
@@ -387,8 +397,9 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
             return RunResult(state=state, step=step, train_metrics=train_metrics,
                              eval_metrics=eval_metrics, preempted=preempted)
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
         if own_writer:
             writer.close()
         if quiet is not None:

@@ -146,6 +146,13 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="no PartitionSpec for .*input_mean"):
         run(toy_task.toy_config(2), tmp_path / "d", NoSpecs(), toy_task.ToyLoader(16), tensorboard=False)
 
+    class Frozen(toy_task.ToyTask):
+        def train_step(self, state, batch, rng):
+            new, metrics = super().train_step(state, batch, rng)
+            return new.replace(step=state.step), metrics
+    with pytest.raises(ValueError, match="must increment state.step: after 2 steps it is 0"):
+        run(toy_task.toy_config(2), tmp_path / "e", Frozen(), toy_task.ToyLoader(16), tensorboard=False)
+
 
 # ------------------------------------------------------------------------------------------ metrics.py
 def test_image_grid_and_png(tmp_path):
