@@ -83,16 +83,23 @@ def interrupted_runs(tmp_path_factory):
     return kill_dir, pk.returncode, term_dir, term_rc, term_log
 
 
-def test_sigkill_then_resume_is_bit_identical(interrupted_runs, reference):
+def test_sigkill_then_resume_is_bit_identical(interrupted_runs, request):
     kill_dir, kill_rc, *_ = interrupted_runs
     assert kill_rc == -signal.SIGKILL
     assert not os.path.exists(os.path.join(kill_dir, "done.json"))  # it really died mid-run
     steps_left = sorted(int(s) for s in os.listdir(os.path.join(kill_dir, "checkpoints")) if s.isdigit())
     assert steps_left and max(steps_left) < TOTAL
-    out = subprocess.run([sys.executable, MAIN, str(kill_dir), str(TOTAL), "--every", "3"],
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resumed from step {max(steps_left)} " in out.stderr
+    resume = subprocess.Popen([sys.executable, MAIN, str(kill_dir), str(TOTAL), "--every", "3"],
+                              stdout=subprocess.DEVNULL, stderr=open(str(kill_dir) + ".resume.log", "w"))
+    try:
+        reference = request.getfixturevalue("reference")  # computed while the new process starts up
+        rc = resume.wait(180)
+    finally:
+        if resume.poll() is None:
+            resume.kill()
+    log = open(str(kill_dir) + ".resume.log").read()
+    assert rc == 0, log[-3000:]
+    assert f"resumed from step {max(steps_left)} " in log
     assert json.load(open(os.path.join(kill_dir, "done.json")))["step"] == TOTAL
     _assert_bit_identical(dict(np.load(os.path.join(kill_dir, "final_state.npz"))), reference)
 
