@@ -1,0 +1,165 @@
+"""Sampling: logit filters on constructed distributions, KV-cached sampling vs plain full-model loops,
+determinism, classifier-free guidance, compile caching and argument errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seeded_weights import golden
+from transformer_jax.convert import from_mingpt
+from transformer_jax.sampling import _sampler, choose_tokens, filter_logits, sample
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    sd, manifest, data = golden("gpt_small")
+    model, variables = from_mingpt(sd, 138, 65, 2, 4, 64)
+    prefix = jnp.asarray(data["input/idx"][:, :5], jnp.int32)
+    return model, variables, prefix
+
+
+@pytest.fixture(scope="module")
+def forward(gpt):
+    model = gpt[0]
+    return jax.jit(lambda v, idx: model.apply(v, idx))
+
+
+def _kept(x):
+    return set(np.flatnonzero(np.isfinite(np.asarray(x))))
+
+
+def test_top_k_exact_and_ties():
+    logits = jnp.array([[0.5, 2.0, 1.0, 2.0, -1.0, 2.0]])
+    assert _kept(filter_logits(logits, top_k=2)[0]) == {1, 3}      # tie at the boundary: lower ids
+    assert _kept(filter_logits(logits, top_k=4)[0]) == {1, 2, 3, 5}
+    assert _kept(filter_logits(logits, top_k=100)[0]) == set(range(6))
+    out = np.asarray(filter_logits(logits, top_k=3, temperature=0.5)[0])
+    np.testing.assert_allclose(out[[1, 3, 5]], [4.0, 4.0, 4.0])   # temperature divides the logits
+
+
+def _smallest_set(p, top_p):
+    order = np.argsort(-p, kind="stable")
+    n = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)
+    return set(order[:min(n, len(p))])
+
+
+def test_top_p_smallest_set_random_distributions():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(200):
+        logits = rng.normal(0, 2, 40)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        top_p = rng.uniform(0.05, 0.99)
+        if np.min(np.abs(np.cumsum(np.sort(p)[::-1]) - top_p)) < 1e-5:
+            continue  # too close to a boundary for float32
+        assert _kept(filter_logits(jnp.asarray(logits, jnp.float32), top_p=top_p)) == _smallest_set(p, top_p)
+        checked += 1
+    assert checked > 150
+
+
+def test_top_p_constructed_cases():
+    logits = jnp.log(jnp.array([0.1, 0.5, 0.3, 0.05, 0.05]))
+    assert _kept(filter_logits(logits, top_p=0.45)) == {1}          # 0.5 already reaches 0.45
+    assert _kept(filter_logits(logits, top_p=0.7)) == {1, 2}        # 0.5 < 0.7 <= 0.8
+    assert _kept(filter_logits(logits, top_p=0.85)) == {0, 1, 2}
+    assert _kept(filter_logits(logits, top_p=1e-6)) == {1}          # always at least one token
+    assert _kept(filter_logits(logits, top_p=1.0)) == set(range(5))
+    ties = jnp.log(jnp.array([0.1, 0.3, 0.3, 0.3]))
+    assert _kept(filter_logits(ties, top_p=0.5)) == {1, 2}          # ties resolved by token id
+    # top-p applies to the top-k survivors, renormalised: {0.5, 0.3} -> {0.625, 0.375}
+    assert _kept(filter_logits(logits, top_k=2, top_p=0.6)) == {1}
+    assert _kept(filter_logits(logits, top_k=2, top_p=0.65)) == {1, 2}
+
+
+def test_choose_tokens_distribution():
+    logits = jnp.log(jnp.array([0.1, 0.5, 0.3, 0.05, 0.05]))
+    keys = jax.random.split(jax.random.key(0), 20000)
+    draws = np.asarray(jax.vmap(lambda k: choose_tokens(logits[None], k, top_k=3, top_p=None)[0])(keys))
+    freq = np.bincount(draws, minlength=5) / len(draws)
+    np.testing.assert_allclose(freq, [1 / 9, 5 / 9, 3 / 9, 0, 0], atol=0.015)
+    assert np.asarray(choose_tokens(jnp.array([[1.0, 3.0, 3.0]]), keys[0], top_k=1))[0] == 1
+
+
+def test_filter_option_errors():
+    x = jnp.zeros((1, 4))
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        filter_logits(x, top_k=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        filter_logits(x, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        filter_logits(x, temperature=0.0)
+
+
+def _greedy_loop(forward, variables, prefix, steps, uncond=None, scale=1.0):
+    """Plain greedy decoding with the full model. Sequences are zero-padded to one fixed length so the
+    forward compiles once; causality makes the padding irrelevant to the logits read at t."""
+    b, p = prefix.shape
+    pad = lambda z: np.concatenate([np.asarray(z), np.zeros((b, steps), np.int32)], 1)  # noqa: E731
+    x = pad(prefix)
+    u = None if uncond is None else pad(uncond)
+    for t in range(p, p + steps):
+        lg = np.asarray(forward(variables, jnp.asarray(x)))[:, t - 1]
+        if u is not None:
+            lu = np.asarray(forward(variables, jnp.asarray(u)))[:, t - 1]
+            lg = lu + scale * (lg - lu)
+        x[:, t] = np.argmax(lg, -1)
+        if u is not None:
+            u[:, t] = x[:, t]
+    return x[:, p:]
+
+
+def test_greedy_equals_full_model_loop(gpt, forward):
+    model, variables, prefix = gpt
+    out = sample(model, variables, prefix, 40, jax.random.key(0), top_k=1)
+    assert out.shape == (3, 40) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out), _greedy_loop(forward, variables, prefix, 40))
+
+
+def test_guided_greedy_equals_full_model_loop(gpt, forward):
+    model, variables, prefix = gpt
+    uncond = jnp.full_like(prefix, 7)
+    out = sample(model, variables, prefix, 12, jax.random.key(0), top_k=1, guidance_scale=3.0,
+                 uncond_prefix=uncond)
+    np.testing.assert_array_equal(np.asarray(out), _greedy_loop(forward, variables, prefix, 12, uncond, 3.0))
+
+
+def test_determinism_keys_and_guidance_scale_one(gpt):
+    model, variables, prefix = gpt
+    a = np.asarray(sample(model, variables, prefix, 30, jax.random.key(1), top_k=40, top_p=0.95))
+    b = np.asarray(sample(model, variables, prefix, 30, jax.random.key(1), top_k=40, top_p=0.95))
+    c = np.asarray(sample(model, variables, prefix, 30, jax.random.key(2), top_k=40, top_p=0.95))
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).mean() > 0.5
+    assert len(np.unique(a)) > 10                    # really sampling, not collapsing to one token
+    g = sample(model, variables, prefix, 30, jax.random.key(1), top_k=40, top_p=0.95,
+               guidance_scale=1.0, uncond_prefix=jnp.zeros_like(prefix))
+    np.testing.assert_array_equal(np.asarray(g), a)
+
+
+def test_compiled_once_per_static_options(gpt):
+    model, variables, prefix = gpt
+    fn = _sampler(model, 8, 20, False, False)
+    sample(model, variables, prefix, 8, jax.random.key(0), top_k=20, temperature=0.7)
+    n = fn._cache_size()
+    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3)
+    assert _sampler(model, 8, 20, False, False) is fn and fn._cache_size() == n == 1
+
+
+def test_sample_argument_errors(gpt):
+    model, variables, prefix = gpt
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="exceeds the model's block_size 65"):
+        sample(model, variables, prefix, 62, key)
+    with pytest.raises(ValueError, match="token ids must be in \\[0, 138\\)"):
+        sample(model, variables, prefix + 200, 4, key)
+    with pytest.raises(ValueError, match="prefix must be \\(batch, length\\)"):
+        sample(model, variables, prefix[0], 4, key)
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(model, variables, prefix[:, :0], 4, key)
+    with pytest.raises(ValueError, match="needs both guidance_scale and uncond_prefix"):
+        sample(model, variables, prefix, 4, key, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="must equal prefix shape"):
+        sample(model, variables, prefix, 4, key, guidance_scale=2.0, uncond_prefix=prefix[:, :2])
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        sample(model, variables, prefix, 0, key)
