@@ -1,6 +1,6 @@
 """What every entry point does before training: multi-host start-up, dataset preparation, loaders.
 
-Shared by train_vqgan, train_transformer, sample, eval_fid and demo, so the entry points stay thin.
+Shared by the stage train functions and the launch/ entry points, so those stay thin.
 """
 from __future__ import annotations
 

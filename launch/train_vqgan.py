@@ -8,26 +8,12 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from common_jax import training
-from launch import setup_run
+from common_jax import run_setup as setup_run
+from vqgan_jax.train import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/vqgan_tiny.py", "stage-one config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and images go")
 _MULTIHOST = flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"], "start jax.distributed")
-
-
-def train(config, workdir: str) -> training.RunResult:
-    """Build data, LPIPS and the task from ``config`` and run the shared loop in ``workdir``."""
-    from vqgan_jax.train import VQGANTask
-    lpips = None
-    if float(config.loss.perceptual_weight) > 0 and config.lpips_weights:
-        from common_jax.lpips import load_lpips
-        lpips = load_lpips(config.lpips_weights)
-    task = VQGANTask(config, lpips)        # validates the config before any data work
-    train_loader, eval_loader, _, name = setup_run.image_loaders(config, workdir)
-    setup_run.cap_eval_steps(config)
-    logging.info("stage one on %s, global batch %d", name, config.data.global_batch_size)
-    return training.run(config, workdir, task, train_loader, eval_loader)
 
 
 def main(argv):

@@ -15,8 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import struct
 
+from common_jax import data as data_lib
+from common_jax import run_setup, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from transformer_jax import conditioning as cond_lib
 from transformer_jax.gpt import GPT
@@ -183,3 +186,46 @@ def unigram_entropy_bits(codes: np.ndarray, vocab: int) -> float:
     counts = np.bincount(np.asarray(codes).reshape(-1), minlength=vocab).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())
+
+
+def check_first_stage(config, vq_model_cfg) -> None:
+    """The GPT's code grid and vocabulary must fit the stage-one model it trains on."""
+    f = 2 ** (len(vq_model_cfg.ch_mult) - 1)
+    grid = (config.data.image_size // f,) * 2
+    if tuple(config.data.code_grid) != grid:
+        raise ValueError(f"data.code_grid={tuple(config.data.code_grid)} but the stage-one model (f={f}) gives "
+                         f"{grid} codes for data.image_size={config.data.image_size}")
+    if config.gpt.vocab_size < vq_model_cfg.n_embed:
+        raise ValueError(f"gpt.vocab_size={config.gpt.vocab_size} is smaller than the stage-one codebook "
+                         f"(n_embed={vq_model_cfg.n_embed})")
+
+
+def train(config, workdir: str) -> training.RunResult:
+    from transformer_jax import codes as codes_lib
+    from vqgan_jax.pretrained import load_vqgan
+
+    if config.cond.kind == "spatial":
+        raise ValueError("cond.kind='spatial' needs a paired (image, condition) dataset; the launcher "
+                         "supports unconditional and class conditioning (spatial works from Python: "
+                         "TransformerTask with batches holding 'cond_codes')")
+    task = TransformerTask(config)
+    vq, vq_vars, vq_cfg = load_vqgan(**config.first_stage)
+    check_first_stage(config, vq_cfg)
+    encode = make_encoder(vq, vq_vars)
+    d = config.data
+    data_dir, image_name = run_setup.resolve_dataset(d, workdir)
+    run_setup.cap_eval_steps(config)
+    if d.pre_encoded:
+        name = codes_lib.prepare_codes(data_dir, image_name, int(d.image_size), encode,
+                                       codes_lib.params_fingerprint(vq_vars), int(d.eval_batch_size))
+        train_loader = data_lib.make_loader(data_dir, name, "train", int(d.global_batch_size), train=True,
+                                            image_size=None, seed=int(config.seed))
+        eval_loader = lambda: data_lib.make_loader(data_dir, name, "validation", int(d.eval_batch_size),
+                                                   train=False, image_size=None, seed=0, num_epochs=1)
+    else:
+        train_images, eval_images, _, _ = run_setup.image_loaders(config, workdir)
+        train_loader = EncodingLoader(train_images, encode)
+        eval_loader = lambda: EncodingLoader(eval_images(), encode)
+    logging.info("stage two on %s codes (%s), global batch %d", image_name,
+                 "pre-encoded" if d.pre_encoded else "on the fly", d.global_batch_size)
+    return training.run(config, workdir, task, train_loader, eval_loader, compat_prefixes=("gpt", "cond"))

@@ -12,8 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import struct
 
+from common_jax import run_setup, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from vqgan_jax import losses
 from vqgan_jax.model import VQGAN
@@ -233,3 +235,16 @@ def _set_codebook(params: Any, codebook: jax.Array) -> Any:
     q = dict(params["quantize"])
     q["embedding"] = codebook.astype(q["embedding"].dtype)
     return {**params, "quantize": q}
+
+
+def train(config, workdir: str) -> training.RunResult:
+    """Build data, LPIPS and the task from ``config`` and run the shared loop in ``workdir``."""
+    lpips = None
+    if float(config.loss.perceptual_weight) > 0 and config.lpips_weights:
+        from common_jax.lpips import load_lpips
+        lpips = load_lpips(config.lpips_weights)
+    task = VQGANTask(config, lpips)        # validates the config before any data work
+    train_loader, eval_loader, _, name = run_setup.image_loaders(config, workdir)
+    run_setup.cap_eval_steps(config)
+    logging.info("stage one on %s, global batch %d", name, config.data.global_batch_size)
+    return training.run(config, workdir, task, train_loader, eval_loader)

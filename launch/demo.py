@@ -1,0 +1,146 @@
+"""The main job on a laptop CPU: both stages on real photographs, no download.
+
+    python -m launch.demo --workdir=demo_run
+
+1. prepares the built-in dataset (crops of 10 photos shipped with scikit-image / scikit-learn, label = photo),
+2. trains a tiny VQGAN (32 px, f=4, 128 codes), 3. trains a tiny class-conditional GPT on its codes,
+4. samples a grid per class and a sliding-window panorama several times wider than the training crop,
+5. writes PNGs, TensorBoard logs and summary.json to the workdir.
+Rerunning resumes each stage from its checkpoints instead of starting over.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from common_jax import data as data_lib
+from common_jax.metrics import image_grid, save_png
+from configs import transformer_tiny, vqgan_tiny
+from common_jax import run_setup as setup_run
+
+_WORKDIR = flags.DEFINE_string("workdir", "demo_run", "output folder (rerun to resume)")
+_VQ_STEPS = flags.DEFINE_integer("vqgan_steps", 1200, "stage-one steps")
+_GPT_STEPS = flags.DEFINE_integer("gpt_steps", 600, "stage-two steps")
+_PANORAMA = flags.DEFINE_integer("panorama_width", 6, "panorama width in training-crop widths")
+
+
+def demo_configs(workdir: str, vq_steps: int, gpt_steps: int):
+    data_dir = os.path.join(workdir, "data")
+    vq = vqgan_tiny.get_config()
+    vq.data.data_dir = data_dir
+    vq.data.builtin_crops_per_photo = 256
+    vq.total_steps = vq_steps
+    vq.loss.disc_start = vq_steps * 2 // 3          # GAN on for the last third, as taming starts it late
+    vq.eval_every = vq.image_every = vq.checkpoint.every = max(vq_steps // 4, 1)
+    vq.log_every = 50
+    gpt = transformer_tiny.get_config()
+    gpt.data.data_dir = data_dir
+    gpt.data.builtin_crops_per_photo = 256
+    gpt.first_stage.workdir = os.path.join(workdir, "vqgan")
+    gpt.total_steps = gpt_steps
+    gpt.eval_every = gpt.checkpoint.every = max(gpt_steps // 3, 1)
+    gpt.log_every = 50
+    return vq, gpt
+
+
+def vqgan_metrics(vq_workdir: str, vq_config) -> dict:
+    """Held-out PSNR / L1 of reconstructions and the fraction of the codebook the held-out set uses."""
+    from vqgan_jax.pretrained import load_vqgan
+    from vqgan_jax.train import psnr
+    model, variables, _ = load_vqgan(vq_workdir)
+    data_dir, name = setup_run.resolve_dataset(vq_config.data, vq_workdir)
+    loader = data_lib.make_loader(data_dir, name, "validation", 32, train=False,
+                                  image_size=int(vq_config.data.image_size), seed=0, num_epochs=1)
+    fn = jax.jit(lambda v, x: model.apply(v, x))
+    p, l1, used, n = 0.0, 0.0, np.zeros(model.n_embed, bool), 0
+    for batch in loader:
+        m = batch["mask"]
+        xrec, enc = fn(variables, jnp.asarray(batch["image"]))
+        p += float(np.sum(np.asarray(psnr(jnp.asarray(batch["image"]), xrec))[m]))
+        l1 += float(np.sum(np.mean(np.abs(np.asarray(xrec) - batch["image"]), axis=(1, 2, 3))[m]))
+        used[np.asarray(enc.indices)[m].reshape(-1)] = True
+        n += int(m.sum())
+    return {"heldout_psnr_db": p / n, "heldout_l1": l1 / n, "heldout_codebook_usage": float(used.mean()),
+            "heldout_images": n}
+
+
+def gpt_metrics(gpt_workdir: str) -> dict:
+    """Held-out NLL (bits per token) against the unigram entropy of the held-out codes."""
+    from common_jax.pretrained import load_workdir
+    from transformer_jax.codes import codes_dataset_name, params_fingerprint
+    from transformer_jax.train import GPTState, TransformerTask, unigram_entropy_bits
+    from vqgan_jax.pretrained import load_vqgan
+    config, state, _ = load_workdir(gpt_workdir)
+    _, vq_vars, _ = load_vqgan(config.first_stage.workdir)
+    data_dir, image_name = setup_run.resolve_dataset(config.data, gpt_workdir)
+    name = codes_dataset_name(image_name, int(config.data.image_size), params_fingerprint(vq_vars))
+    task = TransformerTask(config)
+    st = GPTState(step=jnp.zeros((), jnp.int32), params=state["params"], opt_state=None)
+    ev = jax.jit(task.eval_step)
+    bits = count = 0.0
+    all_codes = []
+    for batch in data_lib.make_loader(data_dir, name, "validation", 32, train=False, image_size=None, seed=0,
+                                      num_epochs=1):
+        out = ev(st, batch)
+        bits += float(out["nll_bits_per_token"])
+        count += float(out["count"])
+        all_codes.append(batch["codes"][batch["mask"]])
+    entropy = unigram_entropy_bits(np.concatenate(all_codes), config.gpt.vocab_size)
+    return {"heldout_nll_bits_per_token": bits / count, "heldout_unigram_entropy_bits": entropy}
+
+
+def write_samples(workdir: str, gpt_workdir: str, panorama_width: int) -> dict:
+    from transformer_jax.sampler import Sampler
+    sampler = Sampler.from_workdirs(gpt_workdir)
+    per_class, n_classes = 8, sampler.cond.n_classes
+    labels = np.repeat(np.arange(n_classes, dtype=np.int32), per_class)
+    t0 = time.time()
+    images = sampler.sample(jax.random.key(0), len(labels), labels, batch_size=40, top_k=64)
+    t_grid = time.time() - t0
+    save_png(os.path.join(workdir, "samples_per_class.png"), image_grid(images, per_class))
+    h, w = sampler.grid
+    t0 = time.time()
+    pano = sampler.sample_large(jax.random.key(1), (2 * h, panorama_width * w), labels=np.array([0]), top_k=64)
+    t_pano = time.time() - t0
+    save_png(os.path.join(workdir, "panorama.png"), pano[0])
+    return {"samples_per_class_png": "samples_per_class.png", "panorama_png": "panorama.png",
+            "panorama_shape": list(pano.shape[1:3]), "sample_seconds_80_images": round(t_grid, 2),
+            "panorama_seconds": round(t_pano, 2)}
+
+
+def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int) -> dict:
+    from transformer_jax.train import train as train_gpt
+    from vqgan_jax.train import train as train_vq
+    workdir = setup_run.check_workdir(workdir)
+    vq_cfg, gpt_cfg = demo_configs(workdir, vq_steps, gpt_steps)
+    t0 = time.time()
+    logging.info("[1/3] stage one: tiny VQGAN for %d steps", vq_steps)
+    train_vq(vq_cfg, os.path.join(workdir, "vqgan"))
+    summary = {"vqgan": vqgan_metrics(os.path.join(workdir, "vqgan"), vq_cfg)}
+    logging.info("stage one: %s", summary["vqgan"])
+    logging.info("[2/3] stage two: tiny class-conditional GPT for %d steps", gpt_steps)
+    train_gpt(gpt_cfg, os.path.join(workdir, "gpt"))
+    summary["gpt"] = gpt_metrics(os.path.join(workdir, "gpt"))
+    logging.info("stage two: %s", summary["gpt"])
+    logging.info("[3/3] sampling a grid per class and a panorama")
+    summary["samples"] = write_samples(workdir, os.path.join(workdir, "gpt"), panorama_width)
+    summary["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def main(argv):
+    del argv
+    summary = run_demo(_WORKDIR.value, _VQ_STEPS.value, _GPT_STEPS.value, _PANORAMA.value)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(setup_run.run_main(main))

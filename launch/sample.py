@@ -1,0 +1,96 @@
+"""Sample images from a trained stage-two model.
+
+    python -m launch.sample --workdir=runs/gpt --out=runs/gpt/samples --per_class=8
+    python -m launch.sample --workdir=runs/gpt --out=pano --width=1280 --height=464   # sliding window
+
+Writes one PNG grid per class (or one grid for unconditional models) and, with --width/--height larger than
+the training size, high-resolution images made by sliding-window sampling.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from common_jax.metrics import image_grid, save_png
+from common_jax import run_setup as setup_run
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "stage-two workdir (its config names the stage-one model)")
+_FIRST_STAGE = flags.DEFINE_string("first_stage_workdir", "", "override the stage-one workdir")
+_OUT = flags.DEFINE_string("out", None, "output folder for PNGs")
+_PER_CLASS = flags.DEFINE_integer("per_class", 8, "samples per class (or in all, unconditional)")
+_CLASSES = flags.DEFINE_list("classes", [], "class ids to sample (default: all)")
+_WIDTH = flags.DEFINE_integer("width", 0, "pixels; larger than the training size -> sliding window")
+_HEIGHT = flags.DEFINE_integer("height", 0, "pixels; larger than the training size -> sliding window")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0: no top-k filter")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1.0: no nucleus filter")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "softmax temperature")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 0.0, "classifier-free guidance scale (0: off)")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "samples per compiled batch")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+
+
+def sampling_options(top_k: int, top_p: float, temperature: float, guidance: float) -> dict:
+    if top_k < 0 or not 0 < top_p <= 1 or temperature <= 0 or guidance < 0:
+        raise ValueError(f"bad sampling options: top_k={top_k} (>= 0), top_p={top_p} (in (0, 1]), "
+                         f"temperature={temperature} (> 0), guidance_scale={guidance} (>= 0)")
+    return dict(top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p, temperature=temperature,
+                guidance_scale=guidance or None)
+
+
+def write_class_grids(sampler, out: str, per_class: int, classes: list[int], opts: dict, seed: int,
+                      batch_size: int) -> list[str]:
+    rng = jax.random.key(seed)
+    paths = []
+    if sampler.cond.kind == "class":
+        classes = classes or list(range(sampler.cond.n_classes))
+        labels = np.repeat(np.asarray(classes, np.int32), per_class)
+        images = sampler.sample(rng, len(labels), labels, batch_size=batch_size, **opts)
+        for k, c in enumerate(classes):
+            path = os.path.join(out, f"class_{c:04d}.png")
+            save_png(path, image_grid(images[k * per_class:(k + 1) * per_class], min(per_class, 8)))
+            paths.append(path)
+    else:
+        opts = {k: v for k, v in opts.items() if k != "guidance_scale"}
+        images = sampler.sample(rng, per_class, batch_size=batch_size, **opts)
+        path = os.path.join(out, "samples.png")
+        save_png(path, image_grid(images, min(per_class, 8)))
+        paths.append(path)
+    return paths
+
+
+def write_large(sampler, out: str, height: int, width: int, classes: list[int], opts: dict, seed: int
+                ) -> list[str]:
+    f = sampler.vqgan.downsample_factor
+    if height % f or width % f:
+        raise ValueError(f"--height/--width must be multiples of the stage-one factor {f}, got {height}x{width}")
+    opts = {k: v for k, v in opts.items() if k != "guidance_scale"}
+    paths = []
+    for c in (classes or [0]) if sampler.cond.kind == "class" else [None]:
+        labels = None if c is None else np.asarray([c], np.int32)
+        img = sampler.sample_large(jax.random.key(seed), (height // f, width // f), labels=labels, **opts)[0]
+        path = os.path.join(out, f"large_{height}x{width}" + ("" if c is None else f"_class_{c:04d}") + ".png")
+        save_png(path, img)
+        paths.append(path)
+    return paths
+
+
+def main(argv):
+    del argv
+    from transformer_jax.sampler import Sampler
+    opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
+    out = setup_run.check_workdir(_OUT.value)
+    sampler = Sampler.from_workdirs(_WORKDIR.value, _FIRST_STAGE.value)
+    classes = [int(c) for c in _CLASSES.value]
+    if _WIDTH.value or _HEIGHT.value:
+        paths = write_large(sampler, out, _HEIGHT.value, _WIDTH.value, classes, opts, _SEED.value)
+    else:
+        paths = write_class_grids(sampler, out, _PER_CLASS.value, classes, opts, _SEED.value, _BATCH.value)
+    logging.info("wrote %s", ", ".join(paths))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(setup_run.run_main(main))

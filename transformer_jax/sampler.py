@@ -1,0 +1,151 @@
+"""High-level sampling: GPT + frozen VQGAN -> images, in batches, with progress and rejection sampling."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common_jax.metrics import Progress
+from transformer_jax import conditioning as cond_lib
+from transformer_jax.sampling import sample
+from transformer_jax.sliding_window import sample_sliding_window
+
+# (images uint8 NHWC, labels or None) -> probability of accepting each image, in [0, 1]
+Classifier = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
+    return np.asarray(jnp.round((jnp.clip(images, -1, 1) + 1) * 127.5).astype(jnp.uint8))
+
+
+class Sampler:
+    """Draws code grids with the KV-cached sampler (or the sliding window) and decodes them to images."""
+
+    def __init__(self, gpt: Any, gpt_vars: Any, vqgan: Any, vq_vars: Any, cond: Any,
+                 code_grid: tuple[int, int]):
+        self.gpt, self.gpt_vars, self.vqgan, self.vq_vars = gpt, gpt_vars, vqgan, vq_vars
+        self.cond, self.grid = cond, tuple(int(g) for g in code_grid)
+        cond_lib.check_cond_config(cond, gpt.vocab_size)
+        self._decode = jax.jit(lambda v, c: vqgan.apply(v, c, method="decode_code"))
+        self.last_accept_rate: float | None = None
+
+    @classmethod
+    def from_workdirs(cls, transformer_workdir: str, first_stage_workdir: str = "") -> "Sampler":
+        """From a stage-two workdir; the stage-one model is the one its config names unless overridden."""
+        from common_jax.pretrained import load_workdir
+        from transformer_jax.train import gpt_from_config
+        from vqgan_jax.pretrained import load_vqgan
+        config, state, _ = load_workdir(transformer_workdir)
+        fs = dict(config.first_stage)
+        if first_stage_workdir:
+            fs = dict(workdir=first_stage_workdir, taming_ckpt="", taming_yaml="")
+        vq, vq_vars, _ = load_vqgan(**fs)
+        gpt_vars = {"params": jax.tree.map(jnp.asarray, state["params"])}
+        return cls(gpt_from_config(config.gpt), gpt_vars, vq, vq_vars, config.cond, tuple(config.data.code_grid))
+
+    # -- prefixes --------------------------------------------------------------------------------
+    def _prefix(self, n: int, labels: np.ndarray | None, cond_codes: np.ndarray | None) -> jax.Array:
+        kind = self.cond.kind
+        if kind == "class" and labels is None:
+            raise ValueError("this model is class-conditional: pass labels (one per sample)")
+        if kind == "spatial" and cond_codes is None:
+            raise ValueError("this model is spatially conditioned: pass cond_codes (n, h, w)")
+        batch = {}
+        if labels is not None:
+            labels = np.asarray(labels, np.int32).reshape(-1)
+            if len(labels) != n:
+                raise ValueError(f"got {len(labels)} labels for {n} samples")
+            bad = labels[(labels < 0) | (labels >= self.cond.n_classes)]
+            if bad.size:
+                raise ValueError(f"labels must be in [0, {self.cond.n_classes}), got {bad[:5].tolist()}")
+            batch["label"] = labels
+        if cond_codes is not None:
+            batch["cond_codes"] = np.asarray(cond_codes, np.int32).reshape(n, -1)
+        return cond_lib.cond_tokens(self.cond, batch, n)
+
+    # -- codes -----------------------------------------------------------------------------------
+    def sample_codes(self, rng: jax.Array, n: int, labels: np.ndarray | None = None,
+                     cond_codes: np.ndarray | None = None, top_k: int | None = None,
+                     top_p: float | None = None, temperature: float = 1.0,
+                     guidance_scale: float | None = None) -> jax.Array:
+        """(n, h, w) int32 codes of one batch."""
+        prefix = self._prefix(n, labels, cond_codes)
+        uncond = None
+        if guidance_scale is not None:
+            if self.cond.kind == "unconditional":
+                raise ValueError("guidance_scale needs a conditional model")
+            uncond = cond_lib.null_tokens(self.cond, prefix)
+        steps = self.grid[0] * self.grid[1]
+        codes = sample(self.gpt, self.gpt_vars, prefix, steps, rng, top_k=top_k, top_p=top_p,
+                       temperature=temperature, guidance_scale=guidance_scale, uncond_prefix=uncond)
+        return codes.reshape(n, *self.grid)
+
+    def decode(self, codes: jax.Array) -> np.ndarray:
+        return to_uint8(self._decode(self.vq_vars, jnp.asarray(codes, jnp.int32)))
+
+    # -- images ----------------------------------------------------------------------------------
+    def sample(self, rng: jax.Array, n: int, labels: np.ndarray | None = None, *, batch_size: int = 16,
+               classifier: Classifier | None = None, max_batches: int | None = None,
+               progress: bool = True, **sampling_kwargs: Any) -> np.ndarray:
+        """``n`` images (uint8 NHWC) in batches of ``batch_size``; deterministic given ``rng``.
+
+        With ``classifier``, each drawn image is accepted with the probability it returns (rejection
+        sampling, as the paper's classifier-based selection); drawing continues until ``n`` are accepted
+        or ``max_batches`` (default 10x the batches needed) is reached. ``last_accept_rate`` tells the
+        fraction accepted.
+        """
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"n and batch_size must be >= 1, got {n}, {batch_size}")
+        labels = None if labels is None else np.asarray(labels, np.int32).reshape(-1)
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"got {len(labels)} labels for {n} samples")
+        need = -(-n // batch_size)
+        max_batches = max_batches or (need if classifier is None else 10 * need)
+        prog = Progress(need, desc="sample batch") if progress else None
+        result: list[np.ndarray | None] = [None] * n
+        pending = list(range(n))            # wanted samples not filled yet, in order
+        drawn = accepted = b = 0
+        while pending and b < max_batches:
+            idx = np.resize(np.asarray(pending), batch_size)   # pad the last batch by repeating
+            lab = None if labels is None else labels[idx]
+            key = jax.random.fold_in(rng, b)
+            imgs = self.decode(self.sample_codes(key, batch_size, lab, **sampling_kwargs))
+            keep = np.ones(batch_size, bool)
+            if classifier is not None:
+                p = np.asarray(classifier(imgs, lab), np.float64).reshape(-1)
+                u = np.asarray(jax.random.uniform(jax.random.fold_in(key, 1), (batch_size,)))
+                keep = u < p
+                drawn += batch_size
+                accepted += int(keep.sum())
+            for j in np.flatnonzero(keep):
+                if result[idx[j]] is None:
+                    result[idx[j]] = imgs[j]
+                    pending.remove(idx[j])
+            b += 1
+            if prog is not None:
+                prog.update(min(b, need))
+        if classifier is not None:
+            self.last_accept_rate = accepted / max(drawn, 1)
+        if pending:
+            raise RuntimeError(f"rejection sampling filled only {n - len(pending)} of {n} images in {b} "
+                               f"batches (accept rate {self.last_accept_rate:.3f}); raise max_batches")
+        return np.stack(result)
+
+    def sample_large(self, rng: jax.Array, code_shape: tuple[int, int], labels: np.ndarray | None = None,
+                     cond_codes: np.ndarray | None = None, n: int = 1, top_k: int | None = None,
+                     top_p: float | None = None, temperature: float = 1.0) -> np.ndarray:
+        """Images larger than the training window via sliding-window sampling; ``code_shape`` in codes."""
+        h, w = code_shape
+        if self.grid[0] != self.grid[1]:
+            raise ValueError(f"sliding-window sampling needs a square training window, got {self.grid}")
+        if self.cond.kind == "spatial":
+            if cond_codes is None:
+                raise ValueError("this model is spatially conditioned: pass cond_codes (n, h, w)")
+            prefix, cond_grid = None, jnp.asarray(cond_codes, jnp.int32)
+        else:
+            prefix, cond_grid = self._prefix(n, labels, None), None
+        codes = sample_sliding_window(self.gpt, self.gpt_vars, (h, w), self.grid[0], rng, prefix=prefix,
+                                      cond_grid=cond_grid, top_k=top_k, top_p=top_p, temperature=temperature)
+        return self.decode(codes)
