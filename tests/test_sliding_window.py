@@ -1,0 +1,134 @@
+"""Sliding-window sampling: taming's offset rule, equality with ordinary sampling on a window-sized grid,
+per-position logits against a plain crop-and-forward loop (prefix and spatial conditioning), buckets,
+and argument errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.linen import meta
+
+from transformer_jax.gpt import GPT
+from transformer_jax.sampling import sample
+from transformer_jax.sliding_window import row_groups, sample_sliding_window, window_offset
+
+W = 4  # window
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    # block: 1 SOS + 16 cond codes + 15 window inputs
+    model = GPT(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    v = meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    # Larger weights than minGPT's init so the logits are far from uniform and positions matter.
+    v = jax.tree_util.tree_map(lambda x: x * 6.0 if x.ndim >= 2 else x, v)
+    return model, v
+
+
+@pytest.fixture(scope="module")
+def forward(gpt):
+    model = gpt[0]
+    return jax.jit(lambda v, idx: model.apply(v, idx))
+
+
+def _taming_local(i, size):
+    """scripts/sample_conditional.py, written for a 16 x 16 window."""
+    if i <= 8:
+        return i
+    elif size - i < 8:
+        return 16 - (size - i)
+    return 8
+
+
+def test_offset_rule_matches_taming():
+    for size in (16, 17, 23, 40):
+        for i in range(size):
+            assert window_offset(i, size, 16) == _taming_local(i, size), (size, i)
+            assert int(window_offset(jnp.int32(i), size, 16)) == _taming_local(i, size)
+            li = window_offset(i, size, 16)
+            assert 0 <= i - li and i - li + 16 <= size      # the window stays inside the grid
+
+
+def test_row_groups_cover_rows_with_enough_context():
+    for h, buckets in ((4, None), (9, None), (9, 2), (30, 3)):
+        groups = row_groups(h, W, buckets)
+        assert [g[0] for g in groups] == [0] + [g[1] for g in groups[:-1]] and groups[-1][1] == h
+        for r0, r1, rows in groups:
+            assert all(window_offset(i, h, W) + 1 <= rows <= W for i in range(r0, r1))
+        if buckets is not None:
+            assert len(groups) <= buckets
+
+
+def test_window_sized_grid_equals_ordinary_sampling(gpt):
+    model, v = gpt
+    prefix = jnp.array([[3], [7]], jnp.int32)
+    key = jax.random.key(5)
+    grid = sample_sliding_window(model, v, (W, W), W, key, prefix=prefix, top_k=10)
+    seq = sample(model, v, prefix, W * W, key, top_k=10)
+    assert grid.shape == (2, W, W) and grid.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(grid).reshape(2, -1), np.asarray(seq))
+    assert len(np.unique(np.asarray(seq))) > 3
+
+
+def _reference_logits(forward, v, grid, prefix, cond_grid, i, j):
+    """taming's loop body: crop the window (and the conditioning), run the full model on
+    cond + patch[:-1], take the last w*w logits and pick (local_i, local_j)."""
+    h, w_ = grid.shape[1:]
+    li, lj = window_offset(i, h, W), window_offset(j, w_, W)
+    i0, j0 = i - li, j - lj
+    parts = [] if prefix is None else [prefix]
+    if cond_grid is not None:
+        parts.append(cond_grid[:, i0:i0 + W, j0:j0 + W].reshape(grid.shape[0], -1))
+    parts.append(grid[:, i0:i0 + W, j0:j0 + W].reshape(grid.shape[0], -1))
+    x = np.concatenate(parts, 1)[:, :-1]
+    logits = np.asarray(forward(v, jnp.asarray(x)))[:, -W * W:]
+    return logits.reshape(grid.shape[0], W, W, -1)[:, li, lj]
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_larger_grid_logits_match_plain_loop(gpt, forward, spatial):
+    model, v = gpt
+    h, w_ = 6, 7
+    prefix = jnp.array([[1], [2]], jnp.int32)
+    cond = jax.random.randint(jax.random.key(9), (2, h, w_), 0, 40) if spatial else None
+    grid, logits = sample_sliding_window(model, v, (h, w_), W, jax.random.key(3), prefix=prefix,
+                                         cond_grid=cond, top_k=8, temperature=0.9, return_logits=True)
+    grid, logits = np.asarray(grid), np.asarray(logits)
+    cond_np = None if cond is None else np.asarray(cond)
+    for i in range(h):
+        for j in range(w_):
+            ref = _reference_logits(forward, v, grid, np.asarray(prefix), cond_np, i, j)
+            np.testing.assert_allclose(logits[:, i, j], ref, rtol=0, atol=1e-5, err_msg=f"({i},{j})")
+            # the drawn token is one of the top-8 of those logits
+            top8 = np.argsort(-ref, axis=-1)[:, :8]
+            assert all(grid[b, i, j] in top8[b] for b in range(2))
+    assert len(np.unique(grid)) > 5
+
+
+def test_buckets_change_cost_not_result(gpt):
+    model, v = gpt
+    prefix = jnp.array([[1], [2]], jnp.int32)
+    key = jax.random.key(11)
+    a = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1)
+    b = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1, buckets=1)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_argument_errors(gpt):
+    model, v = gpt
+    key = jax.random.key(0)
+    prefix = jnp.array([[1]], jnp.int32)
+    with pytest.raises(ValueError, match="at least the window size"):
+        sample_sliding_window(model, v, (3, 8), W, key, prefix=prefix)
+    with pytest.raises(ValueError, match="needs conditioning"):
+        sample_sliding_window(model, v, (4, 4), W, key)
+    with pytest.raises(ValueError, match="exceeds the model's block_size 32"):
+        sample_sliding_window(model, v, (4, 4), W, key, prefix=jnp.zeros((1, 2), jnp.int32),
+                              cond_grid=jnp.zeros((1, 4, 4), jnp.int32))
+    with pytest.raises(ValueError, match="cond_grid must be \\(batch, 5, 5\\)"):
+        sample_sliding_window(model, v, (5, 5), W, key, cond_grid=jnp.zeros((1, 4, 4), jnp.int32))
+    with pytest.raises(ValueError, match="cond_grid batch 2 != prefix batch 1"):
+        sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, cond_grid=jnp.zeros((2, 4, 4), jnp.int32))
+    with pytest.raises(ValueError, match="buckets must be"):
+        sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, buckets=0)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix + 100)
