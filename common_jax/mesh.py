@@ -67,8 +67,11 @@ def mesh_from_config(cfg: Any) -> Mesh:
 
 
 def logical_to_sharding(tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
-    """Tree of logical PartitionSpecs (or boxed params) -> tree of NamedShardings."""
-    specs = nn.get_partition_spec(tree)
+    """Tree of boxed params (or of logical PartitionSpecs) -> tree of NamedShardings."""
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_spec)
+    # get_partition_spec on PartitionSpecs would turn P() into None; pass specs through unchanged.
+    specs = tree if leaves and all(is_spec(x) for x in leaves) else nn.get_partition_spec(tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 

@@ -32,7 +32,8 @@ from absl import logging
 from common_jax import checkpoint as ckpt
 from common_jax import metrics as mlib
 from common_jax.config_utils import check_config_compatible, config_to_dict, get
-from common_jax.mesh import LOGICAL_AXIS_RULES, batch_sharding, mesh_from_config, replicated, shard_batch
+from common_jax.mesh import (LOGICAL_AXIS_RULES, batch_sharding, fit_to_shapes, mesh_from_config, replicated,
+                             shard_batch)
 
 PyTree = Any
 
@@ -90,7 +91,8 @@ def state_shardings(task: Task, abstract_state: PyTree, mesh: jax.sharding.Mesh)
     if missing:
         raise ValueError(f"task.state_logical_specs gave no PartitionSpec for {missing[:5]} "
                          "(use P() for replicated leaves)")
-    return shardings
+    # Dimensions a mesh axis does not divide (a 139-token vocabulary on model=2) are replicated.
+    return fit_to_shapes(shardings, abstract_state)
 
 
 # ------------------------------------------------------------------------------ gradient accumulation
