@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from common_jax.layers import Conv, torch_conv_to_flax
-from common_jax.mesh import LOGICAL_AXIS_RULES
+from common_jax.mesh import fit_to_shapes, logical_to_sharding
 
 BN_EPS = 1e-3
 INPUT_SIZE = 299
@@ -251,41 +251,18 @@ def abstract_variables(model: InceptionV3) -> Any:
                                                return_logits=model.num_classes is not None), images)
 
 
-def param_shardings(model: InceptionV3, mesh: Mesh, replicate: bool = True,
-                    rules=LOGICAL_AXIS_RULES) -> Any:
+def param_shardings(model: InceptionV3, mesh: Mesh, replicate: bool = True) -> Any:
     """NamedShardings of ``model``'s variables.
 
-    ``replicate=True`` (default): every weight on every device (24M parameters, 95 MB: sharding them saves
-    nothing and, on the XLA CPU backend of jax 0.10.2, the full network with kernels split over both fsdp
-    (outputs) and model (inputs) while the batch is split over data x fsdp computes wrong features).
-    ``replicate=False`` resolves the logical-axis table here rather than with
-    ``nn.logical_to_mesh_sharding``, which rejects the conv kernels' repeated ``conv_hw``; a mesh axis is
-    used at most once per array and a dimension the mesh axes do not divide (3 RGB channels) is replicated.
+    ``replicate=True`` (default): every weight on every device. The network has 24M parameters (95 MB), so
+    sharding them saves nothing, and on the XLA CPU backend of jax 0.10.2 the full network with kernels
+    split over fsdp (outputs) and model (inputs) at once, batch over data x fsdp, computed wrong features.
+    ``replicate=False``: the logical-axis table, dimensions a mesh axis does not divide replicated.
     """
+    abstract = abstract_variables(model)
     if replicate:
-        return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()),
-                                      nn.unbox(abstract_variables(model)))
-    table = dict(rules)
-
-    def resolve(box: Any) -> NamedSharding:
-        used: set[str] = set()
-        spec = []
-        for name, dim in zip(box.names, box.value.shape):
-            if name not in table:
-                raise ValueError(f"param_shardings: logical axis {name!r} is not in the rules table")
-            axes = table[name]
-            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-            axes = tuple(a for a in axes if a in mesh.shape and a not in used)
-            size = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
-            if not axes or dim % size:
-                spec.append(None)
-                continue
-            used.update(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
-        return NamedSharding(mesh, PartitionSpec(*spec))
-
-    return jax.tree_util.tree_map(resolve, abstract_variables(model),
-                                  is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), nn.unbox(abstract))
+    return fit_to_shapes(logical_to_sharding(abstract, mesh), nn.unbox(abstract))
 
 
 def to_torchvision_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:

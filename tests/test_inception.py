@@ -8,8 +8,9 @@ from seeded_weights import golden, suggested_atol
 
 from common_jax.fid import frechet_distance_from_features
 from common_jax.inception import (CONVERT_COMMAND, from_pytorch_fid, load_inception, param_shardings, preprocess,
-                                  save_state_dict_npz, to_torchvision_names, to_wrapper_names)
-from common_jax.mesh import LOGICAL_AXIS_RULES, make_mesh, shard_batch
+                                  to_torchvision_names, to_wrapper_names)
+from common_jax.mesh import make_mesh, shard_batch
+from launch.convert_inception import convert_state_dict, load_torch_state_dict
 
 SETS = ("images64", "fid_set_a", "fid_set_b")
 
@@ -119,14 +120,11 @@ def test_sharded_batch_equals_one_device(ref, feats):
                                atol=0.1 * suggested_atol(manifest, "feats_fid_set_a"))
 
 
-def test_param_shardings_table_edge_cases(ref):
+def test_param_shardings_table_layout(ref):
     model = ref[3]
     p = param_shardings(model, make_mesh(data=2, fsdp=2, model=2), replicate=False)["params"]
     assert p["Conv2d_1a_3x3"]["conv"]["kernel"].spec == P(None, None, None, "fsdp")  # 3 RGB channels
     assert p["Mixed_5b"]["branch1x1"]["conv"]["kernel"].spec == P(None, None, "model", "fsdp")
-    rules = [r for r in LOGICAL_AXIS_RULES if r[0] != "conv_out"]
-    with pytest.raises(ValueError, match="logical axis 'conv_out' is not in the rules table"):
-        param_shardings(model, make_mesh(data=8), replicate=False, rules=rules)
 
 
 def _torch_bilinear(x, size):
@@ -161,7 +159,7 @@ def test_bad_images_shape(ref):
 def test_npz_weights_round_trip_and_missing_file(ref, tmp_path):
     sd, _, _, _, variables = ref
     path = tmp_path / "inception.npz"
-    save_state_dict_npz(path, sd)
+    convert_state_dict(sd, str(path))  # what `python -m launch.convert_inception` writes
     with np.load(path) as z:
         assert "Mixed_7c.branch_pool.conv.weight" in z.files  # stored under the released names
     _, loaded = load_inception(path)
@@ -174,3 +172,18 @@ def test_npz_weights_round_trip_and_missing_file(ref, tmp_path):
     np.savez(bad, **{"Conv2d_1a_3x3.conv.weight": np.zeros((32, 3, 3, 3), np.float32)})
     with pytest.raises(ValueError, match=r"(?s)bad.npz: .*469 missing.*missing key 'Mixed_5b"):
         load_inception(bad)
+
+
+def test_converter_reads_pth_only_with_torch(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_torch_state_dict(str(tmp_path / "missing.pth"))
+    pth = tmp_path / "weights.pth"
+    pth.write_bytes(b"not a checkpoint")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r'weights.pth.*pip install -e "\.\[reference\]"'):
+            load_torch_state_dict(str(pth))
+    else:
+        with pytest.raises(Exception):
+            load_torch_state_dict(str(pth))
