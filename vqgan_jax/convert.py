@@ -19,13 +19,15 @@ import numpy as np
 
 from vqgan_jax.model import VQGAN
 
-_TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel"}
+_TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel",
+            "taming.models.vqgan.VQSegmentationModel": "vq"}
 _DDCONFIG_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution",
                   "in_channels", "out_ch", "dropout", "double_z")
 _LOSS_KEYS = ("disc_start", "codebook_weight", "pixelloss_weight", "disc_num_layers", "disc_in_channels",
               "disc_factor", "disc_weight", "perceptual_weight", "use_actnorm", "disc_conditional",
               "disc_ndf", "disc_loss")
-_IGNORED_PREFIXES = ("loss.",)
+# loss.* = LPIPS + discriminator; colorize = the segmentation model's random visualisation projection.
+_IGNORED_PREFIXES = ("loss.", "colorize")
 
 
 def config_from_taming(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -68,6 +70,8 @@ def config_from_taming(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
     out.loss = {k: loss[k] for k in _LOSS_KEYS if k in loss}
     if model["quantizer"] == "gumbel" and params.get("temperature_scheduler_config"):
         out.temperature_schedule = dict(params["temperature_scheduler_config"].get("params", {}))
+    if target.endswith("VQSegmentationModel"):
+        out.n_labels = int(params.get("n_labels", model.get("in_channels", 0)))
     if "base_learning_rate" in cfg:
         out.base_learning_rate = float(cfg["base_learning_rate"])
     return out

@@ -1,0 +1,85 @@
+"""taming's VQSegmentationModel: a VQGAN over one-hot label maps, trained with BCE (the cond stage of S-FLCKR).
+
+The autoencoder is the ordinary :class:`vqgan_jax.model.VQGAN` with ``in_channels = out_ch = n_labels``; only
+the input encoding, the loss (taming's ``BCELossWithQuant``) and the train step differ. No discriminator.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from common_jax.training import specs_from_boxed_init
+from vqgan_jax.model import VQGAN
+
+
+def one_hot_segmentation(labels: jax.Array, n_labels: int) -> jax.Array:
+    """(B, H, W) integer label map -> (B, H, W, n_labels) float32 one-hot, the model's input."""
+    return jax.nn.one_hot(jnp.asarray(labels, jnp.int32), n_labels, dtype=jnp.float32)
+
+
+def bce_with_quant_loss(logits: jax.Array, target: jax.Array, codebook_loss: jax.Array,
+                        codebook_weight: float = 1.0) -> tuple[jax.Array, dict]:
+    """taming's BCELossWithQuant: mean binary cross-entropy with logits + codebook_weight * codebook loss."""
+    logits = logits.astype(jnp.float32)
+    bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target))
+    total = bce + codebook_weight * codebook_loss
+    return total, {"total_loss": total, "bce_loss": bce, "quant_loss": codebook_loss}
+
+
+@struct.dataclass
+class SegState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class SegmentationVQTask:
+    """Train step for the segmentation VQ model (batches hold ``segmentation``: (B, H, W) int labels)."""
+
+    def __init__(self, config: Any):
+        m = dict(config.model)
+        m["codebook_dim"] = m.get("codebook_dim") or None
+        self.model = VQGAN.from_config(m)
+        self.n_labels = int(config.model.in_channels)
+        if int(config.model.out_ch) != self.n_labels:
+            raise ValueError(f"segmentation model: out_ch ({config.model.out_ch}) must equal in_channels "
+                             f"(n_labels = {self.n_labels})")
+        self.codebook_weight = float(config.loss.get("codebook_weight", 1.0))
+        lr = float(config.optim.base_learning_rate) * int(config.data.global_batch_size)
+        self.tx = optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
+        self.res = int(config.model.resolution)
+
+    def _init_boxed(self, rng: jax.Array) -> SegState:
+        params = self.model.init(rng, jnp.zeros((1, self.res, self.res, self.n_labels)))["params"]
+        return SegState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def init_state(self, rng: jax.Array) -> SegState:
+        return nn.unbox(self._init_boxed(rng))
+
+    def state_logical_specs(self, abstract_state: SegState) -> Any:
+        return specs_from_boxed_init(self._init_boxed, jax.random.key(0))
+
+    def _loss(self, params: Any, seg: jax.Array, train: bool, rng: jax.Array | None = None):
+        x = one_hot_segmentation(seg, self.n_labels)
+        rngs = {"dropout": rng} if rng is not None else {}
+        logits, enc = self.model.apply({"params": params}, x, train=train, rngs=rngs)
+        loss, metrics = bce_with_quant_loss(logits, x, enc.loss, self.codebook_weight)
+        acc = jnp.mean(jnp.argmax(logits, -1) == seg)
+        return loss, dict(metrics, pixel_accuracy=acc, perplexity=enc.perplexity)
+
+    def train_step(self, state: SegState, batch: Mapping[str, jax.Array], rng: jax.Array):
+        (loss, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            state.params, batch["segmentation"], True, rng)
+        upd, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, upd)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def eval_step(self, state: SegState, batch: Mapping[str, jax.Array]) -> dict:
+        _, m = self._loss(state.params, batch["segmentation"], False)
+        n = jnp.float32(batch["segmentation"].shape[0])
+        return {"bce_loss": m["bce_loss"] * n, "pixel_accuracy": m["pixel_accuracy"] * n, "count": n}
