@@ -77,9 +77,12 @@ class HeadsProjection(nn.Module):
                             (x.shape[-1], self.n_head, self.head_dim), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(_ZEROS, ("heads", "kv")),
                           (self.n_head, self.head_dim), jnp.float32)
-        y = jnp.einsum(f"btc,chd->{layout}", x.astype(self.dtype), kernel.astype(self.dtype))
-        b = bias.astype(self.dtype)
-        return y + (b[:, None, :] if layout == "bhtd" else b)
+        # A plain (B*T, C) x (C, H*D) matmul: reshaping the kernel is free, and XLA then never
+        # transposes weights inside decode loops.
+        bsz, t, c = x.shape
+        y = x.astype(self.dtype) @ kernel.reshape(c, -1).astype(self.dtype)
+        y = (y + bias.reshape(-1).astype(self.dtype)).reshape(bsz, t, self.n_head, self.head_dim)
+        return y if layout == "bthd" else jnp.swapaxes(y, 1, 2)
 
 
 class OutProjection(nn.Module):
@@ -94,7 +97,10 @@ class OutProjection(nn.Module):
                             (h, d, self.features), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(_ZEROS, ("embed",)),
                           (self.features,), jnp.float32)
-        out = jnp.einsum(f"{layout},hdc->btc", y.astype(self.dtype), kernel.astype(self.dtype))
+        if layout == "bhtd":
+            y = jnp.swapaxes(y, 1, 2)
+        bsz, t = y.shape[:2]
+        out = y.reshape(bsz, t, h * d).astype(self.dtype) @ kernel.reshape(h * d, -1).astype(self.dtype)
         return out + bias.astype(self.dtype)
 
 
@@ -145,11 +151,13 @@ class CausalSelfAttention(nn.Module):
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Tokens at positions [pos, pos + n) attending to the cache; returns (out, updated cache)."""
         k_cache, v_cache = cache
-        # Same parameters as the full path, evaluated straight into the (B, H, T, D) cache layout.
-        q = self.query(x, "bhtd")
-        k_cache = lax.dynamic_update_slice(k_cache, self.key(x, "bhtd").astype(k_cache.dtype),
+        # Projections as plain (B*T, C) x (C, H*D) matmuls, then (B, T, H, D) -> (B, H, T, D): for the
+        # one-token steps that swap is free (a bitcast), whereas asking the einsum for "bhtd" directly
+        # made XLA transpose the weight matrices on every step.
+        q = jnp.swapaxes(self.query(x), 1, 2)
+        k_cache = lax.dynamic_update_slice(k_cache, jnp.swapaxes(self.key(x), 1, 2).astype(k_cache.dtype),
                                            (0, 0, pos, 0))
-        v_cache = lax.dynamic_update_slice(v_cache, self.value(x, "bhtd").astype(v_cache.dtype),
+        v_cache = lax.dynamic_update_slice(v_cache, jnp.swapaxes(self.value(x), 1, 2).astype(v_cache.dtype),
                                            (0, 0, pos, 0))
         n, t_max = x.shape[1], k_cache.shape[2]
         s = jnp.einsum("bhqd,bhkd->bhqk", q, k_cache.astype(self.dtype),
@@ -157,7 +165,7 @@ class CausalSelfAttention(nn.Module):
         mask = attention_mask(pos + jnp.arange(n), jnp.arange(t_max), self.n_unmasked)
         w = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
         y = jnp.einsum("bhqk,bhkd->bhqd", w.astype(self.dtype), v_cache.astype(self.dtype))
-        return self.proj(y, "bhtd"), (k_cache, v_cache)
+        return self.proj(jnp.swapaxes(y, 1, 2)), (k_cache, v_cache)
 
 
 class Block(nn.Module):

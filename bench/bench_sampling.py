@@ -1,0 +1,241 @@
+"""Stage-two GPT benchmarks: KV-cached sampling, the 24-layer GPT's weight-read bandwidth,
+sliding-window sampling and a training step.
+
+    python bench/bench_sampling.py                 # all cases
+    python bench/bench_sampling.py --cases a,c --repeats 5 --bf16
+
+If torch and taming-transformers are importable (``pip install -e ".[reference]"``), the reference
+(taming.modules.transformer.mingpt: GPT, sample_with_past, sample; a plain crop loop for the sliding window;
+a torch AdamW step) runs on the same config and weights in the same process, alternating with JAX; medians
+and ratios are printed. Otherwise only the JAX numbers are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax.linen import meta  # noqa: E402
+
+from transformer_jax.convert import to_mingpt  # noqa: E402
+from transformer_jax.gpt import GPT  # noqa: E402
+from transformer_jax.sampling import sample  # noqa: E402
+from transformer_jax.sliding_window import sample_sliding_window, window_offset  # noqa: E402
+
+SMALL = dict(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256)
+LARGE = dict(vocab_size=1024, block_size=257, n_layer=24, n_head=16, n_embd=1536)
+COPY_GBPS = 22.0  # measured memory-copy bandwidth of the reference machine, for comparison only
+
+
+def _reference():
+    """(torch, taming mingpt module) or None."""
+    try:
+        import torch
+        from taming.modules.transformer import mingpt
+    except Exception as e:  # noqa: BLE001 - any import failure means "no reference here"
+        print(f"[reference] torch/taming not importable ({type(e).__name__}: {e}); JAX numbers only")
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch, mingpt
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _alternate(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Warm every function once, then alternate them ``repeats`` times; medians in seconds."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            times[k] += _time(f, 1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _report(title: str, med: dict[str, float], extra: dict[str, str] | None = None) -> None:
+    print(f"\n== {title}")
+    jax_t = med["jax"]
+    for k, t in med.items():
+        ratio = "" if k == "jax" else f"   ({t / jax_t:.2f}x the JAX time)"
+        print(f"  {k:>24s}: {t * 1e3:10.2f} ms{ratio}")
+    for k, v in (extra or {}).items():
+        print(f"  {k:>24s}: {v}")
+
+
+def _init(cfg: dict, dtype: Any) -> tuple[GPT, Any]:
+    model = GPT(**cfg, dtype=dtype)
+    v = meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return model, v
+
+
+def _torch_model(ref, cfg: dict, variables: Any):
+    torch, mingpt = ref
+    m = mingpt.GPT(**cfg)
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in to_mingpt(variables).items()}
+    m.load_state_dict(sd, strict=True)
+    return m.eval()
+
+
+def _weight_bytes(params: Any) -> int:
+    skip = {"tok_emb", "pos_emb"}  # only B rows of these are read per step
+    return sum(x.size * x.dtype.itemsize for k, sub in params.items() if k not in skip
+               for x in jax.tree_util.tree_leaves(sub))
+
+
+def case_sampling(cfg: dict, steps: int, batch: int, repeats: int, ref, bf16: bool, label: str) -> None:
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    model, v = _init(cfg, dtype)
+    if bf16:  # bf16 weights in memory: halves the bytes read per step
+        v = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), v)
+    prefix = jnp.zeros((batch, 1), jnp.int32)
+    keys = iter(jax.random.split(jax.random.key(1), 10 * repeats + 10))
+    fns = {"jax": lambda: sample(model, v, prefix, steps, next(keys), top_k=100).block_until_ready()}
+    if ref is not None:
+        torch, mingpt = ref
+        tm = _torch_model(ref, cfg, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), v))
+        x0 = torch.zeros((batch, 1), dtype=torch.long)
+        fns["taming sample_with_past"] = lambda: mingpt.sample_with_past(x0, tm, steps, top_k=100)
+        if steps <= 64 or cfg["n_layer"] <= 4:
+            fns["taming sample"] = lambda: mingpt.sample(tm, x0, steps, sample=True, top_k=100)
+    t0 = time.perf_counter()
+    sample(model, v, prefix, steps, jax.random.key(0), top_k=100).block_until_ready()
+    compile_s = time.perf_counter() - t0
+    med = _alternate(fns, repeats)
+    wb = _weight_bytes(v["params"])
+    extra = {"first call (compile+run)": f"{compile_s:.2f} s",
+             "per token step": f"{med['jax'] / steps * 1e3:.3f} ms",
+             "weights read per step": f"{wb / 1e9:.3f} GB ({'bf16' if bf16 else 'f32'})",
+             "achieved weight GB/s": f"{wb * steps / med['jax'] / 1e9:.1f} (copy bandwidth ~{COPY_GBPS} GB/s)"}
+    _report(f"({label}) {steps}-token sampling, batch {batch}, GPT {cfg['n_layer']}L x {cfg['n_embd']} "
+            f"x {cfg['n_head']}h, vocab {cfg['vocab_size']}, top_k 100", med, extra)
+
+
+def _torch_sliding(ref, tm, shape, window, batch, top_k):
+    """taming's scripts/sample_conditional.py loop with an SOS prefix instead of spatial conditioning."""
+    torch, mingpt = ref
+    h, w = shape
+    idx = torch.zeros((batch, h, w), dtype=torch.long)
+    sos = torch.zeros((batch, 1), dtype=torch.long)
+    with torch.no_grad():
+        for i in range(h):
+            li = window_offset(i, h, window)
+            for j in range(w):
+                lj = window_offset(j, w, window)
+                patch = idx[:, i - li:i - li + window, j - lj:j - lj + window].reshape(batch, -1)
+                logits, _ = tm(torch.cat((sos, patch), 1)[:, :-1])
+                logits = logits[:, -window * window:].reshape(batch, window, window, -1)[:, li, lj]
+                logits = mingpt.top_k_logits(logits, top_k)
+                idx[:, i, j] = torch.multinomial(torch.softmax(logits, -1), 1)[:, 0]
+    return idx
+
+
+def case_sliding(repeats: int, ref, bf16: bool) -> None:
+    shape, window, batch = (16, 32), 16, 4
+    model, v = _init(SMALL, jnp.bfloat16 if bf16 else jnp.float32)
+    prefix = jnp.zeros((batch, 1), jnp.int32)
+    keys = iter(jax.random.split(jax.random.key(1), 10 * repeats + 10))
+    fns = {}
+    for name, buckets in (("jax", None), ("jax buckets=2", 2), ("jax full window", 1)):
+        fns[name] = (lambda b: lambda: sample_sliding_window(
+            model, v, shape, window, next(keys), prefix=prefix, top_k=100, buckets=b).block_until_ready())(buckets)
+    t0 = time.perf_counter()
+    fns["jax"]()
+    compile_s = time.perf_counter() - t0
+    if ref is not None:
+        tm = _torch_model(ref, SMALL, v)
+        fns["taming crop loop"] = lambda: _torch_sliding(ref, tm, shape, window, batch, 100)
+    med = _alternate(fns, repeats)
+    n = shape[0] * shape[1]
+    _report(f"(c) sliding-window sampling, grid {shape}, window {window}, batch {batch}, small GPT", med,
+            {"first call (compile+run)": f"{compile_s:.2f} s",
+             "per position": f"{med['jax'] / n * 1e3:.3f} ms"})
+
+
+def case_train(repeats: int, ref, bf16: bool) -> None:
+    batch, t = 16, 256
+    model, v = _init(SMALL, jnp.bfloat16 if bf16 else jnp.float32)
+    opt = optax.adamw(3e-4, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    data = jnp.asarray(rng.integers(0, SMALL["vocab_size"], (batch, t + 1)), jnp.int32)
+
+    def loss_fn(params, x):
+        logits = model.apply({"params": params}, x[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+    def step(params, opt_state, x):
+        loss, g = jax.value_and_grad(loss_fn)(params, x)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    jstep = jax.jit(step, donate_argnums=(0, 1))
+    compiled = jstep.lower(v["params"], opt.init(v["params"]), data).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    state = {"p": v["params"], "o": opt.init(v["params"])}
+
+    def run_jax():
+        state["p"], state["o"], loss = compiled(state["p"], state["o"], data)
+        loss.block_until_ready()
+
+    fns = {"jax": run_jax}
+    if ref is not None:
+        torch, _ = ref
+        tm = _torch_model(ref, SMALL, v).train()
+        topt = torch.optim.AdamW(tm.parameters(), lr=3e-4, weight_decay=0.01)
+        tx = torch.from_numpy(np.asarray(data)).long()
+
+        def run_torch():
+            logits, loss = tm(tx[:, :-1], targets=tx[:, 1:])
+            topt.zero_grad(set_to_none=True)
+            loss.backward()
+            topt.step()
+        fns["torch AdamW step"] = run_torch
+    med = _alternate(fns, repeats)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(v["params"]))
+    analytic = 6 * n_params * batch * t + 12 * SMALL["n_layer"] * batch * t * t * SMALL["n_embd"]
+    _report(f"(d) GPT train step (AdamW), batch {batch} x {t} tokens, small GPT ({n_params / 1e6:.1f} M params)",
+            med, {"XLA flops / step": f"{flops / 1e9:.2f} GFLOP -> {flops / med['jax'] / 1e9:.1f} GFLOP/s",
+                  "6N*tokens + attn": f"{analytic / 1e9:.2f} GFLOP -> {analytic / med['jax'] / 1e9:.1f} GFLOP/s"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="a,b,c,d", help="comma list of a (small sampling), b (24-layer "
+                    "sampling), c (sliding window), d (train step)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute (and bf16 weights for sampling)")
+    ap.add_argument("--no-reference", action="store_true", help="skip torch/taming even if importable")
+    args = ap.parse_args()
+    ref = None if args.no_reference else _reference()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s)), "
+          f"{os.cpu_count()} CPUs")
+    cases = set(args.cases.split(","))
+    if "a" in cases:
+        case_sampling(SMALL, 256, 4, args.repeats, ref, args.bf16, "a")
+    if "b" in cases:
+        case_sampling(LARGE, 64, 4, args.repeats, ref, args.bf16, "b")
+    if "c" in cases:
+        case_sliding(args.repeats, ref, args.bf16)
+    if "d" in cases:
+        case_train(args.repeats, ref, args.bf16)
+
+
+if __name__ == "__main__":
+    main()
