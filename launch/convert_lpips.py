@@ -8,13 +8,11 @@ Reading .pth files needs PyTorch: ``pip install -e ".[reference]"``.
 """
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import numpy as np
 from absl import app, flags
 
 from common_jax.lpips import from_lpips, state_dict_from_torchvision
+from common_jax.torch_io import read_torch_state_dict
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("vgg16", None, "torchvision vgg16 state dict (.pth), e.g. vgg16-397923af.pth")
@@ -22,23 +20,9 @@ flags.DEFINE_string("lin", None, "lpips lin weights (.pth), lpips/weights/v0.1/v
 flags.DEFINE_string("out", "lpips_vgg.npz", "output .npz")
 
 
-def _load_torch_state_dict(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} not found")
-    try:
-        import torch  # lazily: only the converter needs it
-    except ImportError as e:
-        raise ImportError(f"reading {path!r} needs PyTorch, which is not installed: "
-                          f"pip install -e \".[reference]\"") from e
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path!r} holds a {type(sd).__name__}, expected a state dict")
-    return {k: v.detach().cpu().numpy() for k, v in sd.items() if hasattr(v, "detach")}
-
-
 def convert(vgg16_path: str, lin_path: str, out_path: str) -> dict[str, np.ndarray]:
     """Read both .pth files, check the result loads, write ``out_path``; returns the state dict."""
-    sd = state_dict_from_torchvision(_load_torch_state_dict(vgg16_path), _load_torch_state_dict(lin_path))
+    sd = state_dict_from_torchvision(read_torch_state_dict(vgg16_path), read_torch_state_dict(lin_path))
     from_lpips(sd)  # fail here, not at training time, if anything is off
     np.savez(out_path, **sd)
     return sd

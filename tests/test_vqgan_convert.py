@@ -167,5 +167,5 @@ def test_load_taming_checkpoint_missing_file_is_clear(tmp_path):
                                          "    n_embed: 8\n    embed_dim: 4\n    ddconfig: {ch: 32, ch_mult: [1],"
                                          " num_res_blocks: 1, attn_resolutions: [], z_channels: 4,"
                                          " resolution: 8}\n")
-    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
         convert.load_taming_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "model.yaml"))

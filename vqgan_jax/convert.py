@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from common_jax.torch_io import read_torch_state_dict
 from vqgan_jax.model import VQGAN
 
 _TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel",
@@ -175,30 +176,6 @@ def to_taming(variables: Mapping[str, Any], config: Any) -> dict[str, np.ndarray
     if missing:
         raise ValueError(f"to_taming: variables lack {missing}")
     return out
-
-
-def _require_torch():
-    try:
-        import torch  # noqa: F401 - only this loader needs PyTorch
-    except ImportError as e:
-        raise ImportError("Reading PyTorch .ckpt files needs torch: pip install -e \".[reference]\"") from e
-    return torch
-
-
-def read_torch_state_dict(ckpt_path: str) -> dict[str, np.ndarray]:
-    """``state_dict`` of a Lightning/PyTorch checkpoint as numpy arrays (``torch.load(weights_only=True)``)."""
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"checkpoint file not found: {ckpt_path}")
-    torch = _require_torch()
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many unpickling error types
-        raise ValueError(f"{ckpt_path}: cannot be read with torch.load(weights_only=True): {e}") from e
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{ckpt_path}: expected a dict with a 'state_dict' entry")
-    return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
-            for k, v in sd.items() if hasattr(v, "detach")}
 
 
 def read_yaml(yaml_path: str) -> dict:
