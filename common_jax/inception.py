@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from common_jax.layers import Conv, torch_conv_to_flax
-from common_jax.mesh import fit_to_shapes, logical_to_sharding
+from common_jax.mesh import batch_sharding, fit_to_shapes, logical_to_sharding
 
 BN_EPS = 1e-3
 INPUT_SIZE = 299
@@ -205,6 +205,9 @@ class InceptionV3(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, return_logits: bool = False) -> Any:
+        if return_logits and self.num_classes is None:
+            raise ValueError("InceptionV3 has no fc layer (num_classes=None): logits need the released "
+                             f"checkpoint {FID_WEIGHTS_FILE}, whose fc.weight/fc.bias the converter keeps")
         d = self.dtype
         x = preprocess(images)
         x = BasicConv(32, (3, 3), (2, 2), dtype=d, name="Conv2d_1a_3x3")(x)
@@ -228,9 +231,6 @@ class InceptionV3(nn.Module):
         feats = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if not return_logits:
             return feats
-        if self.num_classes is None:
-            raise ValueError("InceptionV3 has no fc layer (num_classes=None): logits need the released "
-                             f"checkpoint {FID_WEIGHTS_FILE}, whose fc.weight/fc.bias the converter keeps")
         logits, unbiased = Classifier(self.num_classes, name="fc")(feats)
         return feats, logits, unbiased
 
@@ -263,6 +263,35 @@ def param_shardings(model: InceptionV3, mesh: Mesh, replicate: bool = True) -> A
     if replicate:
         return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), nn.unbox(abstract))
     return fit_to_shapes(logical_to_sharding(abstract, mesh), nn.unbox(abstract))
+
+
+def feature_extractor(model: InceptionV3, variables: Any, mesh: Mesh | None = None,
+                      replicate: bool = True) -> Any:
+    """``fn(images) -> features`` (N, 2048) float32 numpy for host batches of NHWC uint8 images.
+
+    With ``mesh``, weights are placed by :func:`param_shardings` and each batch is split over the mesh's
+    batch axes (padded with copies of its last image up to a multiple of their size; the padding rows are
+    dropped from the result). Compiles once per distinct batch shape. Single-process: with several hosts,
+    call the jitted ``model.apply`` on globally sharded batches instead.
+    """
+    if mesh is None:
+        apply = jax.jit(model.apply)
+        return lambda images: np.asarray(apply(variables, jnp.asarray(images)))
+    placed = jax.device_put(variables, param_shardings(model, mesh, replicate))
+    spec = batch_sharding(mesh, 4)
+    n_shards = int(np.prod([mesh.shape[a] for a in spec.spec[0]], dtype=np.int64))
+    apply = jax.jit(model.apply, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def extract(images: Any) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise ValueError(f"feature_extractor: expected a non-empty NHWC batch, got shape {images.shape}")
+        n = images.shape[0]
+        pad = -n % n_shards
+        if pad:
+            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+        return np.asarray(apply(placed, jax.device_put(images, spec)))[:n]
+    return extract
 
 
 def to_torchvision_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,9 +7,9 @@ from jax.sharding import PartitionSpec as P
 from seeded_weights import golden, suggested_atol
 
 from common_jax.fid import frechet_distance_from_features
-from common_jax.inception import (CONVERT_COMMAND, from_pytorch_fid, load_inception, param_shardings, preprocess,
-                                  to_torchvision_names, to_wrapper_names)
-from common_jax.mesh import make_mesh, shard_batch
+from common_jax.inception import (CONVERT_COMMAND, feature_extractor, from_pytorch_fid, load_inception,
+                                  param_shardings, preprocess, to_torchvision_names, to_wrapper_names)
+from common_jax.mesh import make_mesh
 from launch.convert_inception import convert_state_dict, load_torch_state_dict
 
 SETS = ("images64", "fid_set_a", "fid_set_b")
@@ -22,11 +22,26 @@ def ref():
     return sd, manifest, data, model, variables
 
 
+def _seeded_fc():
+    rng = np.random.default_rng(0)
+    return (rng.normal(0, 2048 ** -0.5, (1008, 2048)).astype(np.float32),
+            rng.normal(0, 0.05, 1008).astype(np.float32))
+
+
 @pytest.fixture(scope="module")
 def feats(ref):
-    _, _, data, model, variables = ref
+    """Features of every golden input; images64 goes through the released layout (with fc) and also
+    yields logits, so the network compiles once per input shape."""
+    sd, _, data, model, variables = ref
+    w, b = _seeded_fc()
+    fc_model, fc_variables = from_pytorch_fid(dict(to_torchvision_names(sd), **{"fc.weight": w, "fc.bias": b}))
+    f, logits, unbiased = jax.jit(lambda v, x: fc_model.apply(v, x, method=fc_model.features_and_logits))(
+        fc_variables, data["input/images64"])
     apply = jax.jit(model.apply)
-    return {name: np.asarray(apply(variables, data[f"input/{name}"])) for name in SETS}
+    out = {name: np.asarray(apply(variables, data[f"input/{name}"])) for name in SETS[1:]}
+    out.update(images64=np.asarray(f), logits=np.asarray(logits), unbiased=np.asarray(unbiased),
+               fc_model=fc_model)
+    return out
 
 
 @pytest.mark.parametrize("name", SETS)
@@ -85,22 +100,14 @@ def test_state_dict_errors_list_every_key(ref):
 
 
 def test_logits_with_released_checkpoint_layout(ref, feats):
-    sd, manifest, data, _, _ = ref
-    rng = np.random.default_rng(0)
-    w = rng.normal(0, 2048 ** -0.5, (1008, 2048)).astype(np.float32)
-    b = rng.normal(0, 0.05, 1008).astype(np.float32)
-    model, variables = from_pytorch_fid(dict(to_torchvision_names(sd), **{"fc.weight": w, "fc.bias": b}))
-    assert model.num_classes == 1008
-    f, logits, unbiased = jax.jit(lambda v, x: model.apply(v, x, method=model.features_and_logits))(
-        variables, data["input/images64"])
-    atol = suggested_atol(manifest, "feats_images64")
-    np.testing.assert_allclose(f, data["output/feats_images64"], rtol=0, atol=atol)
-    f64 = np.asarray(f, np.float64)
-    np.testing.assert_allclose(unbiased, f64 @ w.T, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(logits, f64 @ w.T + b, rtol=1e-5, atol=1e-4)
-    no_fc_model = ref[3]
+    _, _, data, no_fc_model, variables = ref
+    assert feats["fc_model"].num_classes == 1008 and no_fc_model.num_classes is None
+    w, b = _seeded_fc()
+    f64 = feats["images64"].astype(np.float64)  # checked against the golden in test_features_match_golden
+    np.testing.assert_allclose(feats["unbiased"], f64 @ w.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(feats["logits"], f64 @ w.T + b, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="no fc layer"):
-        no_fc_model.apply(ref[4], data["input/images64"], method=no_fc_model.features_and_logits)
+        no_fc_model.apply(variables, data["input/images64"], method=no_fc_model.features_and_logits)
 
 
 def test_sharded_batch_equals_one_device(ref, feats):
@@ -112,12 +119,14 @@ def test_sharded_batch_equals_one_device(ref, feats):
     assert p["Mixed_5b"]["branch1x1"]["conv"]["kernel"].spec == P(None, None, "model", "fsdp")
     assert p["Mixed_5b"]["branch1x1"]["conv"]["bias"].spec == P("fsdp")
     assert param_shardings(model, mesh)["params"]["Mixed_5b"]["branch1x1"]["conv"]["kernel"].spec == P()
-    placed = jax.device_put(variables, shardings)
-    images = shard_batch(data["input/fid_set_a"], mesh)
-    out = jax.jit(model.apply)(placed, images)
-    assert len(out.sharding.device_set) == 8
-    np.testing.assert_allclose(np.asarray(out), feats["fid_set_a"], rtol=0,
+    # 13 images: padded to 16 (2 per device) by the extractor, padding dropped from the result
+    extract = feature_extractor(model, variables, mesh, replicate=False)
+    out = extract(data["input/fid_set_a"][:13])
+    assert out.shape == (13, 2048)
+    np.testing.assert_allclose(out, feats["fid_set_a"][:13], rtol=0,
                                atol=0.1 * suggested_atol(manifest, "feats_fid_set_a"))
+    with pytest.raises(ValueError, match="non-empty NHWC batch"):
+        extract(np.zeros((0, 32, 32, 3), np.uint8))
 
 
 def test_param_shardings_table_layout(ref):
