@@ -9,34 +9,17 @@ output always uses the released names. Reading .pth files needs PyTorch: ``pip i
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 from absl import app, flags
 
 from common_jax.inception import from_pytorch_fid, save_state_dict_npz, to_torchvision_names
+from common_jax.torch_io import read_torch_state_dict
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pth", None, "pytorch-fid weights (.pth), e.g. pt_inception-2015-12-05-6726825d.pth")
 flags.DEFINE_string("out", "inception_fid.npz", "output .npz")
-
-
-def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-    """{key: numpy array} from a PyTorch state dict file (torch imported only here)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} not found")
-    try:
-        import torch  # lazily: only the converter needs PyTorch
-    except ImportError as e:
-        raise ImportError(f"reading {path!r} needs PyTorch, which is not installed: "
-                          f"pip install -e \".[reference]\"") from e
-    sd: Any = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path!r} holds a {type(sd).__name__}, expected a state dict")
-    return {k: v.detach().cpu().numpy() for k, v in sd.items() if hasattr(v, "detach")}
 
 
 def convert_state_dict(state_dict: dict[str, Any], out_path: str) -> dict[str, np.ndarray]:
@@ -51,7 +34,7 @@ def main(argv: list[str]) -> None:
     del argv
     if not FLAGS.pth:
         raise app.UsageError("--pth is required (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
-    sd = convert_state_dict(load_torch_state_dict(FLAGS.pth), FLAGS.out)
+    sd = convert_state_dict(read_torch_state_dict(FLAGS.pth), FLAGS.out)
     print(f"wrote {FLAGS.out} ({len(sd)} arrays, {'with' if 'fc.weight' in sd else 'without'} the fc layer)")
 
 

@@ -10,7 +10,7 @@ from common_jax.fid import frechet_distance_from_features
 from common_jax.inception import (CONVERT_COMMAND, feature_extractor, from_pytorch_fid, load_inception,
                                   param_shardings, preprocess, to_torchvision_names, to_wrapper_names)
 from common_jax.mesh import make_mesh
-from launch.convert_inception import convert_state_dict, load_torch_state_dict
+from launch.convert_inception import convert_state_dict, read_torch_state_dict
 
 SETS = ("images64", "fid_set_a", "fid_set_b")
 
@@ -185,14 +185,14 @@ def test_npz_weights_round_trip_and_missing_file(ref, tmp_path):
 
 def test_converter_reads_pth_only_with_torch(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        load_torch_state_dict(str(tmp_path / "missing.pth"))
+        read_torch_state_dict(str(tmp_path / "missing.pth"))
     pth = tmp_path / "weights.pth"
     pth.write_bytes(b"not a checkpoint")
     try:
         import torch  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match=r'weights.pth.*pip install -e "\.\[reference\]"'):
-            load_torch_state_dict(str(pth))
+            read_torch_state_dict(str(pth))
     else:
         with pytest.raises(Exception):
-            load_torch_state_dict(str(pth))
+            read_torch_state_dict(str(pth))
