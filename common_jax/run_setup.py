@@ -109,6 +109,60 @@ def user_error_line(e: BaseException) -> str:
         "" if len(msg.splitlines()) <= 1 else "\n" + "\n".join(msg.splitlines()[1:]))
 
 
+def config_flag_error_line(e: BaseException, argv: list[str] | None = None) -> str | None:
+    """One line for the errors ml_collections' config flags raise (as multi-line OSError / AttributeError
+    text or tracebacks), or None when ``e`` is not one of them.
+
+    An unknown ``--config.a.b=...`` field fails while the entry point module defines its flags; a config file
+    that cannot be loaded fails when the config is first read.
+    """
+    import re
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    msg = str(e)
+    inner: Any = e
+    while isinstance(inner, (KeyError, AttributeError)) and inner.args:  # AttributeError(KeyError('...'))
+        inner = inner.args[0]
+        msg = str(inner) if not isinstance(inner, BaseException) else msg
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    if isinstance(e, OSError) and "Failed loading config file" in msg:
+        errors = [ln for ln in lines if ln.startswith("[Errno") or "Error" in ln.split(":")[0]]
+        attempted = [ln for ln in lines if os.sep in ln and not ln.startswith("[")]
+        where = attempted[0] if attempted else "?"
+        return f"error: config file {where} could not be loaded: {errors[-1] if errors else lines[-1]}"
+    if isinstance(e, (KeyError, AttributeError)) and "Did you mean" in msg or (
+            isinstance(e, (KeyError, AttributeError)) and lines and re.fullmatch(r"'[^']+'", lines[0])):
+        field = re.search(r"'([^'\\]+)'", msg)
+        field = field.group(1) if field else "?"
+        overrides = [a.lstrip("-").split("=", 1)[0] for a in argv if a.startswith("--") and "." in a.split("=")[0]]
+        named = [o for o in overrides if field in o.split(".")[1:]]
+        hint = next((ln for ln in lines if ln.startswith("Did you mean")), "")
+        flag = f"--{named[0]}" if named else "a --config override"
+        return f"error: {flag}: the config has no field '{field}'" + (f" ({hint})" if hint else "")
+    return None
+
+
+def _install_entry_point_excepthook() -> None:
+    """In a ``python -m launch.*`` process, errors raised before ``run_main`` can catch them (config flags
+    are parsed while the entry point module is imported) still print one line and exit 1."""
+    import sys
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is None or not str(getattr(spec, "name", "")).startswith("launch."):
+        return
+    previous = sys.excepthook
+
+    def hook(tp, e, tb):
+        line = None if os.environ.get("TAMING_JAX_TRACEBACK") else config_flag_error_line(e)
+        if line is None:
+            return previous(tp, e, tb)
+        print(line, file=sys.stderr, flush=True)  # the interpreter then exits with status 1
+    sys.excepthook = hook
+
+
+_install_entry_point_excepthook()
+
+
 def run_main(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     """Wrap an absl main: user errors print as ``error: ...`` and exit 1 (TAMING_JAX_TRACEBACK=1 re-raises)."""
     import sys
@@ -118,9 +172,15 @@ def run_main(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     def wrapped(argv):
         try:
             return main(argv)
-        except USER_ERRORS + (CheckpointError,) as e:
+        except USER_ERRORS + (CheckpointError, OSError, AttributeError) as e:
             if os.environ.get("TAMING_JAX_TRACEBACK"):
                 raise
-            print(user_error_line(e), file=sys.stderr, flush=True)
+            if isinstance(e, USER_ERRORS + (CheckpointError,)):
+                line = user_error_line(e)
+            else:
+                line = config_flag_error_line(e)
+                if line is None:
+                    raise
+            print(line, file=sys.stderr, flush=True)
             sys.exit(1)
     return wrapped

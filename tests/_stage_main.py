@@ -1,0 +1,191 @@
+"""Tiny stage-one / stage-two configs for the end-to-end tests, and a script that trains one in its own process.
+
+usage: python _stage_main.py {vqgan,gpt} WORKDIR KEY=VALUE... [--sleep S]
+KEY=VALUE are config overrides (dotted keys, VALUE a Python literal or a plain string). ``--sleep`` slows every
+train batch down so a test can signal the process mid-run. When ``train`` returns, writes WORKDIR/final_state.npz
+(every state leaf, keyed by its tree path) and WORKDIR/done.json (step, preempted).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+from typing import Any
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ml_collections  # noqa: E402
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Set dotted fields; a key the config does not have is an error (a typo must not pass silently)."""
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        if last not in node:
+            raise KeyError(f"config has no field {key!r}")
+        node[last] = value
+    return config
+
+
+def vqgan_config(data_dir: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """configs/vqgan_tiny on the built-in photos in ``data_dir``, a few steps, small eval."""
+    from configs import vqgan_tiny
+    c = vqgan_tiny.get_config()
+    c.data.data_dir = data_dir
+    c.data.eval_examples = 32
+    c.total_steps = 6
+    c.log_every = 2
+    c.eval_every = 0
+    c.image_every = 0
+    c.checkpoint.update(dict(every=2, keep=5))
+    return apply_overrides(c, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def gpt_config(data_dir: str, first_stage: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """configs/transformer_tiny on the codes of the built-in photos, a few steps, small eval."""
+    from configs import transformer_tiny
+    c = transformer_tiny.get_config()
+    c.data.data_dir = data_dir
+    c.data.eval_examples = 64
+    c.first_stage.workdir = first_stage
+    c.total_steps = 6
+    c.log_every = 2
+    c.eval_every = 0
+    c.checkpoint.update(dict(every=2, keep=5))
+    return apply_overrides(c, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def flat_state(state: Any) -> dict:
+    """Every leaf of a (possibly sharded) state as a host numpy array, keyed by its tree path."""
+    import jax
+
+    from common_jax.metrics import to_host
+    return {jax.tree_util.keystr(k): to_host(v) for k, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+# ------------------------------------------------------------------------- helpers for the tests' subprocesses
+def cache_env(cache_dir: str) -> dict:
+    """This environment plus a persistent compilation cache: the first run fills it, later runs reuse it."""
+    env = dict(os.environ)
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def spawn(stage: str, workdir: Any, overrides: dict, env: dict, sleep: float = 0.0):
+    """Start this script on ``workdir``; output goes to ``<workdir>.log``. Returns (process, log file)."""
+    import subprocess
+    args = [sys.executable, os.path.abspath(__file__), stage, str(workdir)]
+    args += [f"{k}={v}" if isinstance(v, str) else f"{k}={v!r}" for k, v in overrides.items()]
+    if sleep:
+        args += ["--sleep", str(sleep)]
+    log = open(str(workdir) + ".log", "w")
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def wait(proc, log, timeout: float) -> int:
+    """Return code of ``proc`` (killed if still running after ``timeout`` s)."""
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def kill_after_checkpoint(proc, log, workdir: Any, step: int, timeout: float) -> int:
+    """SIGKILL ``proc`` as soon as checkpoint ``step`` of ``workdir`` is complete; returns its return code.
+
+    Orbax writes a checkpoint under a tmp name and renames it when done, so the plain folder means complete.
+    """
+    import signal
+    import time
+    target = os.path.join(str(workdir), "checkpoints", str(step))
+    t0 = time.monotonic()
+    try:
+        while not os.path.isdir(target):
+            if proc.poll() is not None or time.monotonic() - t0 > timeout:
+                raise AssertionError(f"run ended (rc={proc.returncode}) or timed out before checkpoint {step}:\n"
+                                     + open(str(workdir) + ".log").read()[-3000:])
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def plant_unfinished_checkpoint(workdir: Any, step: int) -> str:
+    """Leave what a kill during the save of ``step`` leaves: ``<step>.orbax-checkpoint-tmp-<n>`` with partial
+    content, no commit marker, and a meta naming another model (a resume that read it would fail)."""
+    import glob
+    import shutil
+    import time
+    cdir = os.path.join(str(workdir), "checkpoints")
+    latest = max(int(s) for s in os.listdir(cdir) if s.isdigit())
+    fake = os.path.join(cdir, f"{step}.orbax-checkpoint-tmp-{int(time.time())}")
+    shutil.copytree(os.path.join(cdir, str(latest)), fake)
+    shutil.rmtree(os.path.join(fake, "state"))
+    for marker in glob.glob(os.path.join(fake, "commit_success*")):
+        os.remove(marker)
+    with open(os.path.join(fake, "meta", "metadata"), "w") as f:
+        json.dump({"step": step, "config": {"model": {"n_embed": 3}, "gpt": {"n_embd": 3}}}, f)
+    return fake
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("stage", choices=["vqgan", "gpt"])
+    p.add_argument("workdir")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--sleep", type=float, default=0.0)
+    a = p.parse_args(argv)
+    over = dict(o.split("=", 1) for o in a.overrides)
+    over = {k: _parse_value(v) for k, v in over.items()}
+
+    import numpy as np
+    from absl import logging
+
+    from common_jax import data as data_lib
+
+    if a.sleep > 0:
+        import time
+        original = data_lib.Loader.__next__
+
+        def slow_next(self):
+            time.sleep(a.sleep)
+            return original(self)
+        data_lib.Loader.__next__ = slow_next
+
+    logging.set_verbosity(logging.INFO)
+    data_dir = over.pop("data.data_dir")
+    if a.stage == "vqgan":
+        from vqgan_jax.train import train
+        config = vqgan_config(data_dir, **over)
+    else:
+        from transformer_jax.train import train
+        config = gpt_config(data_dir, over.pop("first_stage.workdir"), **over)
+    res = train(config, a.workdir)
+    np.savez(os.path.join(a.workdir, "final_state.npz"), **flat_state(res.state))
+    with open(os.path.join(a.workdir, "done.json"), "w") as f:
+        json.dump({"step": res.step, "preempted": res.preempted}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,114 @@
+"""Bad invocations of the command-line entry points: each exits non-zero and says what is wrong in one line
+(no traceback). All invocations run as parallel subprocesses started once for the module."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import _stage_main as stage
+from common_jax import checkpoint as ckpt
+from common_jax import datasets
+from common_jax.config_utils import config_to_dict
+from vqgan_jax.train import VQGANTask
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# absl's own flag-parsing errors end with this fixed hint; it is part of absl's one-error format.
+ABSL_HINT = "Pass --helpshort or --helpfull to see help on flags."
+LOG_LINE = re.compile(r"^([IWE]\d{4} \d\d:\d\d:\d\d\.\d+ |WARNING: All log messages before absl::InitializeLog)")
+
+
+def _cases(tmp):
+    """name -> (argv after `python -m`, what the one error line must contain)."""
+    blocker = os.path.join(tmp, "a_file")
+    with open(blocker, "w") as f:
+        f.write("not a folder")
+    w = os.path.join(tmp, "w")
+    return {
+        # A workdir that cannot be created, even by root: its parent is a regular file.
+        "workdir_under_file": (["launch.train_vqgan", f"--workdir={blocker}/sub"],
+                               [f"workdir {blocker}/sub is not writable", "Not a directory"]),
+        "unknown_config_key": (["launch.train_vqgan", f"--workdir={w}", "--config.model.n_embd=3"],
+                               ["--config.model.n_embd", "n_embd", 'Did you mean "n_embed"']),
+        "missing_config_file": (["launch.train_vqgan", f"--workdir={w}", f"--config={tmp}/no_such_config.py"],
+                                [f"{tmp}/no_such_config.py", "No such file"]),
+        "missing_workdir_flag": (["launch.train_vqgan"], ["--workdir"]),
+        "n_embed_disagrees_with_checkpoint": None,  # filled in by the fixture (needs a checkpoint)
+        "sample_bad_top_p": (["launch.sample", f"--workdir={w}", f"--out={tmp}/out", "--top_p=1.5"],
+                             ["bad sampling options", "top_p=1.5"]),
+        "sample_bad_temperature": (["launch.sample", f"--workdir={w}", f"--out={tmp}/out", "--temperature=0"],
+                                   ["bad sampling options", "temperature=0.0"]),
+        "sample_workdir_without_checkpoints": (["launch.sample", f"--workdir={tmp}/nothing_here",
+                                                f"--out={tmp}/out"], [f"{tmp}/nothing_here", "no checkpoints/"]),
+        "gpt_without_first_stage": (["launch.train_transformer", f"--workdir={tmp}/gpt"],
+                                    ["a stage-one model is needed", "first_stage.workdir"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("launch"))
+    cases = _cases(tmp)
+    procs = {}
+
+    def start(name):
+        argv, _ = cases[name]
+        procs[name] = subprocess.Popen([sys.executable, "-m"] + argv, cwd=REPO, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True,
+                                       env={k: v for k, v in os.environ.items() if k != "TAMING_JAX_TRACEBACK"})
+
+    for name in cases:
+        if cases[name] is not None:
+            start(name)
+    # A stage-one workdir with a checkpoint of configs/vqgan_tiny (n_embed=128), and its data prepared, so
+    # the resumed run reaches the config check at once.
+    photos, vq = os.path.join(tmp, "photos"), os.path.join(tmp, "vq")
+    datasets.prepare_builtin_photos(photos, crop_size=32, crops_per_photo=64)
+    config = stage.vqgan_config(photos)
+    state = jax.jit(VQGANTask(config).init_state)(jax.random.key(0))
+    manager = ckpt.make_manager(vq, async_save=False)
+    try:
+        ckpt.save(manager, 2, state, {"config": config_to_dict(config)}, None, force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    cases["n_embed_disagrees_with_checkpoint"] = (
+        ["launch.train_vqgan", f"--workdir={vq}", f"--config.data.data_dir={photos}", "--config.model.n_embed=64"],
+        ["--config.model.n_embed=64 disagrees with checkpoint in", vq, "128"])
+    start("n_embed_disagrees_with_checkpoint")
+    results = {}
+    for name, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        results[name] = (proc.returncode, out, cases[name][1])
+    return results
+
+
+NAMES = ["workdir_under_file", "unknown_config_key", "missing_config_file", "missing_workdir_flag",
+         "n_embed_disagrees_with_checkpoint", "sample_bad_top_p", "sample_bad_temperature",
+         "sample_workdir_without_checkpoints", "gpt_without_first_stage"]
+
+
+def test_every_case_ran(outputs):
+    assert sorted(outputs) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_invocation_prints_one_clear_line(outputs, name):
+    rc, out, must_contain = outputs[name]
+    assert rc not in (0, None), out
+    assert "Traceback" not in out, out
+    # Progress logging before the failure (absl's "I1126 13:27:08.26 ..." lines, TensorFlow's start-up
+    # notices) may precede it; the error itself is exactly one line, and the last one.
+    lines = [ln for ln in out.splitlines() if ln.strip() and ln.strip() != ABSL_HINT and not LOG_LINE.match(ln)]
+    assert len(lines) == 1, f"expected one error line, got {len(lines)}:\n{out}"
+    line = lines[0]
+    assert line.startswith(("error: ", "FATAL Flags parsing error: ")), line
+    assert [ln for ln in out.splitlines() if ln.strip() and ln.strip() != ABSL_HINT][-1] == line
+    for text in must_contain:
+        assert text in line, f"{text!r} not in {line!r}"
