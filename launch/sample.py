@@ -32,14 +32,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "samples per compiled batch")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
-def sampling_options(top_k: int, top_p: float, temperature: float, guidance: float) -> dict:
-    if top_k < 0 or not 0 < top_p <= 1 or temperature <= 0 or guidance < 0:
-        raise ValueError(f"bad sampling options: top_k={top_k} (>= 0), top_p={top_p} (in (0, 1]), "
-                         f"temperature={temperature} (> 0), guidance_scale={guidance} (>= 0)")
-    return dict(top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p, temperature=temperature,
-                guidance_scale=guidance or None)
-
-
 def write_class_grids(sampler, out: str, per_class: int, classes: list[int], opts: dict, seed: int,
                       batch_size: int) -> list[str]:
     rng = jax.random.key(seed)
@@ -79,7 +71,7 @@ def write_large(sampler, out: str, height: int, width: int, classes: list[int], 
 
 def main(argv):
     del argv
-    from transformer_jax.sampler import Sampler
+    from transformer_jax.sampler import Sampler, sampling_options
     opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
     out = setup_run.check_workdir(_OUT.value)
     sampler = Sampler.from_workdirs(_WORKDIR.value, _FIRST_STAGE.value)

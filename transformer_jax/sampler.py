@@ -20,6 +20,15 @@ def to_uint8(images: jax.Array) -> np.ndarray:
     return np.asarray(jnp.round((jnp.clip(images, -1, 1) + 1) * 127.5).astype(jnp.uint8))
 
 
+def sampling_options(top_k: int, top_p: float, temperature: float, guidance: float) -> dict:
+    """Command-line style options (0 / 1.0 mean off) -> keyword arguments of :meth:`Sampler.sample`."""
+    if top_k < 0 or not 0 < top_p <= 1 or temperature <= 0 or guidance < 0:
+        raise ValueError(f"bad sampling options: top_k={top_k} (>= 0), top_p={top_p} (in (0, 1]), "
+                         f"temperature={temperature} (> 0), guidance_scale={guidance} (>= 0)")
+    return dict(top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p, temperature=temperature,
+                guidance_scale=guidance or None)
+
+
 class Sampler:
     """Draws code grids with the KV-cached sampler (or the sliding window) and decodes them to images."""
 

@@ -1,0 +1,83 @@
+"""Resumable, multi-host feature statistics for FID runs: work is done in numbered chunks, and after each
+chunk the running float64 sums of every stream are saved atomically, so a killed evaluation continues at
+the next chunk with exactly the statistics an uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from common_jax.fid import FeatureStats
+from common_jax.metrics import Progress
+
+
+def _allreduce_stats(stats: FeatureStats) -> FeatureStats:
+    """Sum a process-local FeatureStats over all processes (identity on one process)."""
+    if jax.process_count() == 1:
+        return stats
+    from jax.experimental import multihost_utils
+    parts = multihost_utils.process_allgather(
+        {"count": np.asarray([stats.count], np.float64), "sum": stats.sum, "outer": stats.outer})
+    out = FeatureStats(stats.dim)
+    out.count = int(np.sum(parts["count"]))
+    out.sum = np.sum(parts["sum"], axis=0)
+    out.outer = np.sum(parts["outer"], axis=0)
+    return out
+
+
+class ChunkedStats:
+    """Named FeatureStats streams (e.g. 'real', 'fake') persisted to ``path`` after every chunk."""
+
+    def __init__(self, path: str, names: tuple[str, ...], dim: int = 2048):
+        self.path, self.names, self.dim = path, tuple(names), dim
+        self.stats = {n: FeatureStats(dim) for n in self.names}
+        self.chunks_done = 0
+        self.extra: dict = {}
+        if os.path.isfile(path):
+            with np.load(path, allow_pickle=False) as z:
+                saved = json.loads(str(z["meta"]))
+                if tuple(saved["names"]) != self.names:
+                    raise ValueError(f"{path}: saved streams {saved['names']} differ from {list(self.names)}; "
+                                     "use a fresh workdir for a different evaluation")
+                self.chunks_done, self.extra = int(saved["chunks_done"]), saved.get("extra", {})
+                for n in self.names:
+                    s = self.stats[n]
+                    s.count, s.sum, s.outer = int(z[f"{n}/count"]), z[f"{n}/sum"], z[f"{n}/outer"]
+
+    def save(self) -> None:
+        if jax.process_index() != 0:
+            return
+        arrays = {"meta": json.dumps({"names": list(self.names), "chunks_done": self.chunks_done,
+                                      "extra": self.extra})}
+        for n, s in self.stats.items():
+            arrays.update({f"{n}/count": np.asarray(s.count), f"{n}/sum": s.sum, f"{n}/outer": s.outer})
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, self.path)      # atomic: a kill mid-write leaves the previous chunk's file
+
+
+def run_chunks(state: ChunkedStats, num_chunks: int, compute: Callable[[int], Mapping[str, np.ndarray]],
+               on_chunk: Callable[[int, Any], None] | None = None, desc: str = "chunk") -> dict[str, FeatureStats]:
+    """Call ``compute(k) -> {stream: this process's features (N, D)}`` for the chunks not done yet, adding them
+    to the global statistics (summed over processes) and saving after each chunk."""
+    prog = Progress(num_chunks, start=state.chunks_done, desc=desc)
+    for k in range(state.chunks_done, num_chunks):
+        feats = compute(k)
+        for n in state.names:
+            local = FeatureStats(state.dim)
+            if len(feats[n]):
+                local.update(np.asarray(feats[n]))
+            state.stats[n].merge(_allreduce_stats(local))
+        state.chunks_done = k + 1
+        if on_chunk is not None:
+            on_chunk(k, feats)
+        state.save()
+        prog.update(k + 1)
+        if jax.process_index() == 0:
+            print(prog.line(k + 1), flush=True)
+    return state.stats

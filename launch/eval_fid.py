@@ -1,0 +1,207 @@
+"""FID / IS of class-conditional samples, or rFID of VQGAN reconstructions, with pytorch-fid's InceptionV3.
+
+    python -m launch.eval_fid --mode=samples --workdir=runs/fid --transformer_workdir=runs/gpt \
+        --inception_weights=inception_fid.npz --ref_stats=imagenet_val_stats.npz --per_class=50
+    python -m launch.eval_fid --mode=reconstruction --workdir=runs/rfid --vqgan_workdir=runs/vq \
+        --inception_weights=inception_fid.npz --dataset=imagenet2012 --data_dir=~/data --image_size=256
+
+Work is split into chunks; after each the running statistics are saved, so rerunning resumes. Every process
+of a multi-host job takes its share of each chunk. The result is ``<workdir>/fid_<mode>.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from common_jax import run_setup
+
+_MODE = flags.DEFINE_enum("mode", None, ["samples", "reconstruction"], "what to evaluate")
+_WORKDIR = flags.DEFINE_string("workdir", None, "output folder (JSON result, resumable state)")
+_INCEPTION = flags.DEFINE_string("inception_weights", None, "converted pytorch-fid weights (.npz)")
+_TRANSFORMER = flags.DEFINE_string("transformer_workdir", "", "stage-two workdir (samples mode)")
+_VQGAN = flags.DEFINE_string("vqgan_workdir", "", "stage-one workdir (reconstruction mode)")
+_TAMING_CKPT = flags.DEFINE_string("taming_ckpt", "", "official VQGAN .ckpt instead of --vqgan_workdir")
+_TAMING_YAML = flags.DEFINE_string("taming_yaml", "", "its .yaml")
+_REF_STATS = flags.DEFINE_string("ref_stats", "", "reference mu/sigma .npz (samples mode); empty: compute from "
+                                 "--dataset/--split and cache it in the workdir")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir")
+_DATASET = flags.DEFINE_string("dataset", "", "dataset name (reference images / images to reconstruct)")
+_SPLIT = flags.DEFINE_string("split", "validation", "split")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "center-crop size of dataset images")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "cap on dataset images (0: the whole split)")
+_PER_CLASS = flags.DEFINE_integer("per_class", 50, "samples per class (FID-50k on ImageNet: 50)")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50000, "samples of an unconditional model")
+_CHUNK = flags.DEFINE_integer("chunk_size", 1000, "images per resumable chunk")
+_BATCH = flags.DEFINE_integer("batch_size", 50, "images per compiled batch")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0: off")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1.0: off")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 0.0, "0: off")
+_SEED = flags.DEFINE_integer("seed", 0, "")
+_SAVE_IMAGES = flags.DEFINE_bool("save_images", False, "also write the samples as an ADM-style arr_0 .npz")
+
+
+def _inception(path: str):
+    """images uint8 -> (pool3 features, logits, unbiased logits); logits are None without the fc layer."""
+    from common_jax.inception import load_inception
+    model, variables = load_inception(path)
+    if model.num_classes:
+        fn = jax.jit(lambda v, x: model.apply(v, x, method="features_and_logits"))
+    else:
+        fn = jax.jit(lambda v, x: (model.apply(v, x), None, None))
+    return lambda images: [None if a is None else np.asarray(a) for a in fn(variables, images)]
+
+
+def _image_loader(batch_size: int):
+    from common_jax import data as data_lib
+    if not _DATASET.value or not _DATA_DIR.value:
+        raise ValueError("--dataset and --data_dir are required for dataset images")
+    return data_lib.make_loader(os.path.expanduser(_DATA_DIR.value), _DATASET.value, _SPLIT.value,
+                                batch_size * jax.process_count(), train=False, image_size=_IMAGE_SIZE.value,
+                                seed=0, num_epochs=1)
+
+
+def _uint8(x: np.ndarray) -> np.ndarray:
+    return np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def _dataset_chunks(loader, batches_per_chunk: int, max_batches: int):
+    """Chunk k -> list of (uint8 images, mask) batches of this process (the loader is already sharded)."""
+    from itertools import islice
+    n = len(loader) if not max_batches else min(len(loader), max_batches)
+    num_chunks = -(-n // batches_per_chunk)
+
+    def chunk(k):
+        loader.set_state(dict(loader.get_state(), next_batch=k * batches_per_chunk))
+        out = []
+        for batch in islice(loader, min(batches_per_chunk, n - k * batches_per_chunk)):
+            out.append((_uint8(batch["image"]), batch["mask"].astype(bool)))
+        return out
+    return num_chunks, chunk
+
+
+def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str]:
+    from common_jax.fid_eval import ChunkedStats, run_chunks
+    from common_jax.fid_stats import load_stats
+    if _REF_STATS.value:
+        mu, sigma = load_stats(_REF_STATS.value, feature_fn=lambda x: features(x)[0])
+        return mu, sigma, _REF_STATS.value
+    loader = _image_loader(_BATCH.value)
+    per_chunk = max(1, _CHUNK.value // _BATCH.value)
+    max_b = -(-_MAX_EXAMPLES.value // _BATCH.value) if _MAX_EXAMPLES.value else 0
+    num_chunks, chunk = _dataset_chunks(loader, per_chunk, max_b)
+    state = ChunkedStats(os.path.join(workdir, "ref_stats_state.npz"), ("real",))
+    stats = run_chunks(state, num_chunks, lambda k: {"real": np.concatenate(
+        [features(x)[0][m] for x, m in chunk(k)] or [np.zeros((0, 2048))])}, desc="reference chunk")
+    mu, sigma = stats["real"].mean_cov()
+    return mu, sigma, f"{_DATASET.value}/{_SPLIT.value} ({stats['real'].count} images)"
+
+
+def eval_samples(workdir: str) -> dict:
+    from common_jax.fid import frechet_distance, inception_score
+    from common_jax.fid_eval import ChunkedStats, run_chunks
+    from transformer_jax.sampler import Sampler, sampling_options
+    if not _TRANSFORMER.value:
+        raise ValueError("--transformer_workdir is required in samples mode")
+    opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
+    features = _inception(_INCEPTION.value)
+    mu_r, sigma_r, ref = reference_stats(workdir, features)
+    sampler = Sampler.from_workdirs(_TRANSFORMER.value)
+    if sampler.cond.kind == "class":
+        labels = np.repeat(np.arange(sampler.cond.n_classes, dtype=np.int32), _PER_CLASS.value)
+    else:
+        labels = None
+        opts.pop("guidance_scale")
+    n = len(labels) if labels is not None else _NUM_SAMPLES.value
+    num_chunks = -(-n // _CHUNK.value)
+    chunk_dir = os.path.join(workdir, "sample_chunks")
+    os.makedirs(chunk_dir, exist_ok=True)
+    pi, pc = jax.process_index(), jax.process_count()
+    key = jax.random.key(_SEED.value)
+
+    def compute(k):
+        idx = np.arange(k * _CHUNK.value, min(n, (k + 1) * _CHUNK.value))[pi::pc]
+        if not len(idx):
+            return {"fake": np.zeros((0, 2048))}
+        lab = None if labels is None else labels[idx]
+        images = sampler.sample(jax.random.fold_in(jax.random.fold_in(key, k), pi), len(idx), lab,
+                                batch_size=_BATCH.value, progress=False, **opts)
+        feats, logits = [], []
+        for s in range(0, len(images), _BATCH.value):
+            f, _, unbiased = features(images[s:s + _BATCH.value])
+            feats.append(f)
+            logits.append(unbiased if unbiased is not None else np.zeros((len(f), 0)))
+        np.savez(os.path.join(chunk_dir, f"chunk_{k:05d}_p{pi}.npz"), logits=np.concatenate(logits),
+                 **({"images": images, "labels": lab if lab is not None else np.zeros(0)} if _SAVE_IMAGES.value
+                    else {}))
+        return {"fake": np.concatenate(feats)}
+
+    state = ChunkedStats(os.path.join(workdir, "samples_state.npz"), ("fake",))
+    stats = run_chunks(state, num_chunks, compute, desc="sample chunk")
+    mu, sigma = stats["fake"].mean_cov()
+    result = {"mode": "samples", "fid": frechet_distance(mu, sigma, mu_r, sigma_r), "num_samples": stats["fake"].count,
+              "reference": ref, "transformer_workdir": _TRANSFORMER.value, "sampling": opts}
+    files = sorted(f for f in os.listdir(chunk_dir) if f.endswith(".npz"))
+    logits = [np.load(os.path.join(chunk_dir, f))["logits"] for f in files]
+    if logits and logits[0].shape[1]:
+        result["inception_score"], result["inception_score_std"] = inception_score(np.concatenate(logits))
+    if _SAVE_IMAGES.value and pi == 0:
+        parts = [np.load(os.path.join(chunk_dir, f)) for f in files]
+        np.savez(os.path.join(workdir, "samples_arr_0.npz"), arr_0=np.concatenate([p["images"] for p in parts]),
+                 arr_1=np.concatenate([p["labels"] for p in parts]))
+        result["images_npz"] = "samples_arr_0.npz"
+    return result
+
+
+def eval_reconstruction(workdir: str) -> dict:
+    from common_jax.fid import frechet_distance
+    from common_jax.fid_eval import ChunkedStats, run_chunks
+    from vqgan_jax.pretrained import load_vqgan
+    model, variables, _ = load_vqgan(_VQGAN.value, _TAMING_CKPT.value, _TAMING_YAML.value)
+    features = _inception(_INCEPTION.value)
+    recon = jax.jit(lambda v, x: model.apply(v, x)[0])
+    loader = _image_loader(_BATCH.value)
+    per_chunk = max(1, _CHUNK.value // _BATCH.value)
+    max_b = -(-_MAX_EXAMPLES.value // _BATCH.value) if _MAX_EXAMPLES.value else 0
+    num_chunks, chunk = _dataset_chunks(loader, per_chunk, max_b)
+    state = ChunkedStats(os.path.join(workdir, "reconstruction_state.npz"), ("real", "recon"))
+
+    def compute(k):
+        real, rec = [], []
+        for x, m in chunk(k):
+            xr = _uint8(np.asarray(recon(variables, (x.astype(np.float32) / 127.5) - 1.0)))
+            real.append(features(x)[0][m])
+            rec.append(features(xr)[0][m])
+        return {"real": np.concatenate(real), "recon": np.concatenate(rec)}
+
+    stats = run_chunks(state, num_chunks, compute, desc="reconstruction chunk")
+    rfid = frechet_distance(*stats["recon"].mean_cov(), *stats["real"].mean_cov())
+    return {"mode": "reconstruction", "rfid": rfid, "num_images": stats["real"].count,
+            "dataset": f"{_DATASET.value}/{_SPLIT.value}", "image_size": _IMAGE_SIZE.value,
+            "vqgan": _VQGAN.value or _TAMING_CKPT.value}
+
+
+def main(argv):
+    del argv
+    run_setup.maybe_initialize_distributed("auto")
+    workdir = run_setup.check_workdir(_WORKDIR.value)
+    if _CHUNK.value < 1 or _BATCH.value < 1:
+        raise ValueError(f"--chunk_size and --batch_size must be >= 1, got {_CHUNK.value}, {_BATCH.value}")
+    t0 = time.time()
+    result = eval_samples(workdir) if _MODE.value == "samples" else eval_reconstruction(workdir)
+    result["seconds"] = round(time.time() - t0, 1)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"fid_{_MODE.value}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    logging.info("%s", result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["mode", "workdir", "inception_weights"])
+    app.run(run_setup.run_main(main))
