@@ -116,7 +116,7 @@ def test_sharded_batch_equals_one_device(ref, feats):
     mesh = make_mesh(data=4, fsdp=2)
     shardings = param_shardings(model, mesh, replicate=False)
     p = shardings["params"]
-    assert p["Mixed_5b"]["branch1x1"]["conv"]["kernel"].spec == P(None, None, "model", "fsdp")
+    assert p["Mixed_5b"]["branch1x1"]["conv"]["kernel"].spec == P(None, None, None, "fsdp")
     assert p["Mixed_5b"]["branch1x1"]["conv"]["bias"].spec == P("fsdp")
     assert param_shardings(model, mesh)["params"]["Mixed_5b"]["branch1x1"]["conv"]["kernel"].spec == P()
     # 13 images: padded to 16 (2 per device) by the extractor, padding dropped from the result
@@ -133,7 +133,7 @@ def test_param_shardings_table_layout(ref):
     model = ref[3]
     p = param_shardings(model, make_mesh(data=2, fsdp=2, model=2), replicate=False)["params"]
     assert p["Conv2d_1a_3x3"]["conv"]["kernel"].spec == P(None, None, None, "fsdp")  # 3 RGB channels
-    assert p["Mixed_5b"]["branch1x1"]["conv"]["kernel"].spec == P(None, None, "model", "fsdp")
+    assert p["Mixed_5b"]["branch1x1"]["conv"]["kernel"].spec == P(None, None, None, "fsdp")
 
 
 def _torch_bilinear(x, size):
