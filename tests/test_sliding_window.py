@@ -108,9 +108,10 @@ def test_buckets_change_cost_not_result(gpt):
     model, v = gpt
     prefix = jnp.array([[1], [2]], jnp.int32)
     key = jax.random.key(11)
-    a = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1)
-    b = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1, buckets=1)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    a = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1, buckets=None)
+    for buckets in (1, 2):
+        b = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1, buckets=buckets)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_argument_errors(gpt):

