@@ -49,7 +49,7 @@ def killed_and_resumed(first_stage, tmp_path_factory):
     over = {"data.data_dir": photos, "first_stage.workdir": vq_dir, "total_steps": TOTAL,
             "checkpoint.every": EVERY}
     proc, log = stage.spawn("gpt", kill_dir, over, env, sleep=0.5)  # also pre-encodes the photos to codes
-    kill_rc = stage.kill_after_checkpoint(proc, log, kill_dir, EVERY, timeout=300)
+    kill_rc = stage.kill_after_checkpoint(proc, log, kill_dir, EVERY, timeout=900)
     cdir = os.path.join(kill_dir, "checkpoints")
     complete = sorted(int(s) for s in os.listdir(cdir) if s.isdigit())
     if not os.path.exists(os.path.join(cdir, str(max(complete) + EVERY))):
@@ -58,7 +58,7 @@ def killed_and_resumed(first_stage, tmp_path_factory):
     resumed = stage.spawn("gpt", kill_dir, over, env)
     reference = stage.spawn("gpt", ref_dir, over, env)
     return dict(kill_dir=kill_dir, ref_dir=ref_dir, kill_rc=kill_rc, complete=complete, leftovers=leftovers,
-                resume_rc=stage.wait(*resumed, 300), ref_rc=stage.wait(*reference, 300))
+                resume_rc=stage.wait(*resumed, 900), ref_rc=stage.wait(*reference, 900))
 
 
 def test_sigkill_then_resume_is_bit_identical(killed_and_resumed):
