@@ -105,6 +105,17 @@ class VQGANTask:
         return specs_from_boxed_init(self._init_boxed, jax.random.key(0))
 
     # -- pieces ----------------------------------------------------------------------------------
+    def _temperature(self, step: jax.Array) -> Any:
+        """Gumbel temperature: taming's LambdaWarmUpCosineScheduler when configured, else the model's."""
+        sched = self.config.get("temperature_schedule")
+        if self.model.quantizer != "gumbel" or not sched:
+            return None
+        warm, total = float(sched.warm_up_steps), float(sched.max_decay_steps)
+        t = jnp.clip((step - warm) / max(total - warm, 1.0), 0.0, 1.0)
+        cosine = sched.lr_min + 0.5 * (sched.lr_max - sched.lr_min) * (1 + jnp.cos(t * jnp.pi))
+        ramp = sched.lr_start + (sched.lr_max - sched.lr_start) * step / max(warm, 1.0)
+        return jnp.where(step < warm, ramp, cosine)
+
     def _lpips_fn(self, lpips_vars: Any) -> LpipsFn | None:
         if self.lpips_model is None:
             return None
@@ -123,8 +134,10 @@ class VQGANTask:
             variables["codebook_ema"] = state.codebook_ema
             mutable = ["codebook_ema"]
 
+        temperature = self._temperature(state.step)
+
         def fwd(m, x):
-            enc = m.encode(x, train=True)
+            enc = m.encode(x, train=True, temperature=temperature)
             return enc, m.decode_pre_out(enc.z_q, train=True)
 
         (enc, h), mut = self.model.apply(variables, x, method=fwd, mutable=mutable,
