@@ -2,7 +2,7 @@
 functions, with tiny configs, in ROOT/{vq,gpt} and the data in ROOT/data.
 
 usage: python _multihost_main.py ROOT [--stages vq,gpt] [--hang STAGE:K] [--devices D] [--data DIR]
-           [--num-processes P --process-id I --coordinator HOST:PORT] [--cache DIR] [--ref]
+           [--num-processes P --process-id I --coordinator HOST:PORT] [--ref]
 
 ``--hang vq:3`` makes the stage's train loader block for good when asked for global batch 3 (after step 3,
 with the checkpoint of step 2 already started), so the test can SIGKILL a process mid-run at a known point.
@@ -26,7 +26,6 @@ p.add_argument("--devices", type=int, default=2)
 p.add_argument("--num-processes", type=int, default=1)
 p.add_argument("--process-id", type=int, default=0)
 p.add_argument("--coordinator", default="")
-p.add_argument("--cache", default="")
 p.add_argument("--data", default="")
 p.add_argument("--ref", action="store_true")
 p.add_argument("--first-stage", default="")
@@ -39,11 +38,6 @@ sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 
-if a.cache:
-    # Restarts compile the same programs again; the persistent cache turns that into a load.
-    jax.config.update("jax_compilation_cache_dir", a.cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 if a.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # The same environment variables a user's launcher sets; the entry points' code path starts it.
@@ -54,14 +48,13 @@ if a.num_processes > 1:
     assert jax.process_count() == a.num_processes, jax.process_count()
 
 import numpy as np  # noqa: E402
-
-DATA = a.data or os.path.join(a.root, "data")
 from absl import logging  # noqa: E402
 
 from common_jax import training  # noqa: E402
 from common_jax.metrics import to_host  # noqa: E402
 from configs import transformer_tiny, vqgan_tiny  # noqa: E402
 
+DATA = a.data or os.path.join(a.root, "data")
 TOTAL, EVERY, BATCH = 4, 2, 8
 CROPS = 8   # built-in photos: 8 train crops per photo (80), 2 held out (20)
 

@@ -7,7 +7,7 @@ One module fixture runs, in tests/_multihost_main.py processes:
   1. two processes: stage one, blocked after step 3 (checkpoint 2 written) -> SIGKILL process 1, then 0;
   2. two processes: stage one resumes from 2 and ends at 4; stage two (pre-encoding the photos with that
      VQGAN, each process its shard) blocks after step 3 -> SIGKILL process 0 (the coordinator), then 1;
-  3. two processes: stage one has nothing left; stage two resumes from 2 and ends at 4;
+  3. two processes: stage two resumes from 2 and ends at 4;
   4. one process, 4 devices: both stages uninterrupted on the same photos; stage two reads the codes the
      two processes wrote, and the photos are also encoded again by this one process for comparison;
      alongside, the same on 1 device: how far two correct runs differ by float summation order alone.
@@ -34,7 +34,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MAIN = os.path.join(HERE, "_multihost_main.py")
-TIMEOUT = 300      # seconds per launch; the whole module takes ~2-3 minutes on 2 idle cores
+TIMEOUT = 480      # seconds per launch (generous: other jobs may load the machine)
 RTOL = 1e-5        # float reductions may group differently across processes
 NOISE_FACTOR = 4   # allowed multiple of the 4-device vs 1-device reference difference
 GLOBAL_RTOL = 1e-4  # all parameters together
@@ -47,9 +47,13 @@ def _free_port() -> int:
 
 
 class Launch:
-    """``n`` processes of _multihost_main.py (one process: 4 devices; several: 2 devices each)."""
+    """``n`` processes of _multihost_main.py (one process: 4 devices; several: 2 devices each).
 
-    def __init__(self, tag: str, root, n: int, *args: str, cache: str, devices: int = 4):
+    No persistent compilation cache: gloo gives up when processes reach their first collective more than
+    30 s apart, and a cache hit in one process but not the other does exactly that.
+    """
+
+    def __init__(self, tag: str, root, n: int, *args: str, devices: int = 4):
         self.logs = [f"{root}.{tag}.{i}.log" for i in range(n)]
         port = _free_port()
         env = dict(os.environ)
@@ -60,7 +64,7 @@ class Launch:
                     f"127.0.0.1:{port}", "--devices", "2"] if n > 1 else ["--devices", str(devices)]
             with open(self.logs[i], "w") as log:  # files, not pipes: a full pipe would stall the process
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, MAIN, str(root), "--cache", cache, *dist, *args],
+                    [sys.executable, MAIN, str(root), *dist, *args],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO))
 
     def log(self, i: int) -> str:
@@ -118,30 +122,30 @@ def _killed_after_checkpoint(launch: Launch, workdir: str, first_victim: int) ->
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
-    root, ref, ref1, cache = base / "mh", base / "ref", base / "ref1", str(base / "jax_cache")
+    root, ref, ref1 = base / "mh", base / "ref", base / "ref1"
     timings = {}
 
     t = time.monotonic()
-    first = Launch("1", root, 2, "--hang", "vq:3", cache=cache)
+    first = Launch("1", root, 2, "--hang", "vq:3")
     _killed_after_checkpoint(first, str(root / "vq"), first_victim=1)
     data_item_vq = json.load(open(root / "vq" / "checkpoints" / "2" / "data" / "metadata"))
     timings["launch 1"] = time.monotonic() - t
 
     t = time.monotonic()
-    second = Launch("2", root, 2, "--hang", "gpt:3", cache=cache)
+    second = Launch("2", root, 2, "--hang", "gpt:3")
     _killed_after_checkpoint(second, str(root / "gpt"), first_victim=0)
     logs_second = [second.log(i) for i in range(2)]
     data_item_gpt = json.load(open(root / "gpt" / "checkpoints" / "2" / "data" / "metadata"))
     timings["launch 2"] = time.monotonic() - t
 
     t = time.monotonic()
-    logs_third = Launch("3", root, 2, cache=cache).finish()
+    logs_third = Launch("3", root, 2, "--stages", "gpt").finish()
     timings["launch 3"] = time.monotonic() - t
 
     t = time.monotonic()
     refs = [Launch("ref", ref, 1, "--ref", "--data", str(root / "data"), "--stages", "vq,gpt,codes",
-                   "--first-stage", str(root / "vq"), cache=cache),
-            Launch("ref1", ref1, 1, "--ref", "--data", str(root / "data"), cache=cache, devices=1)]
+                   "--first-stage", str(root / "vq")),
+            Launch("ref1", ref1, 1, "--ref", "--data", str(root / "data"), devices=1)]
     for r in refs:
         r.finish()
     timings["references"] = time.monotonic() - t
@@ -199,7 +203,6 @@ def test_both_processes_resumed_from_the_checkpoint(runs):
         assert re.search(r"resumed from step 2 of \S*/mh/vq/checkpoints", out), out[-2000:]
     for out in runs["logs_third"]:
         assert re.search(r"resumed from step 2 of \S*/mh/gpt/checkpoints", out), out[-2000:]
-        assert "nothing to do: step 4 >= total_steps 4" in out, out[-2000:]
 
 
 def test_checkpoint_holds_each_process_data_position(runs):
