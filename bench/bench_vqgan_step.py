@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common_jax.layers import POLICIES, conv_grad_policy  # noqa: E402
 from configs.vqgan_base import base_config, vqgan_model  # noqa: E402
 from vqgan_jax.train import VQGANTask  # noqa: E402
 
@@ -73,14 +74,16 @@ def random_lpips(dtype: Any = None) -> tuple[Any, Any]:
 class JaxStep:
     """The jitted, state-donating train step of ``VQGANTask`` and its compiled FLOP count."""
 
-    def __init__(self, config: Any, images: np.ndarray, perceptual: bool, lpips_dtype: Any = None):
+    def __init__(self, config: Any, images: np.ndarray, perceptual: bool, lpips_dtype: Any = None,
+                 conv_grad: str = "auto"):
         self.task = VQGANTask(config, random_lpips(lpips_dtype) if perceptual else None)
         self.state = jax.jit(self.task.init_state)(jax.random.key(0))
         self.batch = {"image": jnp.asarray(images)}
         self.rng = jax.random.key(1)
         jitted = jax.jit(self.task.train_step, donate_argnums=(0,))
         t = time.perf_counter()
-        self.compiled = jitted.lower(self.state, self.batch, self.rng).compile()
+        with conv_grad_policy(conv_grad):   # read while tracing
+            self.compiled = jitted.lower(self.state, self.batch, self.rng).compile()
         self.compile_s = time.perf_counter() - t
         cost = self.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -91,18 +94,24 @@ class JaxStep:
         return float(jax.block_until_ready(metrics["total_loss"]))
 
 
-def alternate(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Warm each function, then run them in turn ``repeats`` times; per-call seconds."""
+def alternate(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
+              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm each function, then run them in turn ``repeats`` times; per-call wall and process-CPU seconds.
+
+    CPU time (all threads) shows how much work a step is when other jobs share the cores.
+    """
     for f in fns.values():
         for _ in range(warmup):
             f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             f()
-            times[k].append(time.perf_counter() - t)
-    return times
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return wall, cpu
 
 
 def machine() -> str:
@@ -130,7 +139,7 @@ def run_cpu(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
     print(f"machine: {machine()}" + (f", torch {ref[0].__version__} ({args.threads} threads)" if ref else ""))
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; conv gradients: {args.conv_grad}")
     print(f"load average at start: {load()}")
     rows = []
     for name in args.configs.split(","):
@@ -141,7 +150,7 @@ def run_cpu(args: argparse.Namespace) -> None:
         res = int(model["resolution"])
         images = np.random.default_rng(0).uniform(-1, 1, (batch, res, res, 3)).astype(np.float32)
         config = make_config(model, loss, batch, args.perceptual)
-        js = JaxStep(config, images, args.perceptual)
+        js = JaxStep(config, images, args.perceptual, conv_grad=args.conv_grad)
         fns: dict[str, Callable[[], Any]] = {"jax": js}
         ref_flops = float("nan")
         if ref is not None:
@@ -154,20 +163,23 @@ def run_cpu(args: argparse.Namespace) -> None:
             ref_flops = count_flops(fns["torch"])
             if args.reuse_forward:
                 fns["torch_reuse"] = make_train_step(tm, x, reuse_forward=True)
-        times = alternate(fns, args.warmup, args.repeats)
+        times, cpu = alternate(fns, args.warmup, args.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append((name, batch, js, med, ref_flops, times))
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        rows.append((name, batch, js, med, ref_flops, med_cpu))
         print(f"[{name}] compile {js.compile_s:.1f} s; per-repeat s: "
               + "; ".join(f"{k}: " + " ".join(f"{t:.3f}" for t in v) for k, v in times.items()), flush=True)
     print(f"load average at end: {load()}")
     print()
     print("| config | batch | JAX s/step | PyTorch s/step | JAX/PyTorch | JAX GFLOP/step | JAX GFLOP/s "
-          "| PyTorch GFLOP/step | PyTorch GFLOP/s |" + (" PyTorch (one forward) s/step |" if args.reuse_forward else ""))
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.reuse_forward else ""))
-    for name, batch, js, med, ref_flops, _ in rows:
+          "| PyTorch GFLOP/step | PyTorch GFLOP/s | CPU s/step JAX / PyTorch |"
+          + (" PyTorch (one forward) s/step |" if args.reuse_forward else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.reuse_forward else ""))
+    for name, batch, js, med, ref_flops, med_cpu in rows:
         tj, tt = med["jax"], med.get("torch", float("nan"))
         line = (f"| {name} | {batch} | {tj:.3f} | {tt:.3f} | {tj / tt:.2f} | {js.flops / 1e9:.1f} | "
-                f"{js.flops / tj / 1e9:.0f} | {ref_flops / 1e9:.1f} | {ref_flops / tt / 1e9:.0f} |")
+                f"{js.flops / tj / 1e9:.0f} | {ref_flops / 1e9:.1f} | {ref_flops / tt / 1e9:.0f} | "
+                f"{med_cpu['jax']:.2f} / {med_cpu.get('torch', float('nan')):.2f} |")
         if args.reuse_forward:
             line += f" {med['torch_reuse']:.3f} |"
         print(line)
@@ -184,11 +196,13 @@ def run_device_mfu(args: argparse.Namespace) -> None:
     c.loss.perceptual_weight = 1.0 if args.perceptual else 0.0
     batch = args.batch or 16
     c.data.global_batch_size = batch
+    if args.resolution:
+        c.model.resolution = c.data.image_size = args.resolution
     res = int(c.model.resolution)
     print(f"machine: {machine()}; devices: {jax.devices()}")
     images = np.random.default_rng(0).uniform(-1, 1, (batch, res, res, 3)).astype(np.float32)
-    js = JaxStep(c, images, args.perceptual, lpips_dtype=jnp.bfloat16)
-    times = alternate({"jax": js}, args.warmup, args.repeats)["jax"]
+    js = JaxStep(c, images, args.perceptual, lpips_dtype=jnp.bfloat16, conv_grad=args.conv_grad)
+    times = alternate({"jax": js}, args.warmup, args.repeats)[0]["jax"]
     t = statistics.median(times)
     tflops = js.flops / t / 1e12
     print(f"f16 ImageNet config, bf16 compute, batch {batch} x {res} px, LPIPS "
@@ -210,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reuse_forward", action="store_true",
                    help="also time PyTorch with the discriminator step reusing the generator's forward")
     p.add_argument("--device_mfu", action="store_true", help="f16 ImageNet config in bf16 on an accelerator")
+    p.add_argument("--resolution", type=int, default=0,
+                   help="--device_mfu: override the image size (default the config's 256; small for a smoke test)")
+    p.add_argument("--conv_grad", default="auto", choices=POLICIES,
+                   help="conv gradient formulation: auto (per-layer rule), lax (XLA's), patch (all patch matmuls)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="accelerator peak for MFU (--device_mfu)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
