@@ -72,11 +72,13 @@ def test_second_order_and_jit_through_custom_rule():
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-def test_bfloat16_gradients_keep_dtype_and_are_close():
-    xs, ws, strides, padding = CASES["1x1"]
+@pytest.mark.parametrize("case", ["1x1", "4x4_s1_p1"])
+@pytest.mark.parametrize("impl", IMPLS[1:], ids=lambda i: f"dx_{i[0]}-dw_{i[1]}")
+def test_bfloat16_gradients_keep_dtype_and_are_close(case, impl):
+    xs, ws, strides, padding = CASES[case]
     x, w = _data(xs, ws)
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, strides, padding, dx_impl="patch", dw_impl="patch"), xb, wb)
+    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, strides, padding, dx_impl=impl[0], dw_impl=impl[1]), xb, wb)
     assert y.dtype == jnp.bfloat16
     g = jnp.ones_like(y)
     dx, dw = vjp(g)
