@@ -7,8 +7,9 @@ usage: python _multihost_main.py ROOT [--stages vq,gpt] [--hang STAGE:K] [--devi
 ``--hang vq:3`` makes the stage's train loader block for good when asked for global batch 3 (after step 3,
 with the checkpoint of step 2 already started), so the test can SIGKILL a process mid-run at a known point.
 ``--data DIR`` (default ROOT/data) holds the built-in photos and the codes. ``--ref``: the single-process
-reference; stage two then trains from the codes dataset already in DIR, written by the multi-process run
-(the same global batches; see test_multihost.py for why not its own encoding). Stage ``codes`` (reference)
+reference (no eval, no image summaries); stage two then trains from the codes dataset already in DIR,
+written by the multi-process run (the same global batches; see test_multihost.py for why not its own
+encoding). Stage ``codes`` (reference)
 pre-encodes the photos of DIR into ROOT/codes with the stage-one model of ``--first-stage`` in one process.
 Writes ROOT/<stage>/final_state.npz (every state leaf, process 0) and ROOT/<stage>/done.json.
 """
@@ -105,17 +106,34 @@ class HangingLoader:
         self.loader.set_state(state)
 
 
-def patch_run(stage: str, workdir: str) -> None:
-    """Wrap the shared loop's train loader (both stages call ``training.run``) with the hang hook."""
-    original = training.run
-    if not a.hang.startswith(stage + ":"):
-        return
-    at = int(a.hang.split(":")[1])
-    marker = os.path.join(workdir, f"hanging.{jax.process_index()}")
+class TrainOnly:
+    """A task without eval_step/summaries: the references only need the final state."""
 
-    def run(config, wd, task, train_loader, *args, **kwargs):
+    def __init__(self, task):
+        self._task = task
+
+    def __getattr__(self, name):
+        if name in ("eval_step", "summaries"):
+            raise AttributeError(name)
+        return getattr(self._task, name)
+
+
+def patch_run(stage: str, workdir: str) -> None:
+    """Wrap the shared loop (both stages call ``training.run``): the hang hook on the train loader, and no
+    eval or image summaries in the references (they would only add compile time)."""
+    original = training.run
+    hang = a.hang.startswith(stage + ":")
+    if not (hang or a.ref):
+        return
+
+    def run(config, wd, task, train_loader, eval_loader_factory=None, **kwargs):
         training.run = original
-        return original(config, wd, task, HangingLoader(train_loader, at, marker), *args, **kwargs)
+        if hang:
+            marker = os.path.join(workdir, f"hanging.{jax.process_index()}")
+            train_loader = HangingLoader(train_loader, int(a.hang.split(":")[1]), marker)
+        if a.ref:
+            task, eval_loader_factory = TrainOnly(task), None
+        return original(config, wd, task, train_loader, eval_loader_factory, **kwargs)
     training.run = run
 
 
@@ -135,13 +153,9 @@ def ref_gpt(config, workdir: str):
     from transformer_jax.train import TransformerTask
     names = [n for n in os.listdir(DATA) if n.startswith("codes_")]
     assert len(names) == 1, names
-    task = TransformerTask(config)
     loader = data_lib.make_loader(DATA, names[0], "train", BATCH, train=True, image_size=None,
                                   seed=int(config.seed))
-    evals = lambda: data_lib.make_loader(DATA, names[0], "validation", BATCH, train=False, image_size=None,
-                                         seed=0, num_epochs=1)
-    config.eval_steps = 1   # what run_setup.cap_eval_steps makes of eval_examples=BATCH
-    return training.run(config, workdir, task, loader, evals, compat_prefixes=("gpt", "cond"))
+    return training.run(config, workdir, TransformerTask(config), loader, compat_prefixes=("gpt", "cond"))
 
 
 def load_state_on_one_device(workdir: str):

@@ -123,32 +123,39 @@ def _killed_after_checkpoint(launch: Launch, workdir: str, first_victim: int) ->
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
     root, ref, ref1 = base / "mh", base / "ref", base / "ref1"
-    timings = {}
+    timings, launches = {}, []
 
-    t = time.monotonic()
-    first = Launch("1", root, 2, "--hang", "vq:3")
-    _killed_after_checkpoint(first, str(root / "vq"), first_victim=1)
-    data_item_vq = json.load(open(root / "vq" / "checkpoints" / "2" / "data" / "metadata"))
-    timings["launch 1"] = time.monotonic() - t
+    def start(*args, **kwargs) -> Launch:
+        launches.append(Launch(*args, **kwargs))
+        return launches[-1]
 
-    t = time.monotonic()
-    second = Launch("2", root, 2, "--hang", "gpt:3")
-    _killed_after_checkpoint(second, str(root / "gpt"), first_victim=0)
-    logs_second = [second.log(i) for i in range(2)]
-    data_item_gpt = json.load(open(root / "gpt" / "checkpoints" / "2" / "data" / "metadata"))
-    timings["launch 2"] = time.monotonic() - t
+    try:
+        t = time.monotonic()
+        _killed_after_checkpoint(start("1", root, 2, "--hang", "vq:3"), str(root / "vq"), first_victim=1)
+        data_item_vq = json.load(open(root / "vq" / "checkpoints" / "2" / "data" / "metadata"))
+        timings["launch 1"] = time.monotonic() - t
 
-    t = time.monotonic()
-    logs_third = Launch("3", root, 2, "--stages", "gpt").finish()
-    timings["launch 3"] = time.monotonic() - t
+        t = time.monotonic()
+        second = start("2", root, 2, "--hang", "gpt:3")
+        _killed_after_checkpoint(second, str(root / "gpt"), first_victim=0)
+        logs_second = [second.log(i) for i in range(2)]
+        data_item_gpt = json.load(open(root / "gpt" / "checkpoints" / "2" / "data" / "metadata"))
+        timings["launch 2"] = time.monotonic() - t
 
-    t = time.monotonic()
-    refs = [Launch("ref", ref, 1, "--ref", "--data", str(root / "data"), "--stages", "vq,gpt,codes",
-                   "--first-stage", str(root / "vq")),
-            Launch("ref1", ref1, 1, "--ref", "--data", str(root / "data"), devices=1)]
-    for r in refs:
-        r.finish()
-    timings["references"] = time.monotonic() - t
+        t = time.monotonic()
+        logs_third = start("3", root, 2, "--stages", "gpt").finish()
+        timings["launch 3"] = time.monotonic() - t
+
+        t = time.monotonic()
+        refs = [start("ref", ref, 1, "--ref", "--data", str(root / "data"), "--stages", "vq,gpt,codes",
+                      "--first-stage", str(root / "vq")),
+                start("ref1", ref1, 1, "--ref", "--data", str(root / "data"), devices=1)]
+        for r in refs:
+            r.finish()
+        timings["references"] = time.monotonic() - t
+    finally:
+        for launch in launches:  # nothing outlives a failed fixture
+            launch.kill_all()
     print("multihost timings (s):", {k: round(v, 1) for k, v in timings.items()})
     yield dict(root=root, ref=ref, ref1=ref1, logs_second=logs_second, logs_third=logs_third,
                data_item_vq=data_item_vq, data_item_gpt=data_item_gpt)
@@ -203,6 +210,15 @@ def test_both_processes_resumed_from_the_checkpoint(runs):
         assert re.search(r"resumed from step 2 of \S*/mh/vq/checkpoints", out), out[-2000:]
     for out in runs["logs_third"]:
         assert re.search(r"resumed from step 2 of \S*/mh/gpt/checkpoints", out), out[-2000:]
+
+
+def test_eval_and_images_ran_across_processes(runs):
+    """The end-of-run eval (sharded, masked) and the image grid ran in the two-process runs; every process
+    logs the same (global) eval numbers."""
+    for logs, key in ((runs["logs_second"], "eval/psnr="), (runs["logs_third"], "eval/nll_bits_per_token=")):
+        lines = [[ln for ln in out.splitlines() if key in ln] for out in logs]
+        assert lines[0] and lines[0] == lines[1], lines
+    assert (runs["root"] / "vq" / "images" / "reconstructions_00000004.png").is_file()
 
 
 def test_checkpoint_holds_each_process_data_position(runs):
