@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -13,8 +14,9 @@ from common_jax import checkpoint as ckpt
 def load_workdir(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
     """(config, train state as a nested dict of arrays, step) of the newest (or given) checkpoint.
 
-    The state is restored as saved (no abstract target needed), so this works without the data, LPIPS
-    weights or mesh the run used.
+    Every array is restored whole onto this process's first device, with the target built from the
+    checkpoint's own metadata: no data, LPIPS weights or mesh of the run are needed, and a workdir written by
+    any process/device layout (e.g. a pod) loads on one machine.
     """
     workdir = os.fspath(workdir)
     if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
@@ -24,8 +26,11 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None) -> tuple[m
         step = ckpt.latest_step(manager) if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"{workdir}: no complete checkpoint yet")
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                              manager.item_metadata(step)["state"])
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     finally:
         manager.close()
     meta = dict(restored["meta"])

@@ -191,9 +191,8 @@ def encode_alone() -> str:
     try:
         vq, variables, _ = load_vqgan(workdir=a.first_stage)
     except ValueError as e:
-        # common_jax.pretrained.load_workdir restores with the saved shardings, so a workdir written by
-        # another process/device layout fails ("Topology mismatch"); recorded for the test, then read here
-        # onto one local device, which is the fix proposed for load_workdir.
+        # load_workdir must read a workdir written by another process/device layout; a failure is
+        # recorded for test_stage_one_workdir_loads_in_another_process_layout, then worked around here.
         with open(os.path.join(out, "load_workdir_error.txt"), "w") as f:
             f.write(str(e))
         config, state = load_state_on_one_device(a.first_stage)

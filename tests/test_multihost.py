@@ -253,17 +253,11 @@ def test_pre_encoding_splits_the_work_and_loses_nothing(runs):
         assert sorted(map(key, got)) == sorted(map(key, want)), split
 
 
-@pytest.mark.xfail(strict=True, reason="common_jax/pretrained.py load_workdir restores with the shardings "
-                   "saved in the checkpoint: orbax refuses a workdir written by another process/device layout "
-                   "(here 2 processes x 2 devices, read by 1 process x 4 devices)")
 def test_stage_one_workdir_loads_in_another_process_layout(runs):
     path = runs["ref"] / "codes" / "load_workdir_error.txt"
     assert not path.exists(), path.read_text()[:500]
 
 
-@pytest.mark.xfail(strict=True, reason="transformer_jax/codes.py prepare_codes: process i writes the "
-                   "interleaved slices i of every global batch, and shards are read in shard order, so the "
-                   "example order (hence the stage-two data stream) depends on how many processes encoded")
 def test_pre_encoded_order_does_not_depend_on_process_count(runs):
     mh, one = _codes_dirs(runs)
     got, want = _read_codes(mh, "train"), _read_codes(one, "train")

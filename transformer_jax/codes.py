@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from typing import Any, Callable, Iterator
@@ -30,34 +31,48 @@ def params_fingerprint(variables: Any) -> str:
     return h.hexdigest()
 
 
-def encode_examples(loader: data_lib.Loader, encode: Callable[[np.ndarray], Any]) -> Iterator[dict]:
-    """Examples ``{'codes', 'label'}`` of a finite (eval-mode, masked) image loader."""
-    for batch in progress_iter(loader, total=len(loader), desc="encode"):
+def encode_examples(loader: data_lib.Loader, encode: Callable[[np.ndarray], Any], num_batches: int
+                    ) -> Iterator[dict]:
+    """Examples ``{'codes', 'label'}`` of the next ``num_batches`` of a finite (eval-mode, masked) loader."""
+    for batch in progress_iter(itertools.islice(loader, num_batches), total=num_batches, desc="encode"):
         codes = np.asarray(encode(batch["image"]), np.int32)
         mask = batch.get("mask", np.ones(len(codes), bool))
         for i in np.flatnonzero(mask):
             yield {"codes": codes[i], "label": np.int32(batch["label"][i])}
 
 
+def _complete(data_dir: str, name: str, split: str) -> bool:
+    try:
+        datasets.read_codes(data_dir, name, split)
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def prepare_codes(data_dir: str, image_dataset: str, image_size: int, encode: Callable[[np.ndarray], Any],
                   stage_one_id: str, batch_size: int, splits=("train", "validation")) -> str:
-    """Encode each split once (every process its share, one shard each); returns the codes dataset name.
+    """Encode each split once; returns the codes dataset name.
 
-    Training from codes fixes one (center) crop per image, where on-the-fly encoding sees a new random
-    crop every epoch: the usual trade of pre-encoding for speed.
+    Process i of n encodes the contiguous batches ``[i*nb/n, (i+1)*nb/n)`` of the whole split and writes
+    shard i, so the stored order is the split's order whatever the number of processes, and a dataset
+    encoded by another process count is reused as it is. Training from codes fixes one (center) crop per
+    image, where on-the-fly encoding sees a new random crop every epoch: the usual trade for speed.
     """
     name = codes_dataset_name(image_dataset, image_size, stage_one_id)
     n, i = jax.process_count(), jax.process_index()
     for split in splits:
-        meta = os.path.join(data_dir, name, f"{split}-{i:05d}-of-{n:05d}.json")
-        if os.path.isfile(meta):
+        if _complete(data_dir, name, split):
             continue
-        loader = data_lib.make_loader(data_dir, image_dataset, split, batch_size * n, train=False,
-                                      image_size=image_size, seed=0, num_epochs=1)
-        logging.info("pre-encoding %s/%s to %s", image_dataset, split, name)
-        datasets.write_codes_dataset(data_dir, name, split, encode_examples(loader, encode),
+        loader = data_lib.make_loader(data_dir, image_dataset, split, batch_size, train=False,
+                                      image_size=image_size, seed=0, num_epochs=1, process_index=0,
+                                      process_count=1)
+        nb = len(loader)
+        start, stop = i * nb // n, (i + 1) * nb // n
+        loader.set_state(dict(loader.get_state(), next_batch=start))
+        logging.info("pre-encoding %s/%s batches [%d, %d) to %s", image_dataset, split, start, stop, name)
+        datasets.write_codes_dataset(data_dir, name, split, encode_examples(loader, encode, stop - start),
                                      shard_index=i, shard_count=n, overwrite=True)
-    if n > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("prepare_codes")
+        if n > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"prepare_codes_{split}")
     return name
