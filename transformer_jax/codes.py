@@ -45,7 +45,7 @@ def _complete(data_dir: str, name: str, split: str) -> bool:
     try:
         datasets.read_codes(data_dir, name, split)
         return True
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, KeyError, ValueError):   # not written, split missing, shards incomplete
         return False
 
 
