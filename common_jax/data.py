@@ -281,7 +281,7 @@ def make_loader(data_dir: str | os.PathLike, name: str, split: str, global_batch
     features = tuple(features)
     missing = [f for f in features if f not in src.features]
     if missing:
-        raise KeyError(f"dataset '{name}' split '{split}' has no feature(s) {missing}; it has {list(src.features)}")
+        raise KeyError(f"dataset '{name}' split '{split}' has no feature(s) {missing}; it has {sorted(src.features)}")
     if src.kind == "codes" and image_size is not None:
         raise ValueError(f"'{name}' is a codes dataset; image_size must be None, got {image_size}")
     image_keys = [k for k in features if k in src.image_features]
