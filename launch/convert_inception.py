@@ -18,8 +18,6 @@ from common_jax.inception import from_pytorch_fid, save_state_dict_npz, to_torch
 from common_jax.torch_io import read_torch_state_dict
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("pth", None, "pytorch-fid weights (.pth), e.g. pt_inception-2015-12-05-6726825d.pth")
-flags.DEFINE_string("out", "inception_fid.npz", "output .npz")
 
 
 def convert_state_dict(state_dict: dict[str, Any], out_path: str) -> dict[str, np.ndarray]:
@@ -39,4 +37,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program: importing both converters must not clash.
+    flags.DEFINE_string("pth", None, "pytorch-fid weights (.pth), e.g. pt_inception-2015-12-05-6726825d.pth")
+    flags.DEFINE_string("out", "inception_fid.npz", "output .npz")
     app.run(main)

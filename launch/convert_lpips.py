@@ -15,9 +15,6 @@ from common_jax.lpips import from_lpips, state_dict_from_torchvision
 from common_jax.torch_io import read_torch_state_dict
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("vgg16", None, "torchvision vgg16 state dict (.pth), e.g. vgg16-397923af.pth")
-flags.DEFINE_string("lin", None, "lpips lin weights (.pth), lpips/weights/v0.1/vgg.pth")
-flags.DEFINE_string("out", "lpips_vgg.npz", "output .npz")
 
 
 def convert(vgg16_path: str, lin_path: str, out_path: str) -> dict[str, np.ndarray]:
@@ -37,4 +34,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program: importing both converters must not clash.
+    flags.DEFINE_string("vgg16", None, "torchvision vgg16 state dict (.pth), e.g. vgg16-397923af.pth")
+    flags.DEFINE_string("lin", None, "lpips lin weights (.pth), lpips/weights/v0.1/vgg.pth")
+    flags.DEFINE_string("out", "lpips_vgg.npz", "output .npz")
     app.run(main)

@@ -17,7 +17,8 @@ from vqgan_jax.train import VQGANTask
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # absl's own flag-parsing errors end with this fixed hint; it is part of absl's one-error format.
 ABSL_HINT = "Pass --helpshort or --helpfull to see help on flags."
-LOG_LINE = re.compile(r"^([IWE]\d{4} \d\d:\d\d:\d\d\.\d+ |WARNING: All log messages before absl::InitializeLog)")
+# absl Python log lines (I1126 14:23:04.46 ...) and C++ ones from TensorFlow (I0000 00:00:1795702984.92 ...)
+LOG_LINE = re.compile(r"^([IWE]\d{4} \d\d:\d\d:\d+\.\d+ |WARNING: All log messages before absl::InitializeLog)")
 
 
 def _cases(tmp):
