@@ -110,7 +110,7 @@ def case_sampling(cfg: dict, steps: int, batch: int, repeats: int, ref, bf16: bo
         torch, mingpt = ref
         tm = _torch_model(ref, cfg, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), v))
         x0 = torch.zeros((batch, 1), dtype=torch.long)
-        fns["taming sample_with_past"] = lambda: mingpt.sample_with_past(x0, tm, steps, top_k=100)
+        fns["taming sample_with_past"] = lambda: mingpt.sample_with_past(x0, tm, steps, top_k=100, top_p=1.0)
         if steps <= 64 or cfg["n_layer"] <= 4:
             fns["taming sample"] = lambda: mingpt.sample(tm, x0, steps, sample=True, top_k=100)
     t0 = time.perf_counter()
