@@ -34,7 +34,7 @@ def fake_batch(b=8, seed=0):
 
 def run_steps(task, mesh, n=1):
     import flax.linen as nn
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         abstract = jax.eval_shape(task.init_state, jax.random.key(0))
         sh = state_shardings(task, abstract, mesh)
         state = jax.jit(task.init_state, out_shardings=sh)(jax.random.key(0))
