@@ -13,6 +13,31 @@ import os
 import sys
 from typing import Any
 
+
+def assert_resume_bit_identical(r: dict, total: int) -> list[str]:
+    """The kill/resume checks both stages share: the killed run died by SIGKILL after a checkpoint before
+    ``total``, resumed from it and finished, and its final state equals the uninterrupted run's bit for bit.
+    Returns the state's keys (for stage-specific checks)."""
+    import signal
+
+    import numpy as np
+    kill_dir, ref_dir = r["kill_dir"], r["ref_dir"]
+    assert r["kill_rc"] == -signal.SIGKILL
+    assert r["complete"] and max(r["complete"]) < total, r["complete"]
+    log = open(str(kill_dir) + ".log").read()
+    assert r["resume_rc"] == 0, log[-3000:]
+    assert r["ref_rc"] == 0, open(str(ref_dir) + ".log").read()[-3000:]
+    assert f"resumed from step {max(r['complete'])} " in log
+    assert json.load(open(os.path.join(kill_dir, "done.json")))["step"] == total
+    got = dict(np.load(os.path.join(kill_dir, "final_state.npz")))
+    want = dict(np.load(os.path.join(ref_dir, "final_state.npz")))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    return sorted(want)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
