@@ -58,11 +58,12 @@ def test_row_groups_cover_rows_with_enough_context():
             assert len(groups) <= buckets
 
 
-def test_window_sized_grid_equals_ordinary_sampling(gpt):
+@pytest.mark.parametrize("method", ["cached", "prefix"])
+def test_window_sized_grid_equals_ordinary_sampling(gpt, method):
     model, v = gpt
     prefix = jnp.array([[3], [7]], jnp.int32)
     key = jax.random.key(5)
-    grid = sample_sliding_window(model, v, (W, W), W, key, prefix=prefix, top_k=10)
+    grid = sample_sliding_window(model, v, (W, W), W, key, prefix=prefix, top_k=10, method=method)
     seq = sample(model, v, prefix, W * W, key, top_k=10)
     assert grid.shape == (2, W, W) and grid.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(grid).reshape(2, -1), np.asarray(seq))
@@ -84,14 +85,20 @@ def _reference_logits(forward, v, grid, prefix, cond_grid, i, j):
     return logits.reshape(grid.shape[0], W, W, -1)[:, li, lj]
 
 
-@pytest.mark.parametrize("spatial", [False, True])
-def test_larger_grid_logits_match_plain_loop(gpt, forward, spatial):
+# cached: all slots, 2 slots shared round-robin (resets), chunks of 3 (chunks run past the sampled
+# position and are shifted back at the end of the window), and the cache-free prefix method.
+@pytest.mark.parametrize("spatial,options", [
+    (False, dict(method="cached")), (True, dict(method="cached")),
+    (False, dict(method="cached", cache_slots=2, chunk=3)), (True, dict(method="cached", chunk=5)),
+    (False, dict(method="prefix")), (True, dict(method="prefix"))])
+def test_larger_grid_logits_match_plain_loop(gpt, forward, spatial, options):
     model, v = gpt
     h, w_ = 6, 7
     prefix = jnp.array([[1], [2]], jnp.int32)
     cond = jax.random.randint(jax.random.key(9), (2, h, w_), 0, 40) if spatial else None
     grid, logits = sample_sliding_window(model, v, (h, w_), W, jax.random.key(3), prefix=prefix,
-                                         cond_grid=cond, top_k=8, temperature=0.9, return_logits=True)
+                                         cond_grid=cond, top_k=8, temperature=0.9, return_logits=True,
+                                         **options)
     grid, logits = np.asarray(grid), np.asarray(logits)
     cond_np = None if cond is None else np.asarray(cond)
     for i in range(h):
@@ -108,10 +115,13 @@ def test_buckets_change_cost_not_result(gpt):
     model, v = gpt
     prefix = jnp.array([[1], [2]], jnp.int32)
     key = jax.random.key(11)
-    a = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1, buckets=None)
+    a = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1, method="prefix", buckets=None)
     for buckets in (1, 2):
-        b = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1, buckets=buckets)
+        b = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1, method="prefix",
+                                  buckets=buckets)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1)   # cached
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
 def test_argument_errors(gpt):
@@ -129,6 +139,10 @@ def test_argument_errors(gpt):
         sample_sliding_window(model, v, (5, 5), W, key, cond_grid=jnp.zeros((1, 4, 4), jnp.int32))
     with pytest.raises(ValueError, match="cond_grid batch 2 != prefix batch 1"):
         sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, cond_grid=jnp.zeros((2, 4, 4), jnp.int32))
+    with pytest.raises(ValueError, match="method must be 'cached' or 'prefix', got 'kv'"):
+        sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, method="kv")
+    with pytest.raises(ValueError, match="cache_slots must be a positive int"):
+        sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, cache_slots=0)
     with pytest.raises(ValueError, match="buckets must be"):
         sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, buckets=0)
     with pytest.raises(ValueError, match="token ids must be in"):

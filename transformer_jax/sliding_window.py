@@ -6,10 +6,15 @@ a w x w window, the window's top-left corner is (i - li, j - lj) with ``li = win
 such as SOS / class, and/or the conditioning grid cut at the same place), and the logits that predict
 window position (li, lj) are used.
 
-One jitted program covers all positions: positions are visited in raster order by ``lax.fori_loop``s,
-one loop per group of rows that need the same causal prefix. The model only runs on the tokens up to
-the end of the window row that holds (li, lj) (later tokens cannot influence that position), which for
-the interior rows is about half of the window; ``buckets`` trades this saving against compile time.
+One jitted program covers all positions, visited in raster order by ``lax.fori_loop``. Two methods:
+
+- ``"cached"`` (default): a KV cache per window position. A window's codes never change once drawn,
+  so the cache of window (r0, c0) stays valid and later positions that use the same window only feed
+  the tokens drawn since (a window row, or one token), in chunks, instead of re-running the prefix.
+  Windows are told apart by their column; a slot is reset when its row start moves on (tall grids).
+- ``"prefix"``: the model runs on the tokens up to the end of the window row that holds (li, lj)
+  (later tokens cannot influence that position), about half of the window in the interior rows;
+  ``buckets`` trades this saving against compile time. No cache memory.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.gpt import GPT
+from transformer_jax.gpt import GPT, init_cache
 from transformer_jax.sampling import _check_options, _check_tokens, choose_tokens
 
 
@@ -48,6 +53,11 @@ def row_groups(height: int, window: int, buckets: int | None) -> list[tuple[int,
     return groups
 
 
+def _crop(g: jax.Array, i0: Any, j0: Any, w: int) -> jax.Array:
+    """(B, H, W) -> the (B, w*w) row-major window with top-left corner (i0, j0)."""
+    return lax.dynamic_slice(g, (0, i0, j0), (g.shape[0], w, w)).reshape(g.shape[0], w * w)
+
+
 @functools.lru_cache(maxsize=32)
 def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: int | None,
                      use_top_p: bool, buckets: int | None, return_logits: bool):
@@ -60,9 +70,6 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
         grid = jnp.zeros((b, height, width), jnp.int32)
         logits_all = jnp.zeros((b, height, width, model.vocab_size) if return_logits else (0,), jnp.float32)
 
-        def crop(g, i0, j0):
-            return lax.dynamic_slice(g, (0, i0, j0), (b, w, w)).reshape(b, w * w)
-
         def make_body(length):
             def body(p, carry):
                 grid, logits_all = carry
@@ -70,8 +77,8 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
                 li, lj = window_offset(i, height, w), window_offset(j, width, w)
                 parts = [prefix]
                 if cond_grid.shape[1]:
-                    parts.append(crop(cond_grid, i - li, j - lj))
-                parts.append(crop(grid, i - li, j - lj))
+                    parts.append(_crop(cond_grid, i - li, j - lj, w))
+                parts.append(_crop(grid, i - li, j - lj, w))
                 tokens = jnp.concatenate(parts, axis=1)[:, :length]
                 h = model.apply(variables, tokens, method=GPT.features)
                 # Input position n_ctx - 1 + li*w + lj predicts window position (li, lj).
@@ -93,23 +100,97 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_sampler(model: GPT, height: int, width: int, window: int, top_k: int | None,
+                    use_top_p: bool, slots: int, chunk: int, return_logits: bool):
+    w = window
+
+    def run(variables, prefix, cond_grid, rng, temperature, top_p):
+        b = prefix.shape[0]
+        n_ctx = prefix.shape[1] + (w * w if cond_grid.shape[1] else 0)
+        length = n_ctx + w * w - 1          # input positions a window ever needs
+        c = min(max(chunk, model.n_unmasked), length)  # a first chunk covers the unmasked block
+        tp = top_p if use_top_p else None
+        caches = jax.tree_util.tree_map(lambda x: jnp.zeros((slots,) + x.shape, x.dtype),
+                                        init_cache(model, b, length))
+        owner = jnp.full((slots, 2), -1, jnp.int32)    # (row start, column start) each slot holds
+        filled = jnp.zeros((slots,), jnp.int32)        # positions [0, filled) of that slot are valid
+        grid = jnp.zeros((b, height, width), jnp.int32)
+        logits_all = jnp.zeros((b, height, width, model.vocab_size) if return_logits else (0,), jnp.float32)
+
+        def feed(tokens, cache, start):
+            return model.apply(variables, tokens, cache, start, method=GPT.decode)
+
+        def body(p, carry):
+            grid, caches, owner, filled, logits_all = carry
+            i, j = p // width, p % width
+            li, lj = window_offset(i, height, w), window_offset(j, width, w)
+            r0, c0 = i - li, j - lj
+            slot = c0 % slots
+            cache = jax.tree_util.tree_map(lambda x: lax.dynamic_index_in_dim(x, slot, keepdims=False), caches)
+            same = (owner[slot, 0] == r0) & (owner[slot, 1] == c0)
+            n0 = jnp.where(same, filled[slot], 0)
+            q = n_ctx - 1 + li * w + lj      # the input position whose logits predict (li, lj)
+            parts = [prefix] + ([_crop(cond_grid, r0, c0, w)] if cond_grid.shape[1] else [])
+            seq = jnp.concatenate(parts + [_crop(grid, r0, c0, w)], axis=1)
+
+            def one_token(cache):
+                logits, cache = feed(lax.dynamic_slice_in_dim(seq, q, 1, axis=1), cache, q)
+                return logits[:, 0], cache
+
+            def chunks(cache):
+                # Feed [n0, q] in chunks of c; a chunk may run past q (into codes not drawn yet): those
+                # positions are causally invisible to q and are overwritten by the next extension.
+                def step(state):
+                    n, cache, _ = state
+                    start = jnp.minimum(n, length - c)
+                    logits, cache = feed(lax.dynamic_slice_in_dim(seq, start, c, axis=1), cache, start)
+                    at = jnp.clip(q - start, 0, c - 1)
+                    return start + c, cache, lax.dynamic_index_in_dim(logits, at, axis=1, keepdims=False)
+                init = (n0, cache, jnp.zeros((b, model.vocab_size), jnp.float32))
+                _, cache, logits = lax.while_loop(lambda st: st[0] <= q, step, init)
+                return logits, cache
+
+            logits, cache = lax.cond(q == n0, one_token, chunks, cache)
+            caches = jax.tree_util.tree_map(lambda x, y: lax.dynamic_update_index_in_dim(x, y, slot, 0),
+                                            caches, cache)
+            owner = owner.at[slot].set(jnp.stack([r0, c0]))
+            filled = filled.at[slot].set(q + 1)
+            tok = choose_tokens(logits, jax.random.fold_in(rng, p), top_k, tp, temperature)
+            grid = lax.dynamic_update_slice(grid, tok[:, None, None], (0, i, j))
+            if return_logits:
+                logits_all = lax.dynamic_update_slice(logits_all, logits[:, None, None], (0, i, j, 0))
+            return grid, caches, owner, filled, logits_all
+
+        grid, _, _, _, logits_all = lax.fori_loop(0, height * width, body,
+                                                  (grid, caches, owner, filled, logits_all))
+        return grid, logits_all
+
+    return jax.jit(run)
+
+
 def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], window: int,
                           rng: jax.Array, prefix: jax.Array | None = None,
                           cond_grid: jax.Array | None = None, top_k: int | None = None,
                           top_p: float | None = None, temperature: float = 1.0,
-                          buckets: int | None = 4, return_logits: bool = False
-                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
+                          method: str = "cached", buckets: int | None = 4,
+                          cache_slots: int | None = None, chunk: int | None = None,
+                          return_logits: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sample an (H, W) code grid with a ``window`` x ``window`` sliding window -> (B, H, W) int32.
 
     Conditioning tokens: ``prefix`` (B, P) (e.g. SOS or class token, prepended unchanged) and/or
     ``cond_grid`` (B, H, W) (spatial conditioning codes, cropped with the same window); at least one
     token in all. Position (i, j) draws with ``fold_in(rng, i * W + j)``, so on an H = W = window grid
-    this equals :func:`transformer_jax.sampling.sample` with the same key. The model runs only on the
-    tokens up to the end of the window row being sampled, rounded up to one of ``buckets`` lengths
-    (each length is one compiled loop): ``buckets=None`` is exact per row offset (least compute, up to
-    ``window`` loops to compile), ``1`` always runs the full window. Measured on a 16 x 32 grid with a
-    16 window: exact rows 1.0, buckets=2 1.47x, full window 1.97x the time; the default 4 is in between. ``return_logits`` also returns the logits used at every position
-    (B, H, W, vocab), for checking.
+    this equals :func:`transformer_jax.sampling.sample` with the same key (up to float rounding).
+
+    ``method="cached"`` keeps a KV cache per window column (``cache_slots``, default W - window + 1;
+    fewer slots share them round-robin and recompute more), each of (n_layer, 2, B, heads,
+    conditioning + window**2, head_dim) in the compute dtype, and feeds new codes ``chunk`` tokens at a
+    time (default: one window row). ``method="prefix"`` keeps no cache: the model runs on the tokens
+    up to the end of the window row being sampled, rounded up to one of ``buckets`` lengths (each
+    length is one compiled loop): ``buckets=None`` is exact per row offset (least compute, up to
+    ``window`` loops to compile), ``1`` always runs the full window. ``return_logits`` also returns
+    the logits used at every position (B, H, W, vocab), for checking.
     """
     _check_options(top_k, top_p, temperature)
     h, wd = (int(s) for s in shape)
@@ -117,6 +198,11 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
         raise ValueError(f"window must be a positive int, got {window!r}")
     if h < window or wd < window:
         raise ValueError(f"grid shape {(h, wd)} must be at least the window size {window} in both dims")
+    if method not in ("cached", "prefix"):
+        raise ValueError(f"method must be 'cached' or 'prefix', got {method!r}")
+    for name, val in (("cache_slots", cache_slots), ("chunk", chunk)):
+        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {val!r}")
     if buckets is not None and (not isinstance(buckets, int) or buckets < 1):
         raise ValueError(f"buckets must be a positive int or None, got {buckets!r}")
     if prefix is None and cond_grid is None:
@@ -144,7 +230,12 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
                          f"{n_ctx + window * window - 1} exceeds the model's block_size {model.block_size}")
     if n_ctx < model.n_unmasked:
         raise ValueError(f"conditioning length {n_ctx} is shorter than n_unmasked {model.n_unmasked}")
-    fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits)
+    if method == "cached":
+        slots = min(cache_slots or wd - window + 1, wd - window + 1)
+        fn = _cached_sampler(model, h, wd, window, top_k, top_p is not None, slots, chunk or window,
+                             return_logits)
+    else:
+        fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits)
     grid, logits = fn(variables, prefix, cond_grid, rng, jnp.float32(temperature),
                       jnp.float32(1.0 if top_p is None else top_p))
     return (grid, logits) if return_logits else grid
