@@ -1,4 +1,4 @@
-"""conv2d / Conv: every gradient formulation equals XLA's own conv and its autodiff."""
+"""conv2d / Conv: every forward and gradient formulation equals XLA's own conv and its autodiff."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common_jax import layers
-from common_jax.layers import CONV_KERNEL_AXES, Conv, conv2d, conv_grad_plan, conv_grad_policy
+from common_jax.layers import CONV_KERNEL_AXES, Conv, conv2d, conv_fwd_plan, conv_grad_plan, conv_grad_policy
 
 # (x shape NHWC, kernel HWIO, strides, padding): the project's conv shapes in miniature.
 CASES = {
@@ -48,7 +48,8 @@ def test_values_and_gradients_match_lax(case, impl):
     xs, ws, strides, padding = CASES[case]
     x, w = _data(xs, ws)
     y_ref, vjp_ref = jax.vjp(lambda a, b: _ref(a, b, strides, padding), x, w)
-    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, strides, padding, dx_impl=impl[0], dw_impl=impl[1]), x, w)
+    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, strides, padding, dx_impl=impl[0], dw_impl=impl[1],
+                                         fwd_impl="lax"), x, w)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))   # the forward is XLA's conv itself
     g = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), jnp.float32)
     for got, want, name in zip(vjp(g), vjp_ref(g), ("dx", "dw")):
@@ -56,6 +57,24 @@ def test_values_and_gradients_match_lax(case, impl):
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * scale,
                                    err_msg=f"{case} {name} ({impl})")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("fwd", ["patch", "map"])
+def test_forward_formulations_match_lax(case, fwd):
+    """Patch-matmul and one-image-at-a-time values equal XLA's conv up to float reassociation, and the
+    gradients through them are still the conv's."""
+    xs, ws, strides, padding = CASES[case]
+    x, w = _data(xs, ws)
+    y_ref, vjp_ref = jax.vjp(lambda a, b: _ref(a, b, strides, padding), x, w)
+    y, vjp = jax.vjp(jax.jit(lambda a, b: conv2d(a, b, strides, padding, "lax", "lax", fwd)), x, w)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0,
+                               atol=1e-5 * float(jnp.max(jnp.abs(y_ref))), err_msg=f"{case} {fwd}")
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), jnp.float32)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(want))), err_msg=f"{case} {fwd}")
 
 
 def test_second_order_and_jit_through_custom_rule():
@@ -107,6 +126,22 @@ def test_plan_rule_on_cpu_and_other_backends():
         assert conv_grad_plan((8, 8, 8, 256), (1, 1, 256, 256), (1, 1), p0, "cpu") == ("lax", "lax")
 
 
+def test_forward_plan_rule():
+    p0, p1, p3 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((0, 0), (3, 3))
+    assert conv_fwd_plan((8, 35, 35, 288), (1, 1, 288, 64), (1, 1), p0, "cpu") == "patch"
+    assert conv_fwd_plan((8, 17, 17, 128), (1, 7, 128, 128), (1, 1), p3, "cpu") == "patch"
+    assert conv_fwd_plan((8, 35, 35, 288), (3, 3, 288, 384), (2, 2), p0, "cpu") == "patch"
+    assert conv_fwd_plan((8, 149, 149, 32), (3, 3, 32, 32), (1, 1), p0, "cpu") == "map"
+    assert conv_fwd_plan((1, 149, 149, 32), (3, 3, 32, 32), (1, 1), p0, "cpu") == "lax"   # one image
+    assert conv_fwd_plan((8, 147, 147, 32), (3, 3, 32, 64), (1, 1), p1, "cpu") == "lax"   # padded
+    assert conv_fwd_plan((8, 299, 299, 3), (3, 3, 3, 32), (2, 2), p0, "cpu") == "lax"     # few channels
+    assert conv_fwd_plan((8, 64, 64, 64), (3, 3, 64, 64), (1, 1), p1, "cpu") == "lax"
+    for backend in ("gpu", "tpu"):
+        assert conv_fwd_plan((8, 35, 35, 288), (1, 1, 288, 64), (1, 1), p0, backend) == "lax"
+    with conv_grad_policy("patch"):   # a forced gradient policy keeps XLA's forward
+        assert conv_fwd_plan((8, 35, 35, 288), (1, 1, 288, 64), (1, 1), p0, "cpu") == "lax"
+
+
 def _has_custom_vjp(fn, *args) -> bool:
     return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
 
@@ -153,6 +188,8 @@ def test_bad_arguments_raise_clear_errors():
         conv2d(x, w, strides=(0, 1))
     with pytest.raises(ValueError, match="dx_impl must be one of"):
         conv2d(x, w, dx_impl="im2col", dw_impl="lax")
+    with pytest.raises(ValueError, match="fwd_impl must be one of"):
+        conv2d(x, w, fwd_impl="winograd")
     with pytest.raises(ValueError, match="negative padding"):
         conv2d(x, w, padding=((-1, 0), (0, 0)))
     with pytest.raises(ValueError, match="policy must be one of"):
