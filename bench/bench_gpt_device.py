@@ -1,0 +1,133 @@
+"""Stage-two GPT on an accelerator: MFU of the AdamW train step and KV-cached sampling throughput.
+
+    python bench/bench_gpt_device.py --peak_tflops 989                  # H100 SXM dense bf16 peak
+    python bench/bench_gpt_device.py --peak_tflops 989 --batch 32 --remat
+    python bench/bench_gpt_device.py --layers 2 --embd 128 --heads 2 --vocab 512 --batch 2 --sample_batch 2 \
+        --peak_tflops 1                                                 # CPU smoke test of the script
+
+Default sizes are the paper's cIN transformer (configs/transformer_imagenet_cin.py: 24 layers x 1536 wide,
+16 heads, 16384-code vocabulary, 256 tokens). Train step: float32 parameters and AdamW state, ``--dtype``
+compute (bfloat16 by default), parameters and batch donated as the training loop does; random tokens
+(never zeros). FLOPs per step: ``6 * params * tokens + 12 * layers * batch * T^2 * width`` (matmuls forward
+and backward plus attention scores and values, the causal half not discounted), printed beside XLA's
+own count. Sampling: ``transformer_jax.sampling.sample`` (prefill + one compiled decode loop), top-k 100,
+tokens per second over the whole batch. Medians of ``--repeats`` timed calls after a warm-up call, each
+synchronised with ``block_until_ready``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax.linen import meta  # noqa: E402
+
+from transformer_jax.gpt import GPT  # noqa: E402
+from transformer_jax.sampling import sample  # noqa: E402
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm-up (compilation is timed separately)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def train_step_mfu(model: GPT, batch: int, repeats: int, peak_tflops: float) -> dict[str, float]:
+    params = meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.01)
+    t = model.block_size
+    data = jax.random.randint(jax.random.key(1), (batch, t + 1), 0, model.vocab_size, jnp.int32)
+
+    def loss_fn(p, x):
+        logits = model.apply({"params": p}, x[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+    def step(p, o, x):
+        loss, g = jax.value_and_grad(loss_fn)(p, x)
+        updates, o = opt.update(g, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params), data).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    state = {"p": params, "o": opt.init(params)}
+
+    def run() -> None:
+        state["p"], state["o"], loss = compiled(state["p"], state["o"], data)
+        if not bool(jnp.isfinite(loss)):
+            raise SystemExit(f"train step produced a non-finite loss {loss}")
+
+    sec, _ = _median_time(run, repeats)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    flops = 6 * n_params * batch * t + 12 * model.n_layer * batch * t * t * model.n_embd
+    return dict(params_m=n_params / 1e6, compile_s=compile_s, step_ms=sec * 1e3, flops_t=flops / 1e12,
+                xla_flops_t=xla_flops / 1e12, tflops=flops / sec / 1e12,
+                mfu=100 * flops / sec / 1e12 / peak_tflops)
+
+
+def sampling_throughput(model: GPT, batch: int, steps: int, repeats: int) -> dict[str, float]:
+    variables = meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    prefix = jax.random.randint(jax.random.key(2), (batch, 1), 0, model.vocab_size, jnp.int32)
+    keys = iter(jax.random.split(jax.random.key(3), repeats + 2))
+    t0 = time.perf_counter()
+    sample(model, variables, prefix, steps, jax.random.key(4), top_k=100).block_until_ready()
+    compile_s = time.perf_counter() - t0
+    sec, _ = _median_time(lambda: sample(model, variables, prefix, steps, next(keys), top_k=100
+                                         ).block_until_ready(), repeats)
+    return dict(compile_s=compile_s, total_ms=sec * 1e3, ms_per_step=sec / steps * 1e3,
+                tokens_per_s=batch * steps / sec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--embd", type=int, default=1536)
+    ap.add_argument("--vocab", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=256, help="sequence length (block_size)")
+    ap.add_argument("--batch", type=int, default=16, help="train-step batch (sequences)")
+    ap.add_argument("--sample_batch", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--remat", action="store_true", help="rematerialise each block in the backward pass")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--peak_tflops", type=float, required=True,
+                    help="the accelerator's dense peak for --dtype, TFLOP/s (e.g. 989 for bf16 on an H100 SXM)")
+    args = ap.parse_args()
+    if args.peak_tflops <= 0:
+        raise SystemExit(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    model = GPT(vocab_size=args.vocab, block_size=args.tokens, n_layer=args.layers, n_head=args.heads,
+                n_embd=args.embd, dtype=jnp.dtype(args.dtype), remat=args.remat)
+    print(f"jax {jax.__version__}; devices: {jax.devices()}")
+    print(f"GPT {args.layers}L x {args.embd} x {args.heads}h, vocab {args.vocab}, {args.tokens} tokens, "
+          f"{args.dtype} compute{', remat' if args.remat else ''}")
+    tr = train_step_mfu(model, args.batch, args.repeats, args.peak_tflops)
+    sa = sampling_throughput(model, args.sample_batch, args.tokens, max(3, args.repeats // 3))
+    print("\n| work | compile s | time | TFLOP | TFLOP/s | MFU | throughput |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| train step, batch {args.batch} x {args.tokens} ({tr['params_m']:.0f} M params) | "
+          f"{tr['compile_s']:.1f} | {tr['step_ms']:.1f} ms | {tr['flops_t']:.3f} (XLA: {tr['xla_flops_t']:.3f}) | "
+          f"{tr['tflops']:.1f} | {tr['mfu']:.1f}% of {args.peak_tflops:g} | "
+          f"{args.batch * args.tokens / tr['step_ms'] * 1e3:.0f} tokens/s |")
+    print(f"| sampling, batch {args.sample_batch}, {args.tokens} tokens, top-k 100 | {sa['compile_s']:.1f} | "
+          f"{sa['total_ms']:.1f} ms ({sa['ms_per_step']:.2f} ms/step) | | | | "
+          f"{sa['tokens_per_s']:.0f} tokens/s |")
+
+
+if __name__ == "__main__":
+    main()
