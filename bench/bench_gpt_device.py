@@ -45,12 +45,10 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float
     return statistics.median(times), times
 
 
-def train_step_mfu(model: GPT, batch: int, repeats: int, peak_tflops: float) -> dict[str, float]:
-    params = meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.01)
-    t = model.block_size
-    data = jax.random.randint(jax.random.key(1), (batch, t + 1), 0, model.vocab_size, jnp.int32)
-
+def compile_train_step(model: GPT, opt: optax.GradientTransformation, params: Any, data: jax.Array
+                       ) -> tuple[Any, float]:
+    """(compiled ``step(params, opt_state, tokens) -> (params, opt_state, loss)`` with parameters and optimizer
+    state donated, XLA's FLOP count of it): next-token cross-entropy, as minGPT's forward computes it."""
     def loss_fn(p, x):
         logits = model.apply({"params": p}, x[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
@@ -60,12 +58,21 @@ def train_step_mfu(model: GPT, batch: int, repeats: int, peak_tflops: float) -> 
         updates, o = opt.update(g, o, p)
         return optax.apply_updates(p, updates), o, loss
 
-    t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params), data).compile()
-    compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    return compiled, float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def train_step_mfu(model: GPT, batch: int, repeats: int, peak_tflops: float) -> dict[str, float]:
+    params = meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.01)
+    t = model.block_size
+    data = jax.random.randint(jax.random.key(1), (batch, t + 1), 0, model.vocab_size, jnp.int32)
+
+    t0 = time.perf_counter()
+    compiled, xla_flops = compile_train_step(model, opt, params, data)
+    compile_s = time.perf_counter() - t0
     state = {"p": params, "o": opt.init(params)}
 
     def run() -> None:

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,6 +27,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax.linen import meta  # noqa: E402
 
+from bench_gpt_device import compile_train_step  # noqa: E402
 from transformer_jax.convert import to_mingpt  # noqa: E402
 from transformer_jax.gpt import GPT  # noqa: E402
 from transformer_jax.sampling import sample  # noqa: E402
@@ -176,20 +178,7 @@ def case_train(repeats: int, ref, bf16: bool) -> None:
     rng = np.random.default_rng(0)
     data = jnp.asarray(rng.integers(0, SMALL["vocab_size"], (batch, t + 1)), jnp.int32)
 
-    def loss_fn(params, x):
-        logits = model.apply({"params": params}, x[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
-
-    def step(params, opt_state, x):
-        loss, g = jax.value_and_grad(loss_fn)(params, x)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    jstep = jax.jit(step, donate_argnums=(0, 1))
-    compiled = jstep.lower(v["params"], opt.init(v["params"]), data).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    compiled, flops = compile_train_step(model, opt, v["params"], data)
     state = {"p": v["params"], "o": opt.init(v["params"])}
 
     def run_jax():
