@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax.linen import meta
 
+from transformer_jax import sliding_window
 from transformer_jax.gpt import GPT
 from transformer_jax.sampling import sample
 from transformer_jax.sliding_window import row_groups, sample_sliding_window, window_offset
@@ -111,7 +112,7 @@ def test_larger_grid_logits_match_plain_loop(gpt, forward, spatial, options):
     assert len(np.unique(grid)) > 5
 
 
-def test_buckets_change_cost_not_result(gpt):
+def test_buckets_and_cache_budget_change_cost_not_result(gpt, monkeypatch):
     model, v = gpt
     prefix = jnp.array([[1], [2]], jnp.int32)
     key = jax.random.key(11)
@@ -122,6 +123,13 @@ def test_buckets_change_cost_not_result(gpt):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     c = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1)   # cached
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    # A cache budget smaller than one window's cache leaves one shared slot: same codes.
+    slots_used, real = [], sliding_window._cached_sampler
+    monkeypatch.setattr(sliding_window, "_cached_sampler", lambda *args: slots_used.append(args[6]) or real(*args))
+    monkeypatch.setattr(sliding_window, "CACHE_BYTES_BUDGET", 1)
+    d = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=1)
+    assert slots_used == [1]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(d))
 
 
 def test_argument_errors(gpt):

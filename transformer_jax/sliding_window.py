@@ -8,7 +8,7 @@ window position (li, lj) are used.
 
 One jitted program covers all positions, visited in raster order by ``lax.fori_loop``. Two methods:
 
-- ``"cached"`` (default): a KV cache per window position. A window's codes never change once drawn,
+- ``"cached"`` (default): a KV cache per window column. A window's codes never change once drawn,
   so the cache of window (r0, c0) stays valid and later positions that use the same window only feed
   the tokens drawn since (a window row, or one token), in chunks, instead of re-running the prefix.
   Windows are told apart by their column; a slot is reset when its row start moves on (tall grids).
@@ -28,6 +28,10 @@ from jax import lax
 
 from transformer_jax.gpt import GPT, init_cache
 from transformer_jax.sampling import _check_options, _check_tokens, choose_tokens
+
+# Default memory for the cached method's window caches; fewer slots than window columns are shared
+# round-robin (still exact, more recomputation).
+CACHE_BYTES_BUDGET = 2 << 30
 
 
 def window_offset(i: Any, size: int, window: int) -> Any:
@@ -183,10 +187,10 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     token in all. Position (i, j) draws with ``fold_in(rng, i * W + j)``, so on an H = W = window grid
     this equals :func:`transformer_jax.sampling.sample` with the same key (up to float rounding).
 
-    ``method="cached"`` keeps a KV cache per window column (``cache_slots``, default W - window + 1;
-    fewer slots share them round-robin and recompute more), each of (n_layer, 2, B, heads,
-    conditioning + window**2, head_dim) in the compute dtype, and feeds new codes ``chunk`` tokens at a
-    time (default: one window row). ``method="prefix"`` keeps no cache: the model runs on the tokens
+    ``method="cached"`` keeps a KV cache per window column (``cache_slots``; default W - window + 1, or
+    as many as fit in :data:`CACHE_BYTES_BUDGET`; fewer slots are shared round-robin and recompute
+    more), each of (n_layer, 2, B, heads, conditioning + window**2, head_dim) in the compute dtype, and
+    feeds new codes ``chunk`` tokens at a time (default: one window row). ``method="prefix"`` keeps no cache: the model runs on the tokens
     up to the end of the window row being sampled, rounded up to one of ``buckets`` lengths (each
     length is one compiled loop): ``buckets=None`` is exact per row offset (least compute, up to
     ``window`` loops to compile), ``1`` always runs the full window. ``return_logits`` also returns
@@ -231,7 +235,9 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     if n_ctx < model.n_unmasked:
         raise ValueError(f"conditioning length {n_ctx} is shorter than n_unmasked {model.n_unmasked}")
     if method == "cached":
-        slots = min(cache_slots or wd - window + 1, wd - window + 1)
+        slot_bytes = (model.n_layer * 2 * batch * model.n_embd * (n_ctx + window * window - 1)
+                      * jnp.dtype(model.dtype).itemsize)
+        slots = min(cache_slots or max(1, CACHE_BYTES_BUDGET // slot_bytes), wd - window + 1)
         fn = _cached_sampler(model, h, wd, window, top_k, top_p is not None, slots, chunk or window,
                              return_logits)
     else:
