@@ -21,9 +21,10 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -31,18 +32,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax.linen import meta  # noqa: E402
 
+from _timing import alternate, machine  # noqa: E402
 from transformer_jax.gpt import GPT  # noqa: E402
 from transformer_jax.sampling import sample  # noqa: E402
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up (compilation is timed separately)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 def compile_train_step(model: GPT, opt: optax.GradientTransformation, params: Any, data: jax.Array
@@ -80,7 +72,7 @@ def train_step_mfu(model: GPT, batch: int, repeats: int, peak_tflops: float) -> 
         if not bool(jnp.isfinite(loss)):
             raise SystemExit(f"train step produced a non-finite loss {loss}")
 
-    sec, _ = _median_time(run, repeats)
+    sec = statistics.median(alternate({"step": run}, 1, repeats)[0]["step"])
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     flops = 6 * n_params * batch * t + 12 * model.n_layer * batch * t * t * model.n_embd
     return dict(params_m=n_params / 1e6, compile_s=compile_s, step_ms=sec * 1e3, flops_t=flops / 1e12,
@@ -95,8 +87,10 @@ def sampling_throughput(model: GPT, batch: int, steps: int, repeats: int) -> dic
     t0 = time.perf_counter()
     sample(model, variables, prefix, steps, jax.random.key(4), top_k=100).block_until_ready()
     compile_s = time.perf_counter() - t0
-    sec, _ = _median_time(lambda: sample(model, variables, prefix, steps, next(keys), top_k=100
-                                         ).block_until_ready(), repeats)
+    def run() -> None:
+        sample(model, variables, prefix, steps, next(keys), top_k=100).block_until_ready()
+
+    sec = statistics.median(alternate({"sample": run}, 1, repeats)[0]["sample"])
     return dict(compile_s=compile_s, total_ms=sec * 1e3, ms_per_step=sec / steps * 1e3,
                 tokens_per_s=batch * steps / sec)
 
@@ -120,7 +114,7 @@ def main() -> None:
         raise SystemExit(f"--peak_tflops must be positive, got {args.peak_tflops}")
     model = GPT(vocab_size=args.vocab, block_size=args.tokens, n_layer=args.layers, n_head=args.heads,
                 n_embd=args.embd, dtype=jnp.dtype(args.dtype), remat=args.remat)
-    print(f"jax {jax.__version__}; devices: {jax.devices()}")
+    print(f"machine: {machine()}")
     print(f"GPT {args.layers}L x {args.embd} x {args.heads}h, vocab {args.vocab}, {args.tokens} tokens, "
           f"{args.dtype} compute{', remat' if args.remat else ''}")
     tr = train_step_mfu(model, args.batch, args.repeats, args.peak_tflops)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,11 +25,13 @@ from typing import Any, Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _timing import alternate, machine  # noqa: E402
 from common_jax.inception import from_pytorch_fid, to_torchvision_names  # noqa: E402
 from seeded_weights import golden, seeded_array  # noqa: E402
 
@@ -63,32 +64,6 @@ def build_reference(sd: dict[str, np.ndarray], threads: int) -> tuple[Any, Any] 
     finally:
         pfi.load_state_dict_from_url = saved
     return torch, model.eval()
-
-
-def alternate(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Warm each function up, then call them in turn ``repeats`` times; seconds per call."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    except OSError:
-        pass
-    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-    return (f"{cpu}, {os.cpu_count()} cores, python {platform.python_version()}, jax {jax.__version__} "
-            f"({jax.default_backend()}: {devices})")
 
 
 def parse_cases(spec: str) -> list[tuple[int, int]]:
@@ -137,7 +112,7 @@ def main() -> None:
             fns["torch"] = run_torch
             ours = np.asarray(compiled(variables, x))
             diff = float(np.abs(ours - run_torch().reshape(batch, -1).numpy()).max())
-        times = alternate(fns, args.warmup, args.repeats)
+        times, _ = alternate(fns, args.warmup, args.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((f"{batch}x{size}x{size}", compile_s, med.get("jax"), med.get("torch"), diff))
 

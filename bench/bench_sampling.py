@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax.linen import meta  # noqa: E402
 
+from _timing import alternate, machine  # noqa: E402
 from bench_gpt_device import compile_train_step  # noqa: E402
 from transformer_jax.convert import to_mingpt  # noqa: E402
 from transformer_jax.gpt import GPT  # noqa: E402
@@ -50,24 +51,10 @@ def _reference():
     return torch, mingpt
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def _alternate(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Warm every function once, then alternate them ``repeats`` times; medians in seconds."""
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            times[k] += _time(f, 1)
-    return {k: statistics.median(v) for k, v in times.items()}
+    wall, _ = alternate(fns, 1, repeats)
+    return {k: statistics.median(v) for k, v in wall.items()}
 
 
 def _report(title: str, med: dict[str, float], extra: dict[str, str] | None = None) -> None:
@@ -216,8 +203,7 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip torch/taming even if importable")
     args = ap.parse_args()
     ref = None if args.no_reference else _reference()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s)), "
-          f"{os.cpu_count()} CPUs")
+    print(f"machine: {machine()}")
     cases = set(args.cases.split(","))
     if "a" in cases:
         case_sampling(SMALL, 256, 4, args.repeats, ref, args.bf16, "a")

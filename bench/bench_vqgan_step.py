@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _timing import alternate, machine  # noqa: E402
 from common_jax.layers import POLICIES, conv_grad_policy  # noqa: E402
 from configs.vqgan_base import base_config, vqgan_model  # noqa: E402
 from vqgan_jax.train import VQGANTask  # noqa: E402
@@ -92,39 +92,6 @@ class JaxStep:
     def __call__(self) -> float:
         self.state, metrics = self.compiled(self.state, self.batch, self.rng)
         return float(jax.block_until_ready(metrics["total_loss"]))
-
-
-def alternate(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
-              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Warm each function, then run them in turn ``repeats`` times; per-call wall and process-CPU seconds.
-
-    CPU time (all threads) shows how much work a step is when other jobs share the cores.
-    """
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            f()
-            wall[k].append(time.perf_counter() - t)
-            cpu[k].append(time.process_time() - c)
-    return wall, cpu
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    except OSError:
-        pass
-    import flax
-    import jaxlib
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.python_version()}, jax {jax.__version__} "
-            f"(jaxlib {jaxlib.__version__}, {jax.default_backend()}), flax {flax.__version__}")
 
 
 def load() -> str:
