@@ -166,6 +166,46 @@ def plant_unfinished_checkpoint(workdir: Any, step: int) -> str:
     return fake
 
 
+def kill_resume_and_reference(stage: str, root: Any, overrides: dict, every: int, timeout: float = 900) -> dict:
+    """Run ``stage`` in ``root/killed``, SIGKILL it once checkpoint ``every`` is complete, leave a half-written
+    next checkpoint (unless the kill left one), resume it in a new process, and run ``root/reference``
+    uninterrupted beside it; returns what :func:`assert_resume_bit_identical` checks."""
+    import glob
+    kill_dir, ref_dir = root / "killed", root / "reference"
+    env = cache_env(str(root / "jax_cache"))
+    proc, log = spawn(stage, kill_dir, overrides, env, sleep=0.5)
+    kill_rc = kill_after_checkpoint(proc, log, kill_dir, every, timeout=timeout)
+    cdir = os.path.join(kill_dir, "checkpoints")
+    complete = sorted(int(s) for s in os.listdir(cdir) if s.isdigit())
+    if not os.path.exists(os.path.join(cdir, str(max(complete) + every))):
+        plant_unfinished_checkpoint(kill_dir, max(complete) + every)
+    leftovers = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cdir, "*.orbax-checkpoint-tmp*")))
+    resumed = spawn(stage, kill_dir, overrides, env)
+    reference = spawn(stage, ref_dir, overrides, env)
+    return dict(kill_dir=kill_dir, ref_dir=ref_dir, kill_rc=kill_rc, complete=complete, leftovers=leftovers,
+                resume_rc=wait(*resumed, timeout), ref_rc=wait(*reference, timeout))
+
+
+def write_stage_one_workdir(photos: str, workdir: str, step: int) -> None:
+    """Built-in photos prepared in ``photos`` and a stage-one workdir holding checkpoint ``step`` of a freshly
+    initialised configs/vqgan_tiny (stage two and config checks need a frozen model, not a trained one)."""
+    import jax
+
+    from common_jax import checkpoint as ckpt
+    from common_jax import datasets
+    from common_jax.config_utils import config_to_dict
+    from vqgan_jax.train import VQGANTask
+    datasets.prepare_builtin_photos(photos, crop_size=32, crops_per_photo=64)
+    config = vqgan_config(photos)
+    state = jax.jit(VQGANTask(config).init_state)(jax.random.key(0))
+    manager = ckpt.make_manager(workdir, async_save=False)
+    try:
+        ckpt.save(manager, step, state, {"config": config_to_dict(config)}, None, force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+
+
 def _parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)

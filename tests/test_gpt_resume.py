@@ -1,21 +1,16 @@
 """Stage two end to end on codes of the built-in photographs: SIGKILL + resume is bit-exact (a half-written
 checkpoint is never used), and a short training lowers held-out NLL below the codes' unigram entropy."""
-import glob
 import os
 import time
 
-import jax
 import numpy as np
 import pytest
 
 import _stage_main as stage
-from common_jax import checkpoint as ckpt
 from common_jax import datasets
-from common_jax.config_utils import config_to_dict
 from transformer_jax.codes import codes_dataset_name, params_fingerprint
 from transformer_jax.train import train, unigram_entropy_bits
 from vqgan_jax.pretrained import load_vqgan
-from vqgan_jax.train import VQGANTask
 
 TOTAL, EVERY = 6, 2
 
@@ -26,37 +21,17 @@ def first_stage(tmp_path_factory):
     directly as a checkpoint: stage two only needs a frozen encoder, not a trained one)."""
     root = tmp_path_factory.mktemp("stage1")
     photos, workdir = str(root / "photos"), str(root / "vqgan")
-    datasets.prepare_builtin_photos(photos, crop_size=32, crops_per_photo=64)
-    config = stage.vqgan_config(photos)
-    state = jax.jit(VQGANTask(config).init_state)(jax.random.key(0))
-    manager = ckpt.make_manager(workdir, async_save=False)
-    try:
-        ckpt.save(manager, 1, state, {"config": config_to_dict(config)}, None, force=True)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
+    stage.write_stage_one_workdir(photos, workdir, step=1)
     return photos, workdir
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(first_stage, tmp_path_factory):
     photos, vq_dir = first_stage
-    root = tmp_path_factory.mktemp("resume")
-    kill_dir, ref_dir = root / "killed", root / "reference"
-    env = stage.cache_env(str(root / "jax_cache"))
     over = {"data.data_dir": photos, "first_stage.workdir": vq_dir, "total_steps": TOTAL,
             "checkpoint.every": EVERY}
-    proc, log = stage.spawn("gpt", kill_dir, over, env, sleep=0.5)  # also pre-encodes the photos to codes
-    kill_rc = stage.kill_after_checkpoint(proc, log, kill_dir, EVERY, timeout=900)
-    cdir = os.path.join(kill_dir, "checkpoints")
-    complete = sorted(int(s) for s in os.listdir(cdir) if s.isdigit())
-    if not os.path.exists(os.path.join(cdir, str(max(complete) + EVERY))):
-        stage.plant_unfinished_checkpoint(kill_dir, max(complete) + EVERY)
-    leftovers = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cdir, "*.orbax-checkpoint-tmp*")))
-    resumed = stage.spawn("gpt", kill_dir, over, env)
-    reference = stage.spawn("gpt", ref_dir, over, env)
-    return dict(kill_dir=kill_dir, ref_dir=ref_dir, kill_rc=kill_rc, complete=complete, leftovers=leftovers,
-                resume_rc=stage.wait(*resumed, 900), ref_rc=stage.wait(*reference, 900))
+    # the killed run also pre-encodes the photos to codes
+    return stage.kill_resume_and_reference("gpt", tmp_path_factory.mktemp("resume"), over, EVERY)
 
 
 def test_sigkill_then_resume_is_bit_identical(killed_and_resumed):

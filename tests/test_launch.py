@@ -5,14 +5,9 @@ import re
 import subprocess
 import sys
 
-import jax
 import pytest
 
 import _stage_main as stage
-from common_jax import checkpoint as ckpt
-from common_jax import datasets
-from common_jax.config_utils import config_to_dict
-from vqgan_jax.train import VQGANTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # absl's own flag-parsing errors end with this fixed hint; it is part of absl's one-error format.
@@ -66,15 +61,7 @@ def outputs(tmp_path_factory):
     # A stage-one workdir with a checkpoint of configs/vqgan_tiny (n_embed=128), and its data prepared, so
     # the resumed run reaches the config check at once.
     photos, vq = os.path.join(tmp, "photos"), os.path.join(tmp, "vq")
-    datasets.prepare_builtin_photos(photos, crop_size=32, crops_per_photo=64)
-    config = stage.vqgan_config(photos)
-    state = jax.jit(VQGANTask(config).init_state)(jax.random.key(0))
-    manager = ckpt.make_manager(vq, async_save=False)
-    try:
-        ckpt.save(manager, 2, state, {"config": config_to_dict(config)}, None, force=True)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
+    stage.write_stage_one_workdir(photos, vq, step=2)
     cases["n_embed_disagrees_with_checkpoint"] = (
         ["launch.train_vqgan", f"--workdir={vq}", f"--config.data.data_dir={photos}", "--config.model.n_embed=64"],
         ["--config.model.n_embed=64 disagrees with checkpoint in", vq, "128"])

@@ -110,24 +110,10 @@ TOTAL, EVERY = 6, 2
 def killed_and_resumed(photos, tmp_path_factory):
     """A run killed after its first checkpoint, then resumed in a new process next to an uninterrupted run
     (GAN on from step 2, so the discriminator and its BatchNorm statistics are part of the resume)."""
-    root = tmp_path_factory.mktemp("resume")
-    kill_dir, ref_dir = root / "killed", root / "reference"
-    env = stage.cache_env(str(root / "jax_cache"))
     over = {**SMALL, "data.data_dir": photos, "loss.disc_start": 2, "total_steps": TOTAL, "checkpoint.every": EVERY}
     t0 = time.monotonic()
-    proc, log = stage.spawn("vqgan", kill_dir, over, env, sleep=0.5)
-    kill_rc = stage.kill_after_checkpoint(proc, log, kill_dir, EVERY, timeout=900)
-    cdir = os.path.join(kill_dir, "checkpoints")
-    complete = sorted(int(s) for s in os.listdir(cdir) if s.isdigit())
-    if not os.path.exists(os.path.join(cdir, str(max(complete) + EVERY))):
-        stage.plant_unfinished_checkpoint(kill_dir, max(complete) + EVERY)
-    leftovers = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cdir, "*.orbax-checkpoint-tmp*")))
-
-    resumed = stage.spawn("vqgan", kill_dir, over, env)
-    reference = stage.spawn("vqgan", ref_dir, over, env)
-    resume_rc, ref_rc = stage.wait(*resumed, 900), stage.wait(*reference, 900)
-    return dict(kill_dir=kill_dir, ref_dir=ref_dir, kill_rc=kill_rc, complete=complete, leftovers=leftovers,
-                resume_rc=resume_rc, ref_rc=ref_rc, elapsed=time.monotonic() - t0)
+    r = stage.kill_resume_and_reference("vqgan", tmp_path_factory.mktemp("resume"), over, EVERY)
+    return dict(r, elapsed=time.monotonic() - t0)
 
 
 def test_sigkill_then_resume_is_bit_identical(killed_and_resumed):
