@@ -66,13 +66,15 @@ def _image_loader(batch_size: int):
                                 seed=0, num_epochs=1)
 
 
-def _uint8(x: np.ndarray) -> np.ndarray:
-    return np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
-
-
-def _dataset_chunks(loader, batches_per_chunk: int, max_batches: int):
-    """Chunk k -> list of (uint8 images, mask) batches of this process (the loader is already sharded)."""
+def _dataset_chunks():
+    """(number of chunks, chunk k -> list of (uint8 images, mask) batches of this process) over the dataset
+    images: --chunk_size images a chunk, at most --max_examples (the loader is already sharded)."""
     from itertools import islice
+
+    from common_jax.metrics import to_uint8
+    loader = _image_loader(_BATCH.value)
+    batches_per_chunk = max(1, _CHUNK.value // _BATCH.value)
+    max_batches = -(-_MAX_EXAMPLES.value // _BATCH.value) if _MAX_EXAMPLES.value else 0
     n = len(loader) if not max_batches else min(len(loader), max_batches)
     num_chunks = -(-n // batches_per_chunk)
 
@@ -80,7 +82,7 @@ def _dataset_chunks(loader, batches_per_chunk: int, max_batches: int):
         loader.set_state(dict(loader.get_state(), next_batch=k * batches_per_chunk))
         out = []
         for batch in islice(loader, min(batches_per_chunk, n - k * batches_per_chunk)):
-            out.append((_uint8(batch["image"]), batch["mask"].astype(bool)))
+            out.append((to_uint8(batch["image"]), batch["mask"].astype(bool)))
         return out
     return num_chunks, chunk
 
@@ -91,10 +93,7 @@ def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str
     if _REF_STATS.value:
         mu, sigma = load_stats(_REF_STATS.value, feature_fn=lambda x: features(x)[0])
         return mu, sigma, _REF_STATS.value
-    loader = _image_loader(_BATCH.value)
-    per_chunk = max(1, _CHUNK.value // _BATCH.value)
-    max_b = -(-_MAX_EXAMPLES.value // _BATCH.value) if _MAX_EXAMPLES.value else 0
-    num_chunks, chunk = _dataset_chunks(loader, per_chunk, max_b)
+    num_chunks, chunk = _dataset_chunks()
     state = ChunkedStats(os.path.join(workdir, "ref_stats_state.npz"), ("real",))
     stats = run_chunks(state, num_chunks, lambda k: {"real": np.concatenate(
         [features(x)[0][m] for x, m in chunk(k)] or [np.zeros((0, 2048))])}, desc="reference chunk")
@@ -161,20 +160,19 @@ def eval_samples(workdir: str) -> dict:
 def eval_reconstruction(workdir: str) -> dict:
     from common_jax.fid import frechet_distance
     from common_jax.fid_eval import ChunkedStats, run_chunks
+    from common_jax.data import to_float
+    from common_jax.metrics import to_uint8
     from vqgan_jax.pretrained import load_vqgan
     model, variables, _ = load_vqgan(_VQGAN.value, _TAMING_CKPT.value, _TAMING_YAML.value)
     features = _inception(_INCEPTION.value)
     recon = jax.jit(lambda v, x: model.apply(v, x)[0])
-    loader = _image_loader(_BATCH.value)
-    per_chunk = max(1, _CHUNK.value // _BATCH.value)
-    max_b = -(-_MAX_EXAMPLES.value // _BATCH.value) if _MAX_EXAMPLES.value else 0
-    num_chunks, chunk = _dataset_chunks(loader, per_chunk, max_b)
+    num_chunks, chunk = _dataset_chunks()
     state = ChunkedStats(os.path.join(workdir, "reconstruction_state.npz"), ("real", "recon"))
 
     def compute(k):
         real, rec = [], []
         for x, m in chunk(k):
-            xr = _uint8(np.asarray(recon(variables, (x.astype(np.float32) / 127.5) - 1.0)))
+            xr = to_uint8(recon(variables, to_float(x)))
             real.append(features(x)[0][m])
             rec.append(features(xr)[0][m])
         return {"real": np.concatenate(real), "recon": np.concatenate(rec)}

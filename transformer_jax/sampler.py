@@ -7,17 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common_jax.metrics import Progress
+from common_jax.metrics import Progress, to_uint8
 from transformer_jax import conditioning as cond_lib
 from transformer_jax.sampling import sample
 from transformer_jax.sliding_window import sample_sliding_window
 
 # (images uint8 NHWC, labels or None) -> probability of accepting each image, in [0, 1]
 Classifier = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
-
-
-def to_uint8(images: jax.Array) -> np.ndarray:
-    return np.asarray(jnp.round((jnp.clip(images, -1, 1) + 1) * 127.5).astype(jnp.uint8))
 
 
 def sampling_options(top_k: int, top_p: float, temperature: float, guidance: float) -> dict:
