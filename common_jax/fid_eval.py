@@ -36,14 +36,13 @@ class ChunkedStats:
         self.path, self.names, self.dim = path, tuple(names), dim
         self.stats = {n: FeatureStats(dim) for n in self.names}
         self.chunks_done = 0
-        self.extra: dict = {}
         if os.path.isfile(path):
             with np.load(path, allow_pickle=False) as z:
                 saved = json.loads(str(z["meta"]))
                 if tuple(saved["names"]) != self.names:
                     raise ValueError(f"{path}: saved streams {saved['names']} differ from {list(self.names)}; "
                                      "use a fresh workdir for a different evaluation")
-                self.chunks_done, self.extra = int(saved["chunks_done"]), saved.get("extra", {})
+                self.chunks_done = int(saved["chunks_done"])
                 for n in self.names:
                     s = self.stats[n]
                     s.count, s.sum, s.outer = int(z[f"{n}/count"]), z[f"{n}/sum"], z[f"{n}/outer"]
@@ -51,8 +50,7 @@ class ChunkedStats:
     def save(self) -> None:
         if jax.process_index() != 0:
             return
-        arrays = {"meta": json.dumps({"names": list(self.names), "chunks_done": self.chunks_done,
-                                      "extra": self.extra})}
+        arrays = {"meta": json.dumps({"names": list(self.names), "chunks_done": self.chunks_done})}
         for n, s in self.stats.items():
             arrays.update({f"{n}/count": np.asarray(s.count), f"{n}/sum": s.sum, f"{n}/outer": s.outer})
         tmp = self.path + ".tmp"
