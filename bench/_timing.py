@@ -24,6 +24,13 @@ def machine() -> str:
             f"(jaxlib {jaxlib.__version__}, {jax.default_backend()}: {devices}), flax {flax.__version__}")
 
 
+def xla_flops(compiled: Any) -> float:
+    """FLOPs of a compiled jax program by XLA's cost analysis (nan where the backend reports none)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
 def alternate(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
               ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Warm each function, then run them in turn ``repeats`` times; per-call wall and process-CPU seconds.

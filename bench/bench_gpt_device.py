@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax.linen import meta  # noqa: E402
 
-from _timing import alternate, machine  # noqa: E402
+from _timing import alternate, machine, xla_flops  # noqa: E402
 from transformer_jax.gpt import GPT  # noqa: E402
 from transformer_jax.sampling import sample  # noqa: E402
 
@@ -51,9 +51,7 @@ def compile_train_step(model: GPT, opt: optax.GradientTransformation, params: An
         return optax.apply_updates(p, updates), o, loss
 
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params), data).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return compiled, float(cost.get("flops", 0.0)) if cost else 0.0
+    return compiled, xla_flops(compiled)
 
 
 def train_step_mfu(model: GPT, batch: int, repeats: int, peak_tflops: float) -> dict[str, float]:

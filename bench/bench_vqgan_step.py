@@ -31,21 +31,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _timing import alternate, machine  # noqa: E402
+from _timing import alternate, machine, xla_flops  # noqa: E402
 from common_jax.layers import POLICIES, conv_grad_policy  # noqa: E402
 from configs.vqgan_base import base_config, vqgan_model  # noqa: E402
 from vqgan_jax.train import VQGANTask  # noqa: E402
 
 # name -> (model overrides, loss overrides, batch). Discriminator: taming's defaults (ndf 64) with
 # n_layers 2 at 32 px (3 at 64 px would leave a 2x2 map before the last two 4x4 convs).
+SMALL_AE = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32, resolution=32,
+                embed_dim=32, n_embed=128)
 CONFIGS: dict[str, tuple[dict, dict, int]] = {
-    "small": (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
-                   resolution=32, embed_dim=32, n_embed=128),
-              dict(disc_num_layers=2, disc_ndf=64), 16),
+    "small": (SMALL_AE, dict(disc_num_layers=2, disc_ndf=64), 16),
     # The project's tiny demo config (configs/vqgan_tiny.py): same autoencoder, 16-wide discriminator.
-    "tiny": (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
-                  resolution=32, embed_dim=32, n_embed=128),
-             dict(disc_num_layers=2, disc_ndf=16), 16),
+    "tiny": (SMALL_AE, dict(disc_num_layers=2, disc_ndf=16), 16),
     "mid": (dict(ch=64, ch_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(8,), z_channels=64,
                  resolution=64, embed_dim=64, n_embed=512),
             dict(disc_num_layers=3, disc_ndf=64), 8),
@@ -85,9 +83,7 @@ class JaxStep:
         with conv_grad_policy(conv_grad):   # read while tracing
             self.compiled = jitted.lower(self.state, self.batch, self.rng).compile()
         self.compile_s = time.perf_counter() - t
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        self.flops = float((cost or {}).get("flops", float("nan")))
+        self.flops = xla_flops(self.compiled)
 
     def __call__(self) -> float:
         self.state, metrics = self.compiled(self.state, self.batch, self.rng)
