@@ -31,6 +31,44 @@ def xla_flops(compiled: Any) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
+def matmul_flops(fn: Callable[..., Any], *args: Any) -> float:
+    """FLOPs (2 per multiply-add) of every dot_general and convolution in ``fn(*args)``'s jaxpr.
+
+    The MFU numerator, independent of the backend: XLA's cost analysis counts nothing inside the
+    cuBLAS/cuDNN calls a GPU program makes, so on GPUs it reports a small fraction of the real work.
+    Sub-programs (jit, remat, custom derivatives) are walked; a scan counts ``length`` times; of a
+    cond's branches the costliest counts.
+    """
+    import math
+
+    from jax.extend import core as ecore
+
+    def walk(jaxpr: Any) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            out = eqn.outvars[0].aval.shape
+            if name == "dot_general":
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in contract)
+            elif name == "conv_general_dilated":
+                rhs = eqn.invars[1].aval.shape
+                spec = eqn.params["dimension_numbers"].rhs_spec   # (out feature, in feature, *spatial)
+                per_output = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+                total += 2.0 * math.prod(out) * per_output
+            subs = [v for v in eqn.params.values() if isinstance(v, (ecore.Jaxpr, ecore.ClosedJaxpr))]
+            branches = eqn.params.get("branches")
+            if branches:
+                total += max(walk(getattr(b, "jaxpr", b)) for b in branches)
+            for sub in subs:
+                total += walk(getattr(sub, "jaxpr", sub)) * (eqn.params.get("length", 1)
+                                                             if name == "scan" else 1)
+        return total
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def alternate(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int
               ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Warm each function, then run them in turn ``repeats`` times; per-call wall and process-CPU seconds.

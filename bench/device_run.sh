@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # One prepared accelerator run: MFU of both train steps in bf16 and GPT sampling throughput.
-#   bash bench/device_run.sh 989        # the card's dense bf16 peak in TFLOP/s (H100 SXM: 989; H200: 989)
-# Each part prints a table last; a failing part does not stop the others.
+#   bash bench/device_run.sh 989        # the card's dense bf16 peak in TFLOP/s (H100 SXM and H200: 989)
+# Each part prints a table last; a failing part does not stop the others. Parts run in order of
+# importance (the 24-layer GPT step first) so a run cut short still reports them.
 set -u
 PEAK="${1:?usage: bash bench/device_run.sh PEAK_BF16_TFLOPS}"
+PY="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
-python bench/bench_vqgan_step.py --device_mfu --peak_tflops "$PEAK" --batch 16 || echo "stage-one MFU failed"
-python bench/bench_gpt_device.py --peak_tflops "$PEAK" --batch 16 || echo "GPT MFU failed"
-python bench/bench_gpt_device.py --peak_tflops "$PEAK" --batch 32 --remat || echo "GPT MFU (remat) failed"
+"$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+"$PY" bench/bench_gpt_device.py --peak_tflops "$PEAK" --batch 16 || echo "GPT MFU failed"
+"$PY" bench/bench_gpt_device.py --peak_tflops "$PEAK" --batch 16 --attention_impl cudnn --no_sample \
+    || echo "GPT MFU (cudnn attention) failed"
+"$PY" bench/bench_gpt_device.py --peak_tflops "$PEAK" --batch 32 --attention_impl cudnn --no_sample \
+    || echo "GPT MFU (batch 32, cudnn attention) failed"
+"$PY" bench/bench_vqgan_step.py --device_mfu --perceptual --peak_tflops "$PEAK" --batch 16 || echo "stage-one MFU failed"

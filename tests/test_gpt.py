@@ -12,7 +12,8 @@ from scipy.special import erf
 from common_jax.mesh import LOGICAL_AXIS_RULES, logical_to_sharding, make_mesh
 from seeded_weights import golden, suggested_atol
 from transformer_jax.convert import from_mingpt, to_mingpt
-from transformer_jax.gpt import GPT, abstract_variables, init_cache, logical_partition_specs
+from transformer_jax.gpt import (GPT, abstract_variables, init_cache, kernels_in_compute_dtype,
+                                 logical_partition_specs)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,33 @@ def test_bf16_compute_keeps_f32_params(gold, forward):
     assert out.dtype == jnp.float32
     err = np.abs(np.asarray(out) - ref).max()
     assert 0 < err < 0.03 * np.abs(ref).max()  # bf16 rounding is visible but small
+
+
+def test_kernels_cast_once_for_decoding_are_bit_identical(gold):
+    _, _, data, _, variables = gold
+    model = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, dtype=jnp.bfloat16)
+    cast = kernels_in_compute_dtype(model, variables)
+    dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(cast)}
+    assert dtypes["['params']['head']['kernel']"] == jnp.bfloat16
+    assert dtypes["['params']['blocks_0']['mlp_fc']['kernel']"] == jnp.bfloat16
+    assert dtypes["['params']['blocks_0']['ln1']['scale']"] == jnp.float32       # LN stays float32
+    assert dtypes["['params']['tok_emb']"] == jnp.float32
+    idx = jnp.asarray(data["input/idx"], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(model.apply)(variables, idx)),
+                                  np.asarray(jax.jit(model.apply)(cast, idx)))
+    f32 = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64)
+    assert kernels_in_compute_dtype(f32, variables) is variables
+
+
+def test_attention_impl_option(gold, forward):
+    _, _, data, _, variables = gold
+    idx = jnp.asarray(data["input/idx"], jnp.int32)
+    xla = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, attention_impl="xla")
+    np.testing.assert_array_equal(np.asarray(jax.jit(xla.apply)(variables, idx)),
+                                  np.asarray(forward(variables, idx)))
+    bad = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, attention_impl="flash")
+    with pytest.raises(ValueError, match="attention_impl must be"):
+        bad.apply(variables, idx)
 
 
 def test_remat_same_values_and_grads(gold):

@@ -119,6 +119,7 @@ class CausalSelfAttention(nn.Module):
     resid_pdrop: float = 0.0
     n_unmasked: int = 0
     dtype: Any = jnp.float32
+    attention_impl: str = ""
 
     def setup(self) -> None:
         # Module names follow taming's keys (query/key/value/proj) so conversion stays a renaming.
@@ -133,12 +134,13 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         q, k, v = self.query(x), self.key(x), self.value(x)          # (B, T, H, D)
         pos = jnp.arange(x.shape[1])
+        impl = self.attention_impl or None
         if deterministic or self.attn_pdrop == 0.0:
             if self.n_unmasked > 0:
                 mask = attention_mask(pos, pos, self.n_unmasked)[None, None]
-                y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+                y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
             else:
-                y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+                y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         else:  # attention-weight dropout is not offered by dot_product_attention
             s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
             s = s / jnp.sqrt(jnp.float32(q.shape[-1]))
@@ -175,12 +177,13 @@ class Block(nn.Module):
     resid_pdrop: float = 0.0
     n_unmasked: int = 0
     dtype: Any = jnp.float32
+    attention_impl: str = ""
 
     def setup(self) -> None:
         self.ln1 = LayerNorm(dtype=self.dtype)
         self.ln2 = LayerNorm(dtype=self.dtype)
         self.attn = CausalSelfAttention(self.n_head, self.n_embd, self.attn_pdrop, self.resid_pdrop,
-                                        self.n_unmasked, self.dtype)
+                                        self.n_unmasked, self.dtype, self.attention_impl)
         self.mlp_fc = Linear(4 * self.n_embd, ("embed", "mlp"), dtype=self.dtype)
         self.mlp_out = Linear(self.n_embd, ("mlp", "embed"), dtype=self.dtype)
         self.mlp_drop = nn.Dropout(self.resid_pdrop)
@@ -217,6 +220,9 @@ class GPT(nn.Module):
     n_unmasked: int = 0
     dtype: Any = jnp.float32
     remat: bool = False
+    # jax.nn.dot_product_attention's ``implementation`` for training/prefill: "" (jax's default, XLA),
+    # "xla" or "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 compute).
+    attention_impl: str = ""
 
     def setup(self) -> None:
         if self.n_embd % self.n_head:
@@ -224,6 +230,8 @@ class GPT(nn.Module):
         if not 0 <= self.n_unmasked <= self.block_size:
             raise ValueError(f"GPT: n_unmasked must be in [0, block_size={self.block_size}], "
                              f"got {self.n_unmasked}")
+        if self.attention_impl not in ("", "xla", "cudnn"):
+            raise ValueError(f"GPT: attention_impl must be '', 'xla' or 'cudnn', got {self.attention_impl!r}")
         self.tok_emb = self.param("tok_emb", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
                                   (self.vocab_size, self.n_embd), jnp.float32)
         self.pos_emb = self.param("pos_emb", nn.with_logical_partitioning(_ZEROS, ("length", "embed")),
@@ -231,7 +239,7 @@ class GPT(nn.Module):
         # deterministic (argument 2, counting self) is a Python bool: static under remat.
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         self.blocks = [block(self.n_head, self.n_embd, self.attn_pdrop, self.resid_pdrop, self.n_unmasked,
-                             self.dtype, name=f"blocks_{i}") for i in range(self.n_layer)]
+                             self.dtype, self.attention_impl, name=f"blocks_{i}") for i in range(self.n_layer)]
         self.ln_f = LayerNorm(dtype=self.dtype)
         self.head = Linear(self.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
         self.drop = nn.Dropout(self.embd_pdrop)
@@ -277,6 +285,23 @@ class GPT(nn.Module):
             x, layer_cache = blk.decode(x, layer_cache, pos)
             new_cache.append(layer_cache)
         return self.logits_from_features(self.ln_f(x)), tuple(new_cache)
+
+
+def kernels_in_compute_dtype(model: GPT, variables: Any) -> Any:
+    """``variables`` with every matmul kernel already cast to ``model.dtype``.
+
+    Every layer casts its kernel to the compute dtype before the matmul, so results are bit-identical;
+    a decode loop calls this once outside the loop so each step reads bf16 kernels (half the bytes of
+    float32) instead of converting all of them again every token. A no-op for float32 models.
+    """
+    if jnp.dtype(model.dtype) == jnp.float32:
+        return variables
+
+    def cast(path: tuple, x: Any) -> Any:
+        is_kernel = any(getattr(k, "key", None) == "kernel" for k in path)
+        return x.astype(model.dtype) if is_kernel and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree_util.tree_map_with_path(cast, variables)
 
 
 def init_cache(model: GPT, batch: int, length: int | None = None, dtype: Any = None) -> KVCache:

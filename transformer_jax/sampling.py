@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.gpt import GPT, init_cache
+from transformer_jax.gpt import GPT, init_cache, kernels_in_compute_dtype
 
 
 def _check_options(top_k: int | None, top_p: float | None, temperature: Any) -> None:
@@ -110,6 +110,7 @@ def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided:
     """The jitted sampling program for one (model, static options); jit caches per input shape."""
 
     def run(variables, prefix, uncond, rng, temperature, top_p, scale):
+        variables = kernels_in_compute_dtype(model, variables)
         b, p = prefix.shape
         tokens = jnp.concatenate([prefix, uncond], axis=0) if guided else prefix
         cache = init_cache(model, tokens.shape[0], p + steps - 1)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.gpt import GPT, init_cache
+from transformer_jax.gpt import GPT, init_cache, kernels_in_compute_dtype
 from transformer_jax.sampling import _check_options, _check_tokens, choose_tokens
 
 # Default memory for the cached method's window caches; fewer slots than window columns are shared
@@ -68,6 +68,7 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
     w = window
 
     def run(variables, prefix, cond_grid, rng, temperature, top_p):
+        variables = kernels_in_compute_dtype(model, variables)
         b = prefix.shape[0]
         n_ctx = prefix.shape[1] + (w * w if cond_grid.shape[1] else 0)
         tp = top_p if use_top_p else None
@@ -110,6 +111,7 @@ def _cached_sampler(model: GPT, height: int, width: int, window: int, top_k: int
     w = window
 
     def run(variables, prefix, cond_grid, rng, temperature, top_p):
+        variables = kernels_in_compute_dtype(model, variables)
         b = prefix.shape[0]
         n_ctx = prefix.shape[1] + (w * w if cond_grid.shape[1] else 0)
         length = n_ctx + w * w - 1          # input positions a window ever needs
