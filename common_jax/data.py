@@ -30,30 +30,67 @@ STATE_VERSION = 1
 # ----------------------------------------------------------------------------------------------------------
 # Image preprocessing (numpy/PIL, runs in grain threads or workers).
 
+def _open_image(data: bytes | np.ndarray, min_side: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, stored (width, height)); the image is smaller than stored when JPEG draft mode applied."""
+    if isinstance(data, np.ndarray):
+        img = Image.fromarray(data)
+        return img.convert("RGB"), img.size
+    img = Image.open(io.BytesIO(data))
+    size = img.size
+    if min_side is not None and img.format == "JPEG":
+        img.draft("RGB", (min_side, min_side))
+    return img.convert("RGB"), size
+
+
 def decode_image(data: bytes | np.ndarray, min_side: int | None = None) -> Image.Image:
     """Encoded bytes (or a uint8 array) -> RGB PIL image. ``min_side`` lets JPEG decode at reduced scale
     while keeping both sides >= min_side (DCT scaling, much faster for large photos)."""
+    return _open_image(data, min_side)[0]
+
+
+def decode_label_map(data: bytes | np.ndarray) -> Image.Image:
+    """Encoded single-channel 8-bit map (or a uint8 (H, W[, 1]) array) -> mode 'L' image of class ids.
+    A palette ('P') map gives its indices, never the palette colours."""
     if isinstance(data, np.ndarray):
-        return Image.fromarray(data).convert("RGB")
+        return Image.fromarray(np.asarray(data, np.uint8).reshape(data.shape[:2]), "L")
     img = Image.open(io.BytesIO(data))
-    if min_side is not None and img.format == "JPEG":
-        img.draft("RGB", (min_side, min_side))
-    return img.convert("RGB")
+    if img.mode not in ("L", "P"):
+        raise ValueError(f"label map has mode {img.mode}; expected a single-channel 8-bit map (L or P)")
+    return img if img.mode == "L" else Image.fromarray(np.asarray(img), "L")
+
+
+def shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) scaled so the shorter side is ``size``."""
+    if min(w, h) == size:
+        return w, h
+    scale = size / min(w, h)
+    return max(size, int(round(w * scale))), max(size, int(round(h * scale)))
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     """Scale so the shorter side is ``size`` (bicubic, antialiased when shrinking)."""
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    scale = size / min(w, h)
-    new = (max(size, int(round(w * scale))), max(size, int(round(h * scale))))
-    return img.resize(new, Image.Resampling.BICUBIC)
+    new = shorter_side_size(*img.size, size)
+    return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC)
 
 
 def to_float(img: Image.Image | np.ndarray) -> np.ndarray:
     """uint8 RGB -> float32 in [-1, 1] (x / 127.5 - 1)."""
     return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+
+
+def _crop_flip(size: tuple[int, int], image_size: int | None, rng: np.random.Generator | None,
+               random_flip: bool) -> tuple[tuple[int, int, int, int] | None, bool]:
+    """(crop box or None, flip) for an image of ``size`` after the shorter-side resize: a random window
+    (rng) or the center (no rng). Draws left, top, flip in the order preprocess_train does."""
+    box = None
+    if image_size is not None:
+        w, h = size
+        if rng is None:
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+        else:
+            left, top = int(rng.integers(0, w - image_size + 1)), int(rng.integers(0, h - image_size + 1))
+        box = (left, top, left + image_size, top + image_size)
+    return box, rng is not None and random_flip and bool(rng.random() < 0.5)
 
 
 def preprocess_eval(data: bytes | np.ndarray, image_size: int | None) -> np.ndarray:
@@ -62,9 +99,8 @@ def preprocess_eval(data: bytes | np.ndarray, image_size: int | None) -> np.ndar
     if image_size is None:
         return to_float(img)
     img = resize_shorter_side(img, image_size)
-    w, h = img.size
-    left, top = (w - image_size) // 2, (h - image_size) // 2
-    return to_float(img.crop((left, top, left + image_size, top + image_size)))
+    box, _ = _crop_flip(img.size, image_size, None, False)
+    return to_float(img.crop(box))
 
 
 def preprocess_train(data: bytes | np.ndarray, image_size: int | None, rng: np.random.Generator,
@@ -73,14 +109,43 @@ def preprocess_train(data: bytes | np.ndarray, image_size: int | None, rng: np.r
     img = decode_image(data, image_size)
     if image_size is not None:
         img = resize_shorter_side(img, image_size)
-        w, h = img.size
-        left = int(rng.integers(0, w - image_size + 1))
-        top = int(rng.integers(0, h - image_size + 1))
-        img = img.crop((left, top, left + image_size, top + image_size))
-    out = to_float(img)
-    if random_flip and rng.random() < 0.5:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out)
+    box, flip = _crop_flip(img.size, image_size, rng, random_flip)
+    out = to_float(img if box is None else img.crop(box))
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+
+def preprocess_paired(images: dict[str, bytes | np.ndarray], label_maps: dict[str, bytes | np.ndarray],
+                      image_size: int | None, rng: np.random.Generator | None = None,
+                      random_flip: bool = True) -> dict[str, np.ndarray]:
+    """One geometric transform for images and label maps of the same scene (at least one label map).
+
+    Shorter side resized to ``image_size`` (images bicubic, label maps nearest: class ids are never
+    interpolated), then a random (``rng`` given: training) or center square crop and, in training, a random
+    horizontal flip, all shared. Images -> float32 [-1, 1] (H, W, 3); label maps -> int32 (H, W).
+    """
+    if not label_maps:
+        raise ValueError("preprocess_paired needs at least one label map (use preprocess_train/eval for images)")
+    maps = {k: decode_label_map(v) for k, v in label_maps.items()}
+    decoded = {k: _open_image(v, image_size) for k, v in images.items()}
+    ref, size = next((k, m.size) for k, m in maps.items())
+    stored = {**{k: m.size for k, m in maps.items()}, **{k: s for k, (_, s) in decoded.items()}}
+    for k, (w, h) in stored.items():
+        if (w, h) != size:
+            raise ValueError(f"'{k}' is {w}x{h} but '{ref}' is {size[0]}x{size[1]}; paired images and label "
+                             f"maps must have the same size")
+    target = size if image_size is None else shorter_side_size(*size, image_size)
+    box, flip = _crop_flip(target, image_size, rng, random_flip)
+
+    def geometry(img: Image.Image, resample: Image.Resampling) -> Image.Image:
+        img = img if img.size == target else img.resize(target, resample)
+        return img if box is None else img.crop(box)
+
+    out = {}
+    for k, (img, _) in decoded.items():
+        out[k] = to_float(geometry(img, Image.Resampling.BICUBIC))
+    for k, m in maps.items():
+        out[k] = np.asarray(geometry(m, Image.Resampling.NEAREST), dtype=np.int32)
+    return {k: np.ascontiguousarray(v[:, ::-1] if flip else v) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,11 +164,25 @@ class _Select:
         return out
 
 
+def _paired(element: dict[str, Any], image_keys: Sequence[str], label_map_keys: Sequence[str],
+            image_size: int | None, rng: np.random.Generator | None, random_flip: bool) -> dict[str, Any]:
+    out = dict(element)
+    out.update(preprocess_paired({k: element[k] for k in image_keys}, {k: element[k] for k in label_map_keys},
+                                 image_size, rng, random_flip))
+    return out
+
+
 class _TrainTransform(grain.transforms.RandomMap):
-    def __init__(self, image_keys: Sequence[str], image_size: int | None, random_flip: bool):
+    """Independent random crop/flip per image; with label maps, one shared crop/flip for all (aligned)."""
+
+    def __init__(self, image_keys: Sequence[str], image_size: int | None, random_flip: bool,
+                 label_map_keys: Sequence[str] = ()):
         self.image_keys, self.image_size, self.random_flip = tuple(image_keys), image_size, random_flip
+        self.label_map_keys = tuple(label_map_keys)
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        if self.label_map_keys:
+            return _paired(element, self.image_keys, self.label_map_keys, self.image_size, rng, self.random_flip)
         out = dict(element)
         for k in self.image_keys:
             out[k] = preprocess_train(element[k], self.image_size, rng, self.random_flip)
@@ -111,10 +190,13 @@ class _TrainTransform(grain.transforms.RandomMap):
 
 
 class _EvalTransform(grain.transforms.Map):
-    def __init__(self, image_keys: Sequence[str], image_size: int | None):
+    def __init__(self, image_keys: Sequence[str], image_size: int | None, label_map_keys: Sequence[str] = ()):
         self.image_keys, self.image_size = tuple(image_keys), image_size
+        self.label_map_keys = tuple(label_map_keys)
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        if self.label_map_keys:
+            return _paired(element, self.image_keys, self.label_map_keys, self.image_size, None, False)
         out = dict(element)
         for k in self.image_keys:
             out[k] = preprocess_eval(element[k], self.image_size)
@@ -257,8 +339,11 @@ def make_loader(data_dir: str | os.PathLike, name: str, split: str, global_batch
 
     Image datasets: ``image`` float32 NHWC in [-1, 1] (train: resize shorter side + random crop + flip;
     eval: resize shorter side + center crop; ``image_size=None`` keeps stored sizes), ``label`` int32.
+    Label maps (paired datasets, e.g. ``features=('image', 'segmentation')``): ``segmentation`` int32
+    (B, H, W) class ids, resized nearest, with the same crop/flip as the images of the same example.
     Codes datasets: ``codes`` / ``cond_codes`` / ``label`` int32 as stored. ``features`` defaults to
-    ``('image', 'label')`` or ``('codes', 'label')``. Eval batches add ``mask`` (bool; False on padding).
+    ``('image', 'label')`` (``('image',)`` without labels) or ``('codes', 'label')``. Eval batches add
+    ``mask`` (bool; False on padding).
     ``worker_count > 0`` uses grain worker processes (same batches as 0).
     """
     process_index = jax.process_index() if process_index is None else int(process_index)
@@ -277,14 +362,16 @@ def make_loader(data_dir: str | os.PathLike, name: str, split: str, global_batch
 
     src: SplitSource = open_split(data_dir, name, split)
     if features is None:
-        features = ("codes", "label") if src.kind == "codes" else ("image", "label")
+        features = ("codes", "label") if src.kind == "codes" else ("image",) + (
+            ("label",) if "label" in src.features else ())
     features = tuple(features)
     missing = [f for f in features if f not in src.features]
     if missing:
         raise KeyError(f"dataset '{name}' split '{split}' has no feature(s) {missing}; it has {sorted(src.features)}")
     if src.kind == "codes" and image_size is not None:
         raise ValueError(f"'{name}' is a codes dataset; image_size must be None, got {image_size}")
-    image_keys = [k for k in features if k in src.image_features]
+    label_map_keys = [k for k in features if k in src.label_map_features]
+    image_keys = [k for k in features if k in src.image_features and k not in label_map_keys]
     n = len(src.source)
     if n == 0:
         raise ValueError(f"dataset '{name}' split '{split}' at {src.path} is empty")
@@ -293,13 +380,14 @@ def make_loader(data_dir: str | os.PathLike, name: str, split: str, global_batch
     base = grain.MapDataset.source(src.source).map(_Select(features))
     if train:
         stream = base.shuffle(seed=seed).repeat(num_epochs)
-        stream = stream.random_map(_TrainTransform(image_keys, image_size, random_flip), seed=seed)
+        stream = stream.random_map(_TrainTransform(image_keys, image_size, random_flip, label_map_keys),
+                                   seed=seed)
         num_batches = None if num_epochs is None else len(stream) // G
     else:
         epochs = 1 if num_epochs is None else num_epochs
         per_epoch = -(-n // G) * G
         padded = grain.MapDataset.source(_Padded(n, per_epoch)).repeat(epochs, reseed_each_epoch=False)
-        stream = padded.map(_LookupMasked(base)).map(_EvalTransform(image_keys, image_size))
+        stream = padded.map(_LookupMasked(base)).map(_EvalTransform(image_keys, image_size, label_map_keys))
         num_batches = epochs * per_epoch // G
     if num_batches == 0:
         raise ValueError(f"dataset '{name}' split '{split}' has {n} examples, fewer than one global batch of "

@@ -66,6 +66,7 @@ def _how_to_prepare(name: str) -> str:
     if base == "builtin_photos":
         return "prepare it with common_jax.datasets.prepare_builtin_photos(data_dir, ...)"
     return ("prepare it with common_jax.datasets.build_image_folder(src_dir, data_dir, name=...), "
+            "build_paired_folder(image_dir, segmentation_dir, data_dir, name=...), "
             "prepare_builtin_photos(data_dir) or write_codes_dataset(data_dir, name, split, examples)")
 
 
@@ -136,6 +137,9 @@ class SplitSource:
     image_features: tuple[str, ...]  # keys holding encoded image bytes (decoded by the loader)
     class_names: list[str] | None
     path: str
+    # The image features that are label maps (1 channel, pixel = class id): the loader decodes them as
+    # integer maps and resizes them with nearest neighbour. A subset of image_features.
+    label_map_features: tuple[str, ...] = ()
 
 
 def open_split(data_dir: str | os.PathLike, name: str, split: str) -> SplitSource:
@@ -157,12 +161,13 @@ def open_split(data_dir: str | os.PathLike, name: str, split: str) -> SplitSourc
         raise KeyError(f"dataset '{name}' at {path} has no split '{split}'; splits: {available}")
     feats = info.features
     image_keys = tuple(k for k, f in feats.items() if isinstance(f, tfds.features.Image))
+    label_map_keys = tuple(k for k in image_keys if tuple(feats[k].shape)[-1:] == (1,))
     decoders = {k: tfds.decode.SkipDecoding() for k in image_keys}
     source = builder.as_data_source(split=split, decoders=decoders)
     class_names = None
     if "label" in feats and isinstance(feats["label"], tfds.features.ClassLabel):
         class_names = list(feats["label"].names)
-    return SplitSource(source, "tfds", tuple(feats.keys()), image_keys, class_names, str(path))
+    return SplitSource(source, "tfds", tuple(feats.keys()), image_keys, class_names, str(path), label_map_keys)
 
 
 def describe_dataset(data_dir: str | os.PathLike, name: str) -> PreparedDataset:
@@ -227,24 +232,25 @@ def _check_image(path: Path) -> tuple[bool, str | None]:
         return False, f"{type(e).__name__}: {e}"
 
 
+def _images_under(d: Path, recursive: bool, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Sorted non-hidden files below ``d`` whose extension (any case) is one of ``extensions``."""
+    it = d.rglob("*") if recursive else d.iterdir()
+    return sorted(p for p in it if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+
+
 def _scan_folder(src: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[str, str]]]:
     """(class names, [(file, label)], skipped) with class = first-level subfolder, or one class."""
-    def images_under(d: Path, recursive: bool) -> list[Path]:
-        it = d.rglob("*") if recursive else d.iterdir()
-        return sorted(p for p in it if p.is_file() and not p.name.startswith(".")
-                      and p.suffix.lower() in IMAGE_EXTENSIONS)
-
     subdirs = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-    class_dirs = [d for d in subdirs if images_under(d, True)]
+    class_dirs = [d for d in subdirs if _images_under(d, True)]
     skipped: list[tuple[str, str]] = []
     if class_dirs:
         classes = [d.name for d in class_dirs]
-        files = [(p, i) for i, d in enumerate(class_dirs) for p in images_under(d, True)]
-        for p in images_under(src, False):
+        files = [(p, i) for i, d in enumerate(class_dirs) for p in _images_under(d, True)]
+        for p in _images_under(src, False):
             skipped.append((str(p), "image at the top level while class subfolders exist"))
     else:
         classes = [src.resolve().name or "images"]
-        files = [(p, 0) for p in images_under(src, False)]
+        files = [(p, 0) for p in _images_under(src, False)]
     return classes, files, skipped
 
 
@@ -266,6 +272,27 @@ def _assign_splits(files: list[tuple[Path, int]], n_classes: int, heldout_fracti
     return {"train": train, "validation": val} if heldout_fraction > 0 else {"train": train}
 
 
+def _check_build_args(name: str, heldout_fraction: float) -> None:
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"dataset name must be lower_snake_case (TFDS rule), got '{name}'")
+
+
+def _prepared_or_cleared(data_dir: Path, name: str, version: str, overwrite: bool,
+                         what: str) -> ImageFolderSummary | None:
+    """The summary of an already prepared dataset (reused), or None after removing it when ``overwrite``."""
+    out_dir = data_dir / name / version
+    if not (out_dir / "dataset_info.json").is_file():
+        return None
+    if overwrite:
+        shutil.rmtree(out_dir)
+        return None
+    d = describe_dataset(data_dir, f"{name}:{version}")
+    log.info("%s dataset '%s' already prepared at %s; reusing it", what, name, out_dir)
+    return ImageFolderSummary(name, str(data_dir), str(out_dir), d.splits, d.class_names, reused=True)
+
+
 def build_image_folder(src_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str = "image_folder",
                        heldout_fraction: float = 0.05, seed: int = 0, version: str = "1.0.0",
                        overwrite: bool = False) -> ImageFolderSummary:
@@ -280,18 +307,11 @@ def build_image_folder(src_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     src = Path(src_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder '{src}' does not exist or is not a directory")
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"dataset name must be lower_snake_case (TFDS rule), got '{name}'")
+    _check_build_args(name, heldout_fraction)
     data_dir = Path(data_dir)
-    out_dir = data_dir / name / version
-    if (out_dir / "dataset_info.json").is_file():
-        if not overwrite:
-            d = describe_dataset(data_dir, f"{name}:{version}")
-            log.info("image folder dataset '%s' already prepared at %s; reusing it", name, out_dir)
-            return ImageFolderSummary(name, str(data_dir), str(out_dir), d.splits, d.class_names, reused=True)
-        shutil.rmtree(out_dir)
+    prepared = _prepared_or_cleared(data_dir, name, version, overwrite, "image folder")
+    if prepared is not None:
+        return prepared
 
     classes, files, skipped = _scan_folder(src)
     if not files:
@@ -339,6 +359,167 @@ def build_image_folder(src_dir: str | os.PathLike, data_dir: str | os.PathLike, 
         description=f"Images of {src} (classes: {', '.join(classes)}).", file_format="array_record")
     return ImageFolderSummary(name, str(data_dir), str(builder.data_dir), {s: len(v) for s, v in splits.items()},
                               classes, converted=converted, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paired folders: images and their segmentation label maps (e.g. taming's S-FLCKR setup).
+
+LABEL_MAP_MODES = ("L", "P")
+
+
+def load_label_map_file(path: str | os.PathLike) -> tuple[bytes, tuple[int, int]]:
+    """Fully decode a label map; return (bytes to store: a mode 'L' PNG, (width, height)).
+
+    The map must be single-channel 8-bit: mode 'L', or 'P' whose palette *indices* are the labels (stored
+    as 'L' so that no reader maps them through the palette). Pixel value = class id. Raises
+    OSError/ValueError for unreadable files or other modes.
+    """
+    raw = Path(path).read_bytes()
+    with Image.open(io.BytesIO(raw)) as img:
+        img.load()
+        if img.mode not in LABEL_MAP_MODES:
+            raise ValueError(f"label map has mode {img.mode}; need a single-channel 8-bit map "
+                             f"(mode {' or '.join(LABEL_MAP_MODES)}, pixel value = class id)")
+        orientation = img.getexif().get(0x0112, 1)
+        if img.mode == "L" and img.format == "PNG" and orientation == 1:
+            return raw, img.size
+        labels = np.asarray(ImageOps.exif_transpose(img))  # 'P': the indices, not the palette colours
+    buf = io.BytesIO()
+    Image.fromarray(labels, "L").save(buf, format="PNG")
+    return buf.getvalue(), (labels.shape[1], labels.shape[0])
+
+
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) int32 class ids of one label-map file (the rules of :func:`load_label_map_file`), e.g. to
+    condition sampling; errors name the file."""
+    try:
+        data, _ = load_label_map_file(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"label map {path}: {e}") from e
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img, np.int32)
+
+
+def _check_pair(pair: tuple[Path, Path]) -> tuple[bool, str | None]:
+    """(True, image's converted-from mode or None) for a usable pair, (False, reason) otherwise."""
+    image, seg = pair
+    try:
+        data, mode = load_image_file(image)
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip and report this pair"
+        return False, f"unreadable image ({type(e).__name__}: {e})"
+    try:
+        _, seg_size = load_label_map_file(seg)
+    except Exception as e:  # noqa: BLE001
+        return False, f"bad segmentation map {seg} ({type(e).__name__}: {e})"
+    with Image.open(io.BytesIO(data)) as img:
+        size = img.size
+    if size != seg_size:
+        return False, (f"segmentation map {seg} is {seg_size[0]}x{seg_size[1]} but the image is "
+                       f"{size[0]}x{size[1]} (width x height)")
+    return True, mode
+
+
+def _scan_pairs(image_dir: Path, seg_dir: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]],
+                                                          list[Path]]:
+    """([(image, label map)], [(image, reason)] for images without a map, [maps without an image]).
+
+    A map pairs with an image of the same relative path without extension. When ``seg_dir`` lies inside
+    ``image_dir`` its files are not taken for images."""
+    images = _images_under(image_dir, True)
+    img_root, seg_root = image_dir.resolve(), seg_dir.resolve()
+    if img_root in seg_root.parents:
+        inner = seg_root.relative_to(img_root).parts
+        images = [p for p in images if p.relative_to(image_dir).parts[:len(inner)] != inner]
+    maps = {p.relative_to(seg_dir).with_suffix("").as_posix(): p for p in _images_under(seg_dir, True, (".png",))}
+    pairs, missing, used = [], [], set()
+    for p in images:
+        key = p.relative_to(image_dir).with_suffix("").as_posix()
+        if key in maps:
+            pairs.append((p, maps[key]))
+            used.add(key)
+        else:
+            missing.append((str(p), f"no segmentation map (expected {seg_dir / key}.png)"))
+    orphans = [p for k, p in maps.items() if k not in used]
+    return pairs, missing, orphans
+
+
+def build_paired_folder(image_dir: str | os.PathLike, segmentation_dir: str | os.PathLike,
+                        data_dir: str | os.PathLike, name: str = "paired_folder", heldout_fraction: float = 0.05,
+                        seed: int = 0, version: str = "1.0.0", overwrite: bool = False) -> ImageFolderSummary:
+    """Turn a folder of images and a parallel folder of label maps into a TFDS array_record dataset.
+
+    Each image below ``image_dir`` (recursively) pairs with the PNG below ``segmentation_dir`` of the same
+    relative path without extension. Label maps are single-channel 8-bit (mode 'L', or 'P' whose palette
+    indices are the labels); pixel value = class id. Features: ``image`` (RGB), ``segmentation`` (uint8
+    (H, W, 1) PNG), ``file_name`` (image path relative to ``image_dir``); no ``label``. Images converted to
+    RGB are listed in ``converted``; images whose map is missing, unreadable, of another mode or of another
+    size (or that are unreadable themselves) are skipped, logged and listed in ``skipped``; maps without an
+    image are ignored with a warning. Splits train/validation as :func:`build_image_folder`; an existing
+    dataset of the same name and version is reused unless ``overwrite``.
+    """
+    image_dir, seg_dir = Path(image_dir), Path(segmentation_dir)
+    for what, d in (("image folder", image_dir), ("segmentation folder", seg_dir)):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{what} '{d}' does not exist or is not a directory")
+    if image_dir.resolve() == seg_dir.resolve():
+        raise ValueError(f"image and segmentation folders must differ, both are '{image_dir}'")
+    _check_build_args(name, heldout_fraction)
+    data_dir = Path(data_dir)
+    prepared = _prepared_or_cleared(data_dir, name, version, overwrite, "paired folder")
+    if prepared is not None:
+        return prepared
+
+    pairs, skipped, orphans = _scan_pairs(image_dir, seg_dir)
+    if not pairs and not skipped:
+        raise ValueError(f"image folder '{image_dir}' contains no image files (looked recursively for "
+                         f"{', '.join(IMAGE_EXTENSIONS)})")
+    if orphans:
+        log.warning("segmentation folder %s: ignoring %d label map(s) without an image: %s", seg_dir,
+                    len(orphans), ", ".join(str(p) for p in orphans[:20]) + (" ..." if len(orphans) > 20 else ""))
+    # Decode every pair once up front (as build_image_folder) so TFDS never meets a bad or mismatched pair.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        checked = list(pool.map(_check_pair, pairs))
+    good: list[tuple[Path, int]] = []
+    seg_of: dict[Path, Path] = {}
+    converted: list[tuple[str, str]] = []
+    for (path, seg), (ok, info) in zip(pairs, checked):
+        if not ok:
+            skipped.append((str(path), info))
+            continue
+        good.append((path, 0))
+        seg_of[path] = seg
+        if info is not None:
+            converted.append((str(path), info))
+            log.warning("converting %s from mode %s to RGB", path, info)
+    for path, reason in skipped:
+        log.warning("skipping image %s: %s", path, reason)
+    if not good:
+        raise ValueError(f"paired folder: no valid (image, segmentation map) pair in image folder '{image_dir}' "
+                         f"and segmentation folder '{seg_dir}'; skipped: {skipped}")
+    splits = _assign_splits(good, 1, heldout_fraction, seed)
+    if "validation" in splits and not splits["validation"]:
+        log.warning("paired folder %s: too few valid pairs for a validation split; writing train only", image_dir)
+        del splits["validation"]
+
+    def generate(split: str):
+        for path, _ in splits[split]:
+            rel = path.relative_to(image_dir).as_posix()
+            yield rel, {"image": load_image_file(path)[0], "segmentation": load_label_map_file(seg_of[path])[0],
+                        "file_name": rel}
+
+    import tensorflow_datasets as tfds
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "segmentation": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
+        "file_name": tfds.features.Text(),
+    })
+    builder = tfds.dataset_builders.store_as_tfds_dataset(
+        name=name, version=version, features=features,
+        split_datasets={s: generate(s) for s in splits}, data_dir=str(data_dir),
+        description=f"Images of {image_dir} with segmentation label maps of {seg_dir}.",
+        file_format="array_record")
+    return ImageFolderSummary(name, str(data_dir), str(builder.data_dir), {s: len(v) for s, v in splits.items()},
+                              None, converted=converted, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 from absl import logging
@@ -78,18 +78,20 @@ def resolve_dataset(data_cfg: Any, workdir: str) -> tuple[str, str]:
     return data_dir, name
 
 
-def image_loaders(config: Any, workdir: str) -> tuple[data_lib.Loader, Callable[[], data_lib.Loader], str, str]:
-    """(infinite train loader, eval loader factory, data_dir, name) of an image dataset."""
+def image_loaders(config: Any, workdir: str, features: Sequence[str] | None = None
+                  ) -> tuple[data_lib.Loader, Callable[[], data_lib.Loader], str, str]:
+    """(infinite train loader, eval loader factory, data_dir, name) of an image dataset; ``features`` as
+    ``data.make_loader`` takes them (default image and label)."""
     d = config.data
     data_dir, name = resolve_dataset(d, workdir)
     train = data_lib.make_loader(data_dir, name, "train", int(d.global_batch_size), train=True,
                                  image_size=int(d.image_size), seed=int(config.seed),
-                                 worker_count=int(d.worker_count))
+                                 worker_count=int(d.worker_count), features=features)
 
     def eval_loader() -> data_lib.Loader:
         return data_lib.make_loader(data_dir, name, d.get("eval_split", "validation"), int(d.eval_batch_size),
                                     train=False, image_size=int(d.image_size), seed=int(config.seed),
-                                    num_epochs=1)
+                                    num_epochs=1, features=features)
     return train, eval_loader, data_dir, name
 
 

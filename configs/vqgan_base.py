@@ -21,6 +21,7 @@ def vqgan_model(**overrides) -> ml_collections.ConfigDict:
 def base_config(model: ml_collections.ConfigDict, **loss_overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.task = "vqgan"              # or "segmentation" (taming's VQSegmentationModel: label maps, BCE loss)
     c.model = model
     c.loss = ml_collections.ConfigDict(dict(
         disc_start=250001, codebook_weight=1.0, pixelloss_weight=1.0, disc_num_layers=3,

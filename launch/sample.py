@@ -2,9 +2,13 @@
 
     python -m launch.sample --workdir=runs/gpt --out=runs/gpt/samples --per_class=8
     python -m launch.sample --workdir=runs/gpt --out=pano --width=1280 --height=464   # sliding window
+    python -m launch.sample --workdir=runs/sflckr --out=scene --segmentation=map.png   # spatial conditioning
 
 Writes one PNG grid per class (or one grid for unconditional models) and, with --width/--height larger than
-the training size, high-resolution images made by sliding-window sampling.
+the training size, high-resolution images made by sliding-window sampling. A spatially conditioned model takes
+a label map (--segmentation: a single-channel PNG of class ids): at the training size it writes a grid of
+--per_class samples for that map, larger maps give one sliding-window image of the map's size; the map itself
+is written beside them in palette colours.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from common_jax import run_setup as setup_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "stage-two workdir (its config names the stage-one model)")
 _FIRST_STAGE = flags.DEFINE_string("first_stage_workdir", "", "override the stage-one workdir")
+_COND_STAGE = flags.DEFINE_string("cond_stage_workdir", "", "override the cond-stage (segmentation) workdir")
+_SEGMENTATION = flags.DEFINE_string("segmentation", "", "label-map PNG conditioning a spatial model")
 _OUT = flags.DEFINE_string("out", None, "output folder for PNGs")
 _PER_CLASS = flags.DEFINE_integer("per_class", 8, "samples per class (or in all, unconditional)")
 _CLASSES = flags.DEFINE_list("classes", [], "class ids to sample (default: all)")
@@ -69,14 +75,51 @@ def write_large(sampler, out: str, height: int, width: int, classes: list[int], 
     return paths
 
 
+def write_spatial(sampler, out: str, seg_path: str, per_class: int, opts: dict, seed: int, batch_size: int,
+                  height: int = 0, width: int = 0) -> list[str]:
+    """Samples conditioned on one label map: a grid at the training size, else one sliding-window image."""
+    from common_jax.datasets import read_label_map
+    from vqgan_jax.segmentation import label_palette
+    if not seg_path:
+        raise ValueError("this model is spatially conditioned: pass --segmentation=<label-map PNG>")
+    seg = read_label_map(seg_path)
+    h, w = seg.shape
+    if (height or width) and (height, width) != (h, w):
+        raise ValueError(f"--height/--width {height}x{width} disagree with --segmentation {seg_path} ({h}x{w}); "
+                         f"the label map sets the output size")
+    f = sampler.vqgan.downsample_factor
+    if h % f or w % f:
+        raise ValueError(f"--segmentation {seg_path} is {h}x{w}; both sides must be multiples of the stage-one "
+                         f"factor {f}")
+    opts = {k: v for k, v in opts.items() if k != "guidance_scale"}
+    cond = np.asarray(sampler.encode_condition(seg[None]))
+    paths = [os.path.join(out, "segmentation.png")]
+    save_png(paths[0], np.asarray(label_palette(sampler.cond_stage[2]))[seg])
+    if (h // f, w // f) == sampler.grid:
+        images = sampler.sample(jax.random.key(seed), per_class, batch_size=batch_size,
+                                cond_codes=np.repeat(cond, per_class, axis=0), **opts)
+        paths.append(os.path.join(out, "samples.png"))
+        save_png(paths[-1], image_grid(images, min(per_class, 8)))
+    else:
+        img = sampler.sample_large(jax.random.key(seed), (h // f, w // f), cond_codes=cond, **opts)[0]
+        paths.append(os.path.join(out, f"large_{h}x{w}.png"))
+        save_png(paths[-1], img)
+    return paths
+
+
 def main(argv):
     del argv
     from transformer_jax.sampler import Sampler, sampling_options
     opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
     out = setup_run.check_workdir(_OUT.value)
-    sampler = Sampler.from_workdirs(_WORKDIR.value, _FIRST_STAGE.value)
+    sampler = Sampler.from_workdirs(_WORKDIR.value, _FIRST_STAGE.value, _COND_STAGE.value)
     classes = [int(c) for c in _CLASSES.value]
-    if _WIDTH.value or _HEIGHT.value:
+    if sampler.cond.kind == "spatial":
+        paths = write_spatial(sampler, out, _SEGMENTATION.value, _PER_CLASS.value, opts, _SEED.value,
+                              _BATCH.value, _HEIGHT.value, _WIDTH.value)
+    elif _SEGMENTATION.value:
+        raise ValueError(f"--segmentation is for spatially conditioned models; this one is {sampler.cond.kind}")
+    elif _WIDTH.value or _HEIGHT.value:
         paths = write_large(sampler, out, _HEIGHT.value, _WIDTH.value, classes, opts, _SEED.value)
     else:
         paths = write_class_grids(sampler, out, _PER_CLASS.value, classes, opts, _SEED.value, _BATCH.value)

@@ -189,14 +189,18 @@ def kill_resume_and_reference(stage: str, root: Any, overrides: dict, every: int
 def write_stage_one_workdir(photos: str, workdir: str, step: int) -> None:
     """Built-in photos prepared in ``photos`` and a stage-one workdir holding checkpoint ``step`` of a freshly
     initialised configs/vqgan_tiny (stage two and config checks need a frozen model, not a trained one)."""
+    from common_jax import datasets
+    datasets.prepare_builtin_photos(photos, crop_size=32, crops_per_photo=64)
+    save_fresh_stage_one(vqgan_config(photos), workdir, step)
+
+
+def save_fresh_stage_one(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+    """A stage-one workdir holding checkpoint ``step`` of ``config``'s freshly initialised VQGAN."""
     import jax
 
     from common_jax import checkpoint as ckpt
-    from common_jax import datasets
     from common_jax.config_utils import config_to_dict
     from vqgan_jax.train import VQGANTask
-    datasets.prepare_builtin_photos(photos, crop_size=32, crops_per_photo=64)
-    config = vqgan_config(photos)
     state = jax.jit(VQGANTask(config).init_state)(jax.random.key(0))
     manager = ckpt.make_manager(workdir, async_save=False)
     try:

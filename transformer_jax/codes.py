@@ -5,7 +5,7 @@ import hashlib
 import itertools
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -14,6 +14,9 @@ from absl import logging
 from common_jax import data as data_lib
 from common_jax import datasets
 from common_jax.metrics import progress_iter
+
+
+Encoders = Mapping[str, tuple[str, Callable[[np.ndarray], Any]]]   # out key -> (batch key, batch -> codes)
 
 
 def codes_dataset_name(image_dataset: str, image_size: int, stage_one_id: str) -> str:
@@ -31,14 +34,21 @@ def params_fingerprint(variables: Any) -> str:
     return h.hexdigest()
 
 
-def encode_examples(loader: data_lib.Loader, encode: Callable[[np.ndarray], Any], num_batches: int
-                    ) -> Iterator[dict]:
-    """Examples ``{'codes', 'label'}`` of the next ``num_batches`` of a finite (eval-mode, masked) loader."""
+def encode_examples(loader: data_lib.Loader, encoders: Encoders, num_batches: int) -> Iterator[dict]:
+    """Examples ``{'codes', 'label'[, 'cond_codes']}`` of the next ``num_batches`` of a finite (eval-mode,
+    masked) loader; ``encoders`` maps each output key to (batch key, encoder). Datasets without labels
+    (paired image/segmentation folders) store label 0."""
     for batch in progress_iter(itertools.islice(loader, num_batches), total=num_batches, desc="encode"):
-        codes = np.asarray(encode(batch["image"]), np.int32)
-        mask = batch.get("mask", np.ones(len(codes), bool))
-        for i in np.flatnonzero(mask):
-            yield {"codes": codes[i], "label": np.int32(batch["label"][i])}
+        out = {k: np.asarray(fn(batch[src]), np.int32) for k, (src, fn) in encoders.items()}
+        n = len(out["codes"])
+        labels = np.asarray(batch["label"], np.int32) if "label" in batch else np.zeros(n, np.int32)
+        for i in np.flatnonzero(batch.get("mask", np.ones(n, bool))):
+            yield dict({k: v[i] for k, v in out.items()}, label=labels[i])
+
+
+def _with_label(data_dir: str, name: str, split: str, inputs: tuple[str, ...]) -> tuple[str, ...]:
+    """The encoders' inputs plus ``label`` where the dataset has one."""
+    return inputs + (("label",) if "label" in datasets.open_split(data_dir, name, split).features else ())
 
 
 def _complete(data_dir: str, name: str, split: str) -> bool:
@@ -49,15 +59,22 @@ def _complete(data_dir: str, name: str, split: str) -> bool:
         return False
 
 
-def prepare_codes(data_dir: str, image_dataset: str, image_size: int, encode: Callable[[np.ndarray], Any],
-                  stage_one_id: str, batch_size: int, splits=("train", "validation")) -> str:
+def prepare_codes(data_dir: str, image_dataset: str, image_size: int,
+                  encode: Callable[[np.ndarray], Any] | Encoders, stage_one_id: str, batch_size: int,
+                  splits=("train", "validation")) -> str:
     """Encode each split once; returns the codes dataset name.
+
+    ``encode``: images -> codes, or a mapping as :func:`encode_examples` takes (e.g. also
+    ``{'cond_codes': ('segmentation', encode_segmentation)}``); ``stage_one_id`` must then identify every
+    encoder's weights.
 
     Process i of n encodes the contiguous batches ``[i*nb/n, (i+1)*nb/n)`` of the whole split and writes
     shard i, so the stored order is the split's order whatever the number of processes, and a dataset
     encoded by another process count is reused as it is. Training from codes fixes one (center) crop per
     image, where on-the-fly encoding sees a new random crop every epoch: the usual trade for speed.
     """
+    encoders = dict(encode) if isinstance(encode, Mapping) else {"codes": ("image", encode)}
+    inputs = tuple(dict.fromkeys(src for src, _ in encoders.values()))
     name = codes_dataset_name(image_dataset, image_size, stage_one_id)
     n, i = jax.process_count(), jax.process_index()
     for split in splits:
@@ -65,12 +82,12 @@ def prepare_codes(data_dir: str, image_dataset: str, image_size: int, encode: Ca
             continue
         loader = data_lib.make_loader(data_dir, image_dataset, split, batch_size, train=False,
                                       image_size=image_size, seed=0, num_epochs=1, process_index=0,
-                                      process_count=1)
+                                      process_count=1, features=_with_label(data_dir, image_dataset, split, inputs))
         nb = len(loader)
         start, stop = i * nb // n, (i + 1) * nb // n
         loader.set_state(dict(loader.get_state(), next_batch=start))
         logging.info("pre-encoding %s/%s batches [%d, %d) to %s", image_dataset, split, start, stop, name)
-        datasets.write_codes_dataset(data_dir, name, split, encode_examples(loader, encode, stop - start),
+        datasets.write_codes_dataset(data_dir, name, split, encode_examples(loader, encoders, stop - start),
                                      shard_index=i, shard_count=n, overwrite=True)
         if n > 1:
             from jax.experimental import multihost_utils

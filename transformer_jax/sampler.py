@@ -29,26 +29,52 @@ class Sampler:
     """Draws code grids with the KV-cached sampler (or the sliding window) and decodes them to images."""
 
     def __init__(self, gpt: Any, gpt_vars: Any, vqgan: Any, vq_vars: Any, cond: Any,
-                 code_grid: tuple[int, int]):
+                 code_grid: tuple[int, int], cond_stage: tuple[Any, Any, int] | None = None):
+        """``cond_stage``: (segmentation VQ model, its variables, number of labels) of a spatially
+        conditioned model, for :meth:`encode_condition`."""
         self.gpt, self.gpt_vars, self.vqgan, self.vq_vars = gpt, gpt_vars, vqgan, vq_vars
         self.cond, self.grid = cond, tuple(int(g) for g in code_grid)
         cond_lib.check_cond_config(cond, gpt.vocab_size)
         self._decode = jax.jit(lambda v, c: vqgan.apply(v, c, method="decode_code"))
+        self.cond_stage = cond_stage
         self.last_accept_rate: float | None = None
 
     @classmethod
-    def from_workdirs(cls, transformer_workdir: str, first_stage_workdir: str = "") -> "Sampler":
-        """From a stage-two workdir; the stage-one model is the one its config names unless overridden."""
+    def from_workdirs(cls, transformer_workdir: str, first_stage_workdir: str = "",
+                      cond_stage_workdir: str = "") -> "Sampler":
+        """From a stage-two workdir; the stage-one (and cond-stage) models are the ones its config names
+        unless overridden."""
         from common_jax.pretrained import load_workdir
         from transformer_jax.train import gpt_from_config
         from vqgan_jax.pretrained import load_vqgan
         config, state, _ = load_workdir(transformer_workdir)
-        fs = dict(config.first_stage)
-        if first_stage_workdir:
-            fs = dict(workdir=first_stage_workdir, taming_ckpt="", taming_yaml="")
-        vq, vq_vars, _ = load_vqgan(**fs)
+
+        def stage(role: str, override: str) -> tuple[Any, Any, Any]:
+            src = dict(workdir=override, taming_ckpt="", taming_yaml="") if override else dict(config[role])
+            return load_vqgan(**src, role=role)
+
+        vq, vq_vars, _ = stage("first_stage", first_stage_workdir)
+        cond_stage = None
+        if config.cond.kind == "spatial":
+            cvq, cvars, ccfg = stage("cond_stage", cond_stage_workdir)
+            cond_stage = (cvq, cvars, int(ccfg.in_channels))
         gpt_vars = {"params": jax.tree.map(jnp.asarray, state["params"])}
-        return cls(gpt_from_config(config.gpt), gpt_vars, vq, vq_vars, config.cond, tuple(config.data.code_grid))
+        return cls(gpt_from_config(config.gpt), gpt_vars, vq, vq_vars, config.cond, tuple(config.data.code_grid),
+                   cond_stage)
+
+    def encode_condition(self, segmentation: np.ndarray) -> jax.Array:
+        """(n, H, W) integer label maps -> (n, H/f, W/f) cond codes of the cond-stage model (any size)."""
+        if self.cond_stage is None:
+            raise ValueError("encode_condition needs the cond-stage (segmentation) model: this Sampler was "
+                             "built without one (a spatially conditioned workdir provides it)")
+        from transformer_jax.train import make_encoder
+        model, variables, n_labels = self.cond_stage
+        seg = np.asarray(segmentation)
+        if seg.ndim != 3 or not np.issubdtype(seg.dtype, np.integer):
+            raise ValueError(f"segmentation must be (n, H, W) integer label maps, got {seg.dtype} {seg.shape}")
+        if seg.size and (seg.min() < 0 or seg.max() >= n_labels):
+            raise ValueError(f"segmentation labels must be in [0, {n_labels}), got [{seg.min()}, {seg.max()}]")
+        return make_encoder(model, variables, n_labels)(seg)
 
     # -- prefixes --------------------------------------------------------------------------------
     def _prefix(self, n: int, labels: np.ndarray | None, cond_codes: np.ndarray | None) -> jax.Array:
@@ -92,9 +118,12 @@ class Sampler:
 
     # -- images ----------------------------------------------------------------------------------
     def sample(self, rng: jax.Array, n: int, labels: np.ndarray | None = None, *, batch_size: int = 16,
-               classifier: Classifier | None = None, max_batches: int | None = None,
-               progress: bool = True, **sampling_kwargs: Any) -> np.ndarray:
+               cond_codes: np.ndarray | None = None, classifier: Classifier | None = None,
+               max_batches: int | None = None, progress: bool = True, **sampling_kwargs: Any) -> np.ndarray:
         """``n`` images (uint8 NHWC) in batches of ``batch_size``; deterministic given ``rng``.
+
+        ``labels`` (n,) for class-conditional models, ``cond_codes`` (n, h, w) for spatially conditioned
+        ones (:meth:`encode_condition` of label maps).
 
         With ``classifier``, each drawn image is accepted with the probability it returns (rejection
         sampling, as the paper's classifier-based selection); drawing continues until ``n`` are accepted
@@ -106,6 +135,10 @@ class Sampler:
         labels = None if labels is None else np.asarray(labels, np.int32).reshape(-1)
         if labels is not None and len(labels) != n:
             raise ValueError(f"got {len(labels)} labels for {n} samples")
+        if cond_codes is not None:
+            cond_codes = np.asarray(cond_codes, np.int32)
+            if len(cond_codes) != n:
+                raise ValueError(f"got {len(cond_codes)} cond_codes for {n} samples")
         need = -(-n // batch_size)
         max_batches = max_batches or (need if classifier is None else 10 * need)
         prog = Progress(need, desc="sample batch") if progress else None
@@ -115,8 +148,9 @@ class Sampler:
         while pending and b < max_batches:
             idx = np.resize(np.asarray(pending), batch_size)   # pad the last batch by repeating
             lab = None if labels is None else labels[idx]
+            cc = None if cond_codes is None else cond_codes[idx]
             key = jax.random.fold_in(rng, b)
-            imgs = self.decode(self.sample_codes(key, batch_size, lab, **sampling_kwargs))
+            imgs = self.decode(self.sample_codes(key, batch_size, lab, cc, **sampling_kwargs))
             keep = np.ones(batch_size, bool)
             if classifier is not None:
                 p = np.asarray(classifier(imgs, lab), np.float64).reshape(-1)

@@ -21,8 +21,10 @@ from flax import struct
 from common_jax import data as data_lib
 from common_jax import run_setup, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
+from transformer_jax import codes as codes_lib
 from transformer_jax import conditioning as cond_lib
 from transformer_jax.gpt import GPT
+from vqgan_jax.segmentation import one_hot_segmentation
 
 LN2 = math.log(2.0)
 
@@ -152,20 +154,23 @@ class TransformerTask:
 
 
 class EncodingLoader:
-    """Wraps an image loader: each batch's ``image`` becomes ``codes`` via a frozen (jitted) encoder.
+    """Wraps an image loader: frozen (jitted) encoders replace batch inputs by codes, e.g. ``image`` ->
+    ``codes`` and, for spatial conditioning, ``segmentation`` -> ``cond_codes``.
 
     Iterator state passes through, so resume stays exact.
     """
 
-    def __init__(self, loader: Iterator, encode: Callable[[np.ndarray], np.ndarray]):
-        self.loader, self.encode = loader, encode
+    def __init__(self, loader: Iterator, encoders: Callable[[np.ndarray], np.ndarray] | codes_lib.Encoders):
+        self.loader = loader
+        self.encoders = dict(encoders) if isinstance(encoders, Mapping) else {"codes": ("image", encoders)}
 
     def __iter__(self) -> "EncodingLoader":
         return self
 
     def __next__(self) -> dict:
         batch = dict(next(self.loader))
-        batch["codes"] = np.asarray(self.encode(batch.pop("image")), np.int32)
+        for out, (src, fn) in self.encoders.items():
+            batch[out] = np.asarray(fn(batch.pop(src)), np.int32)
         return batch
 
     def get_state(self) -> Any:
@@ -175,10 +180,25 @@ class EncodingLoader:
         self.loader.set_state(state)
 
 
-def make_encoder(vqgan: Any, variables: Any) -> Callable[[np.ndarray], jax.Array]:
-    """Jitted images -> codes of a frozen stage-one model (variables passed as an argument, not baked in)."""
-    fn = jax.jit(lambda v, x: vqgan.apply(v, x, method="encode").indices)
-    return lambda images: fn(variables, jnp.asarray(images))
+def make_encoder(vqgan: Any, variables: Any, n_labels: int = 0) -> Callable[[np.ndarray], jax.Array]:
+    """Jitted inputs -> codes of a frozen stage-one model (variables passed as an argument, not baked in).
+
+    ``n_labels > 0``: the inputs are (B, H, W) label maps, one-hot encoded first (the segmentation model).
+    """
+    def encode(v, x):
+        x = one_hot_segmentation(x, n_labels) if n_labels else x
+        return vqgan.apply(v, x, method="encode").indices
+    fn = jax.jit(encode)
+    # The frozen weights live on one device; the training loop calls this (EncodingLoader) inside its
+    # own mesh context, which jit would otherwise reject for single-device arguments.
+    device = next(iter(jax.tree.leaves(variables)[0].devices())) if hasattr(
+        jax.tree.leaves(variables)[0], "devices") else jax.devices()[0]
+    local = jax.sharding.Mesh(np.array([device]), ("data",))
+
+    def run(inputs: np.ndarray) -> jax.Array:
+        with jax.set_mesh(local):
+            return fn(variables, jnp.asarray(inputs))
+    return run
 
 
 def unigram_entropy_bits(codes: np.ndarray, vocab: int) -> float:
@@ -188,44 +208,51 @@ def unigram_entropy_bits(codes: np.ndarray, vocab: int) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def check_first_stage(config, vq_model_cfg) -> None:
-    """The GPT's code grid and vocabulary must fit the stage-one model it trains on."""
+def stage_one_grid(config: Any, vq_model_cfg: Any, role: str = "first_stage") -> tuple[int, int]:
+    """The code grid a stage-one model gives for ``data.image_size``; its codebook must fit the GPT's
+    vocabulary, and the first stage's grid must be ``data.code_grid``."""
     f = 2 ** (len(vq_model_cfg.ch_mult) - 1)
     grid = (config.data.image_size // f,) * 2
-    if tuple(config.data.code_grid) != grid:
+    if role == "first_stage" and tuple(config.data.code_grid) != grid:
         raise ValueError(f"data.code_grid={tuple(config.data.code_grid)} but the stage-one model (f={f}) gives "
                          f"{grid} codes for data.image_size={config.data.image_size}")
     if config.gpt.vocab_size < vq_model_cfg.n_embed:
-        raise ValueError(f"gpt.vocab_size={config.gpt.vocab_size} is smaller than the stage-one codebook "
+        raise ValueError(f"gpt.vocab_size={config.gpt.vocab_size} is smaller than the {role} model's codebook "
                          f"(n_embed={vq_model_cfg.n_embed})")
+    return grid
 
 
 def train(config, workdir: str) -> training.RunResult:
-    from transformer_jax import codes as codes_lib
     from vqgan_jax.pretrained import load_vqgan
 
-    if config.cond.kind == "spatial":
-        raise ValueError("cond.kind='spatial' needs a paired (image, condition) dataset; the launcher "
-                         "supports unconditional and class conditioning (spatial works from Python: "
-                         "TransformerTask with batches holding 'cond_codes')")
-    task = TransformerTask(config)
     vq, vq_vars, vq_cfg = load_vqgan(**config.first_stage)
-    check_first_stage(config, vq_cfg)
-    encode = make_encoder(vq, vq_vars)
+    stage_one_grid(config, vq_cfg)
+    encoders: dict = {"codes": ("image", make_encoder(vq, vq_vars))}
+    stage_one_id = codes_lib.params_fingerprint(vq_vars)
+    cond_grid, features, code_features = None, ("image", "label"), ("codes", "label")
+    if config.cond.kind == "spatial":
+        # The cond stage (taming's VQSegmentationModel) encodes the dataset's label maps to the prefix.
+        cvq, cvars, ccfg = load_vqgan(**config.cond_stage, role="cond_stage")
+        cond_grid = stage_one_grid(config, ccfg, "cond_stage")
+        encoders["cond_codes"] = ("segmentation", make_encoder(cvq, cvars, int(ccfg.in_channels)))
+        stage_one_id += codes_lib.params_fingerprint(cvars)
+        features, code_features = ("image", "segmentation"), ("codes", "cond_codes")
+    task = TransformerTask(config, cond_grid)
     d = config.data
     data_dir, image_name = run_setup.resolve_dataset(d, workdir)
     run_setup.cap_eval_steps(config)
     if d.pre_encoded:
-        name = codes_lib.prepare_codes(data_dir, image_name, int(d.image_size), encode,
-                                       codes_lib.params_fingerprint(vq_vars), int(d.eval_batch_size))
+        name = codes_lib.prepare_codes(data_dir, image_name, int(d.image_size), encoders, stage_one_id,
+                                       int(d.eval_batch_size))
         train_loader = data_lib.make_loader(data_dir, name, "train", int(d.global_batch_size), train=True,
-                                            image_size=None, seed=int(config.seed))
+                                            image_size=None, seed=int(config.seed), features=code_features)
         eval_loader = lambda: data_lib.make_loader(data_dir, name, "validation", int(d.eval_batch_size),
-                                                   train=False, image_size=None, seed=0, num_epochs=1)
+                                                   train=False, image_size=None, seed=0, num_epochs=1,
+                                                   features=code_features)
     else:
-        train_images, eval_images, _, _ = run_setup.image_loaders(config, workdir)
-        train_loader = EncodingLoader(train_images, encode)
-        eval_loader = lambda: EncodingLoader(eval_images(), encode)
-    logging.info("stage two on %s codes (%s), global batch %d", image_name,
+        train_images, eval_images, _, _ = run_setup.image_loaders(config, workdir, features)
+        train_loader = EncodingLoader(train_images, encoders)
+        eval_loader = lambda: EncodingLoader(eval_images(), encoders)
+    logging.info("stage two (%s conditioning) on %s codes (%s), global batch %d", config.cond.kind, image_name,
                  "pre-encoded" if d.pre_encoded else "on the fly", d.global_batch_size)
     return training.run(config, workdir, task, train_loader, eval_loader, compat_prefixes=("gpt", "cond"))

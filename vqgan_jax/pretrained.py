@@ -12,11 +12,12 @@ from vqgan_jax.model import VQGAN
 from vqgan_jax.train import model_from_config
 
 
-def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", use_ema: bool = True
-               ) -> tuple[VQGAN, dict, ml_collections.ConfigDict]:
+def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", use_ema: bool = True,
+               role: str = "first_stage") -> tuple[VQGAN, dict, ml_collections.ConfigDict]:
     """(model, variables, model config) from a stage-one workdir, or from a taming ``.ckpt`` + ``.yaml``.
 
-    With ``use_ema`` the generator EMA weights are used when the run kept them.
+    With ``use_ema`` the generator EMA weights are used when the run kept them. ``role`` names the config
+    section (``first_stage`` / ``cond_stage``) in the error when neither source is given.
     """
     if workdir:
         config, state, _ = load_workdir(workdir)
@@ -26,5 +27,6 @@ def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", 
         model, variables = convert.load_taming_checkpoint(taming_ckpt, taming_yaml)
         cfg = convert.config_from_taming(convert.read_yaml(taming_yaml))
         return model, variables, cfg.model
-    raise ValueError("a stage-one model is needed: set first_stage.workdir (a stage-one workdir of this "
-                     "project) or first_stage.taming_ckpt and first_stage.taming_yaml (an official checkpoint)")
+    what = "stage-one" if role == "first_stage" else role.replace("_", "-")
+    raise ValueError(f"a {what} model is needed: set {role}.workdir (a stage-one workdir of "
+                     f"this project) or {role}.taming_ckpt and {role}.taming_yaml (an official checkpoint)")

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -20,6 +21,11 @@ from vqgan_jax.model import VQGAN
 def one_hot_segmentation(labels: jax.Array, n_labels: int) -> jax.Array:
     """(B, H, W) integer label map -> (B, H, W, n_labels) float32 one-hot, the model's input."""
     return jax.nn.one_hot(jnp.asarray(labels, jnp.int32), n_labels, dtype=jnp.float32)
+
+
+def label_palette(n_labels: int) -> jax.Array:
+    """(n_labels, 3) uint8: a fixed colour per class id, for viewing label maps (as taming's colorize)."""
+    return jnp.asarray(np.random.default_rng(0).integers(0, 256, (n_labels, 3), dtype=np.uint8))
 
 
 def bce_with_quant_loss(logits: jax.Array, target: jax.Array, codebook_loss: jax.Array,
@@ -83,3 +89,10 @@ class SegmentationVQTask:
         _, m = self._loss(state.params, batch["segmentation"], False)
         n = jnp.float32(batch["segmentation"].shape[0])
         return {"bce_loss": m["bce_loss"] * n, "pixel_accuracy": m["pixel_accuracy"] * n, "count": n}
+
+    def summaries(self, state: SegState, batch: Mapping[str, jax.Array]) -> dict:
+        """Label maps and their reconstructions (argmax) interleaved, 8 pairs, as palette colours (uint8)."""
+        seg = jnp.asarray(batch["segmentation"], jnp.int32)[:8]
+        logits, _ = self.model.apply({"params": state.params}, one_hot_segmentation(seg, self.n_labels))
+        pairs = jnp.stack([seg, jnp.argmax(logits, -1)], axis=1).reshape(-1, *seg.shape[1:])
+        return {"reconstructions": label_palette(self.n_labels)[pairs]}

@@ -250,14 +250,29 @@ def _set_codebook(params: Any, codebook: jax.Array) -> Any:
     return {**params, "quantize": q}
 
 
+TASKS = ("vqgan", "segmentation")
+
+
 def train(config, workdir: str) -> training.RunResult:
-    """Build data, LPIPS and the task from ``config`` and run the shared loop in ``workdir``."""
-    lpips = None
-    if float(config.loss.perceptual_weight) > 0 and config.lpips_weights:
-        from common_jax.lpips import load_lpips
-        lpips = load_lpips(config.lpips_weights)
-    task = VQGANTask(config, lpips)        # validates the config before any data work
-    train_loader, eval_loader, _, name = run_setup.image_loaders(config, workdir)
+    """Build data, LPIPS and the task from ``config`` and run the shared loop in ``workdir``.
+
+    ``config.task``: ``vqgan`` (images, default) or ``segmentation`` (taming's VQSegmentationModel on the
+    label maps of a paired dataset, ``common_jax.datasets.build_paired_folder``).
+    """
+    kind = config.get("task", "vqgan")
+    if kind not in TASKS:
+        raise ValueError(f"config.task must be one of {TASKS}, got {kind!r}")
+    if kind == "segmentation":
+        from vqgan_jax.segmentation import SegmentationVQTask
+        task, features = SegmentationVQTask(config), ("segmentation",)
+    else:
+        lpips = None
+        if float(config.loss.perceptual_weight) > 0 and config.lpips_weights:
+            from common_jax.lpips import load_lpips
+            lpips = load_lpips(config.lpips_weights)
+        # validates the config before any data work; images only (paired datasets have no label)
+        task, features = VQGANTask(config, lpips), ("image",)
+    train_loader, eval_loader, _, name = run_setup.image_loaders(config, workdir, features)
     run_setup.cap_eval_steps(config)
-    logging.info("stage one on %s, global batch %d", name, config.data.global_batch_size)
+    logging.info("stage one (%s) on %s, global batch %d", kind, name, config.data.global_batch_size)
     return training.run(config, workdir, task, train_loader, eval_loader)

@@ -1,0 +1,111 @@
+"""Spatial conditioning end to end (taming's S-FLCKR setup at 32 px): a paired image/label-map folder ->
+the segmentation VQ model trained by the stage-one loop (the image VQGAN is a fresh, untrained one) ->
+spatially conditioned GPT (pre-encoded and on the fly) -> Sampler and `launch.sample --segmentation`,
+including sliding-window sampling on a wider map."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import _stage_main as stage
+from common_jax import datasets
+from configs import transformer_spatial_tiny, vqgan_segmentation_tiny, vqgan_tiny
+from paired_folder import make_paired_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_LABELS = 5
+
+
+def _short(c, data_dir, steps=2):
+    c.data.update(dict(name="pairs", data_dir=data_dir, eval_examples=16))
+    c.total_steps, c.log_every, c.eval_every, c.image_every = steps, 1, steps, 0
+    c.checkpoint.update(dict(every=steps, keep=1, async_save=False))
+    return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from transformer_jax import train as gpt_train
+    from vqgan_jax import train as vq_train
+    root = tmp_path_factory.mktemp("spatial")
+    images, labels = make_paired_folder(root / "src", n=40, size=32, n_labels=N_LABELS)
+    data_dir = str(root / "data")
+    datasets.build_paired_folder(images, labels, data_dir, name="pairs", heldout_fraction=0.25)
+    stage.save_fresh_stage_one(_short(vqgan_tiny.get_config(), data_dir), str(root / "vq"), 1)
+    seg = _short(vqgan_segmentation_tiny.get_config(), data_dir)
+    seg.model.update(dict(in_channels=N_LABELS, out_ch=N_LABELS))
+    seg_result = vq_train.train(seg, str(root / "seg"))
+    out = {"root": root, "labels": labels, "seg_result": seg_result}
+    for mode, pre in (("gpt", True), ("gpt_fly", False)):
+        c = _short(transformer_spatial_tiny.get_config(), data_dir)
+        c.data.pre_encoded = pre
+        c.first_stage.workdir, c.cond_stage.workdir = str(root / "vq"), str(root / "seg")
+        out[mode] = gpt_train.train(c, str(root / mode))
+    return out
+
+
+def test_segmentation_stage_one_trains_from_label_maps(runs):
+    r = runs["seg_result"]
+    assert r.step == 2
+    assert 0.0 < r.eval_metrics["pixel_accuracy"] <= 1.0 and np.isfinite(r.eval_metrics["bce_loss"])
+
+
+@pytest.mark.parametrize("mode", ["gpt", "gpt_fly"])
+def test_spatial_gpt_trains_on_cond_codes(runs, mode):
+    r = runs[mode]
+    assert r.step == 2
+    bits = r.eval_metrics["nll_bits_per_token"]
+    assert 0 < bits < 10   # 128-code vocabulary: 7 bits for a uniform guess
+
+
+def test_sampler_encodes_maps_and_samples_at_and_beyond_the_training_size(runs):
+    from transformer_jax.sampler import Sampler
+    sampler = Sampler.from_workdirs(str(runs["root"] / "gpt"))
+    seg = np.asarray(Image.open(sorted(runs["labels"].glob("*.png"))[0]))
+    cond = np.asarray(sampler.encode_condition(seg[None]))
+    assert cond.shape == (1, 8, 8) and cond.dtype == np.int32 and 0 <= cond.min() and cond.max() < 64
+    imgs = sampler.sample(jax.random.key(0), 2, batch_size=2, cond_codes=np.repeat(cond, 2, 0), progress=False)
+    assert imgs.shape == (2, 32, 32, 3) and imgs.dtype == np.uint8
+    again = sampler.sample(jax.random.key(0), 2, batch_size=2, cond_codes=np.repeat(cond, 2, 0), progress=False)
+    np.testing.assert_array_equal(imgs, again)
+    wide = np.concatenate([seg, seg[:, ::-1]], axis=1)                  # 32 x 64: two windows across
+    big = sampler.sample_large(jax.random.key(1), (8, 16), cond_codes=sampler.encode_condition(wide[None]))
+    assert big.shape == (1, 32, 64, 3)
+    with pytest.raises(ValueError, match="pass cond_codes"):
+        sampler.sample_codes(jax.random.key(0), 1)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        sampler.encode_condition(np.full((1, 32, 32), N_LABELS, np.int32))
+
+
+def test_sample_launcher_with_a_label_map(runs, tmp_path):
+    from launch.sample import write_spatial
+    from transformer_jax.sampler import Sampler
+    seg_png = sorted(runs["labels"].glob("*.png"))[0]
+    sampler = Sampler.from_workdirs(str(runs["root"] / "gpt"))
+    paths = write_spatial(sampler, str(tmp_path / "at_size"), str(seg_png), 2, {}, 0, 2)
+    assert [Image.open(p).size for p in paths] == [(32, 32), (70, 36)]        # the map, a 2-sample grid
+    with pytest.raises(ValueError, match="pass --segmentation"):
+        write_spatial(sampler, str(tmp_path / "none"), "", 2, {}, 0, 2)
+    with pytest.raises(ValueError, match="disagree with --segmentation"):
+        write_spatial(sampler, str(tmp_path / "none"), str(seg_png), 2, {}, 0, 2, height=64, width=64)
+    # The command line, on a map twice as wide as the training size: one sliding-window image.
+    wide_png = tmp_path / "wide.png"
+    Image.fromarray(np.concatenate([np.asarray(Image.open(seg_png))] * 2, axis=1), mode="L").save(wide_png)
+    p = subprocess.run([sys.executable, "-m", "launch.sample", f"--workdir={runs['root'] / 'gpt'}",
+                        f"--out={tmp_path / 'wide'}", f"--segmentation={wide_png}"], cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for name in ("segmentation.png", "large_32x64.png"):
+        assert Image.open(tmp_path / "wide" / name).size == (64, 32), name
+
+
+def test_missing_cond_stage_is_one_clear_error(runs, tmp_path):
+    from transformer_jax import train as gpt_train
+    c = _short(transformer_spatial_tiny.get_config(), str(runs["root"] / "data"))
+    c.first_stage.workdir = str(runs["root"] / "vq")
+    with pytest.raises(ValueError, match="a cond-stage model is needed: set cond_stage.workdir"):
+        gpt_train.train(c, str(tmp_path / "gpt"))
