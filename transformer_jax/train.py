@@ -189,10 +189,10 @@ def make_encoder(vqgan: Any, variables: Any, n_labels: int = 0) -> Callable[[np.
         x = one_hot_segmentation(x, n_labels) if n_labels else x
         return vqgan.apply(v, x, method="encode").indices
     fn = jax.jit(encode)
-    # The frozen weights live on one device; the training loop calls this (EncodingLoader) inside its
-    # own mesh context, which jit would otherwise reject for single-device arguments.
-    device = next(iter(jax.tree.leaves(variables)[0].devices())) if hasattr(
-        jax.tree.leaves(variables)[0], "devices") else jax.devices()[0]
+    # The frozen weights live on one local device, under a one-device mesh: the training loop calls this
+    # (EncodingLoader) inside its own mesh context, which jit rejects for single-device arguments.
+    device = jax.local_devices()[0]
+    variables = jax.device_put(variables, device)
     local = jax.sharding.Mesh(np.array([device]), ("data",))
 
     def run(inputs: np.ndarray) -> jax.Array:
