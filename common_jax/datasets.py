@@ -293,6 +293,16 @@ def _prepared_or_cleared(data_dir: Path, name: str, version: str, overwrite: boo
     return ImageFolderSummary(name, str(data_dir), str(out_dir), d.splits, d.class_names, reused=True)
 
 
+def _train_and_validation(files: list[tuple[Path, int]], n_classes: int, heldout_fraction: float, seed: int,
+                          what: str) -> dict[str, list[tuple[Path, int]]]:
+    """:func:`_assign_splits`, dropping (with a warning) a validation split too small to hold anything."""
+    splits = _assign_splits(files, n_classes, heldout_fraction, seed)
+    if "validation" in splits and not splits["validation"]:
+        log.warning("%s: too few usable examples for a validation split; writing train only", what)
+        del splits["validation"]
+    return splits
+
+
 def build_image_folder(src_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str = "image_folder",
                        heldout_fraction: float = 0.05, seed: int = 0, version: str = "1.0.0",
                        overwrite: bool = False) -> ImageFolderSummary:
@@ -337,10 +347,7 @@ def build_image_folder(src_dir: str | os.PathLike, data_dir: str | os.PathLike, 
                     "; ".join(f"{p} ({r})" for p, r in skipped))
     if not good:
         raise ValueError(f"image folder '{src}': no readable training image; skipped: {skipped}")
-    splits = _assign_splits(good, len(classes), heldout_fraction, seed)
-    if "validation" in splits and not splits["validation"]:
-        log.warning("image folder %s: too few readable images for a validation split; writing train only", src)
-        del splits["validation"]
+    splits = _train_and_validation(good, len(classes), heldout_fraction, seed, f"image folder {src}")
 
     def generate(split: str):
         for path, label in splits[split]:
@@ -496,10 +503,7 @@ def build_paired_folder(image_dir: str | os.PathLike, segmentation_dir: str | os
     if not good:
         raise ValueError(f"paired folder: no valid (image, segmentation map) pair in image folder '{image_dir}' "
                          f"and segmentation folder '{seg_dir}'; skipped: {skipped}")
-    splits = _assign_splits(good, 1, heldout_fraction, seed)
-    if "validation" in splits and not splits["validation"]:
-        log.warning("paired folder %s: too few valid pairs for a validation split; writing train only", image_dir)
-        del splits["validation"]
+    splits = _train_and_validation(good, 1, heldout_fraction, seed, f"paired folder {image_dir}")
 
     def generate(split: str):
         for path, _ in splits[split]:

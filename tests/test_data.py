@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batch_checks import assert_same_batches, take
 from common_jax import data, datasets
 
 
@@ -28,18 +29,6 @@ def ids(tmp_path_factory):
 
 def _ids(batch):
     return batch["codes"][:, 0, 0].tolist()
-
-
-def _take(loader, k):
-    return [next(loader) for _ in range(k)]
-
-
-def _assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
@@ -85,7 +74,7 @@ def test_train_batches(photos):
     loader = data.make_loader(data_dir, name, "train", 8, train=True, image_size=12, seed=0,
                               process_index=0, process_count=1)
     assert loader.num_batches is None and loader.class_names[0] == "astronaut" and loader.num_examples == 80
-    batches = _take(loader, 3)
+    batches = take(loader, 3)
     for b in batches:
         assert set(b) == {"image", "label"}
         assert b["image"].shape == (8, 12, 12, 3) and b["image"].dtype == np.float32
@@ -100,8 +89,8 @@ def test_train_batches(photos):
 def test_process_halves_cover_global_batch(photos):
     data_dir, name = photos
     kw = dict(train=True, image_size=12, seed=3)
-    full = _take(data.make_loader(data_dir, name, "train", 8, process_index=0, process_count=1, **kw), 2)
-    halves = [_take(data.make_loader(data_dir, name, "train", 8, process_index=p, process_count=2, **kw), 2)
+    full = take(data.make_loader(data_dir, name, "train", 8, process_index=0, process_count=1, **kw), 2)
+    halves = [take(data.make_loader(data_dir, name, "train", 8, process_index=p, process_count=2, **kw), 2)
               for p in range(2)]
     for b, (h0, h1) in enumerate(zip(*halves)):
         assert h0["image"].shape == (4, 12, 12, 3)
@@ -111,8 +100,8 @@ def test_process_halves_cover_global_batch(photos):
 
 def test_process_sharding_disjoint_ids(ids):
     kw = dict(train=True, image_size=None, seed=1)
-    full = _take(data.make_loader(ids, "ids", "train", 4, process_index=0, process_count=1, **kw), 5)
-    parts = [_take(data.make_loader(ids, "ids", "train", 4, process_index=p, process_count=2, **kw), 5)
+    full = take(data.make_loader(ids, "ids", "train", 4, process_index=0, process_count=1, **kw), 5)
+    parts = [take(data.make_loader(ids, "ids", "train", 4, process_index=p, process_count=2, **kw), 5)
              for p in range(2)]
     for b in range(5):
         a, c = _ids(parts[0][b]), _ids(parts[1][b])
@@ -123,14 +112,14 @@ def test_process_sharding_disjoint_ids(ids):
 def test_epochs_are_permutations_reshuffled(ids):
     loader = data.make_loader(ids, "ids", "train", 4, train=True, image_size=None, seed=0, process_count=1,
                               process_index=0)
-    stream = sum((_ids(b) for b in _take(loader, 15)), [])  # 3 epochs of 20
+    stream = sum((_ids(b) for b in take(loader, 15)), [])  # 3 epochs of 20
     epochs = [stream[i * 20:(i + 1) * 20] for i in range(3)]
     for e in epochs:
         assert sorted(e) == list(range(20))
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != list(range(20))
     other = data.make_loader(ids, "ids", "train", 4, train=True, image_size=None, seed=1, process_count=1,
                              process_index=0)
-    assert sum((_ids(b) for b in _take(other, 5)), []) != epochs[0]
+    assert sum((_ids(b) for b in take(other, 5)), []) != epochs[0]
 
 
 def test_finite_train_drops_remainder(ids):
@@ -148,21 +137,21 @@ def test_finite_train_drops_remainder(ids):
 def test_exact_resume_images(photos):
     data_dir, name = photos
     kw = dict(train=True, image_size=12, seed=5, process_index=0, process_count=1)
-    ref = _take(data.make_loader(data_dir, name, "train", 8, **kw), 14)  # crosses the epoch boundary (10/epoch)
+    ref = take(data.make_loader(data_dir, name, "train", 8, **kw), 14)  # crosses the epoch boundary (10/epoch)
     first = data.make_loader(data_dir, name, "train", 8, **kw)
-    _take(first, 9)
+    take(first, 9)
     state = json.loads(json.dumps(first.get_state()))
     assert state["next_batch"] == 9
     resumed = data.make_loader(data_dir, name, "train", 8, **kw)
     resumed.set_state(state)
-    _assert_same(_take(resumed, 5), ref[9:])
-    _assert_same(_take(first, 5), ref[9:])  # the original keeps going too
+    assert_same_batches(take(resumed, 5), ref[9:])
+    assert_same_batches(take(first, 5), ref[9:])  # the original keeps going too
 
 
 def test_resume_with_other_process_count(ids):
     kw = dict(train=True, image_size=None, seed=2)
     one = data.make_loader(ids, "ids", "train", 4, process_index=0, process_count=1, **kw)
-    _take(one, 3)
+    take(one, 3)
     state = one.get_state()
     nxt = _ids(next(one))
     halves = []
@@ -200,7 +189,7 @@ def test_eval_padding_mask_and_determinism(ids):
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.dtype == np.bool_ and mask.tolist() == [True] * 11 + [False]
     assert got[:11] == list(range(11))  # every example once, stored order
-    _assert_same(list(data.make_loader(ids, "ids", "validation", 4, process_index=0, process_count=1, **kw)),
+    assert_same_batches(list(data.make_loader(ids, "ids", "validation", 4, process_index=0, process_count=1, **kw)),
                  batches)
     per_proc = [list(data.make_loader(ids, "ids", "validation", 4, process_index=p, process_count=2, **kw))
                 for p in range(2)]
@@ -214,7 +203,7 @@ def test_eval_images_center_crop(photos):
     data_dir, name = photos
     kw = dict(train=False, image_size=12, seed=0, process_index=0, process_count=1)
     a = list(data.make_loader(data_dir, name, "validation", 8, **kw))
-    _assert_same(a, list(data.make_loader(data_dir, name, "validation", 8, **kw)))
+    assert_same_batches(a, list(data.make_loader(data_dir, name, "validation", 8, **kw)))
     assert len(a) == 3 and sum(int(b["mask"].sum()) for b in a) == 20
     assert a[0]["image"].shape == (8, 12, 12, 3)
     src = datasets.open_split(data_dir, name, "validation")
@@ -232,12 +221,12 @@ def test_codes_loader_features(ids):
 def test_worker_processes_give_same_batches(photos):
     data_dir, name = photos
     kw = dict(train=True, image_size=12, seed=4, process_index=0, process_count=1)
-    ref = _take(data.make_loader(data_dir, name, "train", 8, **kw), 3)
+    ref = take(data.make_loader(data_dir, name, "train", 8, **kw), 3)
     with data.make_loader(data_dir, name, "train", 8, worker_count=2, **kw) as mp:
-        _assert_same(_take(mp, 2), ref[:2])
+        assert_same_batches(take(mp, 2), ref[:2])
         assert mp.get_state()["next_batch"] == 2
         mp.close()
-        _assert_same(_take(mp, 1), ref[2:])  # restarts where it stopped
+        assert_same_batches(take(mp, 1), ref[2:])  # restarts where it stopped
 
 
 # ---------------------------------------------------------------------------------------------- errors

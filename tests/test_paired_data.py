@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batch_checks import assert_same_batches, take
 from common_jax import data, datasets
 from paired_folder import NOISE, label_colours, make_paired_folder
 
@@ -39,18 +40,6 @@ def wide(tmp_path_factory):
     image_dir, seg_dir = make_paired_folder(root / "src", n=24, size=48, width=64, n_labels=N_LABELS, seed=1)
     datasets.build_paired_folder(image_dir, seg_dir, root / "data", name="wide", heldout_fraction=0.0)
     return str(root / "data"), image_dir, seg_dir
-
-
-def _take(loader, k):
-    return [next(loader) for _ in range(k)]
-
-
-def _assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _name(b):
@@ -115,7 +104,7 @@ def test_train_crop_flip_keep_map_aligned(wide):
     data_dir, _, _ = wide
     loader = data.make_loader(data_dir, "wide", "train", 8, train=True, image_size=32, seed=3,
                               features=("image", "segmentation"), **ONE)
-    for b in _take(loader, 6):  # two epochs
+    for b in take(loader, 6):  # two epochs
         assert b["image"].shape == (8, 32, 32, 3) and b["segmentation"].shape == (8, 32, 32)
         assert b["segmentation"].dtype == np.int32
         assert 0 <= b["segmentation"].min() and b["segmentation"].max() < N_LABELS
@@ -127,7 +116,7 @@ def test_label_maps_resized_nearest(wide):
     data_dir, _, seg_dir = wide
     loader = data.make_loader(data_dir, "wide", "train", 8, train=True, image_size=32, seed=0,
                               features=("segmentation", "file_name"), **ONE)
-    for b in _take(loader, 3):
+    for b in take(loader, 3):
         for seg, name in zip(b["segmentation"], b["file_name"]):
             assert set(np.unique(seg)) <= set(np.unique(_read(seg_dir / _name(name))))
 
@@ -179,8 +168,8 @@ def test_segmentation_only_matches_paired(wide):
     """features=('segmentation',) takes the same crop/flip draws as the paired stream."""
     data_dir, _, _ = wide
     kw = dict(train=True, image_size=32, seed=7, **ONE)
-    both = _take(data.make_loader(data_dir, "wide", "train", 8, features=("image", "segmentation"), **kw), 3)
-    alone = _take(data.make_loader(data_dir, "wide", "train", 8, features=("segmentation",), **kw), 3)
+    both = take(data.make_loader(data_dir, "wide", "train", 8, features=("image", "segmentation"), **kw), 3)
+    alone = take(data.make_loader(data_dir, "wide", "train", 8, features=("segmentation",), **kw), 3)
     for a, b in zip(alone, both):
         assert set(a) == {"segmentation"}
         np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
@@ -197,13 +186,13 @@ def test_default_features_without_label(square):
 def test_resume_and_process_halves(wide):
     data_dir, _, _ = wide
     kw = dict(train=True, image_size=32, seed=5, features=("image", "segmentation"))
-    ref = _take(data.make_loader(data_dir, "wide", "train", 8, **kw, **ONE), 5)   # crosses an epoch (3/epoch)
+    ref = take(data.make_loader(data_dir, "wide", "train", 8, **kw, **ONE), 5)   # crosses an epoch (3/epoch)
     first = data.make_loader(data_dir, "wide", "train", 8, **kw, **ONE)
-    _take(first, 2)
+    take(first, 2)
     state = json.loads(json.dumps(first.get_state()))
     resumed = data.make_loader(data_dir, "wide", "train", 8, **kw, **ONE)
     resumed.set_state(state)
-    _assert_same(_take(resumed, 3), ref[2:])
+    assert_same_batches(take(resumed, 3), ref[2:])
     halves = [data.make_loader(data_dir, "wide", "train", 8, process_index=p, process_count=2, **kw)
               for p in range(2)]
     for h in halves:
@@ -224,9 +213,9 @@ def test_transforms_pickle():
 def test_worker_processes_give_same_batches(wide):
     data_dir, _, _ = wide
     kw = dict(train=True, image_size=32, seed=4, features=("image", "segmentation"), **ONE)
-    ref = _take(data.make_loader(data_dir, "wide", "train", 8, **kw), 2)
+    ref = take(data.make_loader(data_dir, "wide", "train", 8, **kw), 2)
     with data.make_loader(data_dir, "wide", "train", 8, worker_count=2, **kw) as mp:
-        _assert_same(_take(mp, 2), ref)
+        assert_same_batches(take(mp, 2), ref)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
