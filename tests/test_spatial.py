@@ -90,6 +90,8 @@ def test_sample_launcher_with_a_label_map(runs, tmp_path):
     assert [Image.open(p).size for p in paths] == [(32, 32), (70, 36)]        # the map, a 2-sample grid
     with pytest.raises(ValueError, match="pass --segmentation"):
         write_spatial(sampler, str(tmp_path / "none"), "", 2, {}, 0, 2)
+    with pytest.raises(ValueError, match=f"label map {tmp_path}/missing.png: .*No such file"):
+        write_spatial(sampler, str(tmp_path / "none"), str(tmp_path / "missing.png"), 2, {}, 0, 2)
     with pytest.raises(ValueError, match="disagree with --segmentation"):
         write_spatial(sampler, str(tmp_path / "none"), str(seg_png), 2, {}, 0, 2, height=64, width=64)
     # The command line, on a map twice as wide as the training size: one sliding-window image.
