@@ -69,3 +69,23 @@ def test_training_lowers_bce_and_converter_round_trips():
     x = one_hot_segmentation(held["segmentation"], 5)
     np.testing.assert_array_equal(model.apply(variables, x, method="encode").indices,
                                   task.model.apply({"params": state.params}, x, method="encode").indices)
+
+
+def test_unknown_stage_one_task_is_refused_before_any_work(tmp_path):
+    import pytest
+
+    from configs import vqgan_segmentation_tiny
+    from vqgan_jax.train import train
+    c = vqgan_segmentation_tiny.get_config()
+    c.task = "depth"
+    with pytest.raises(ValueError, match=r"config.task must be one of \('vqgan', 'segmentation'\), got 'depth'"):
+        train(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_label_palette_is_fixed_and_covers_every_label():
+    from vqgan_jax.segmentation import label_palette
+    p = np.asarray(label_palette(182))
+    assert p.shape == (182, 3) and p.dtype == np.uint8
+    np.testing.assert_array_equal(p, np.asarray(label_palette(182)))
+    assert len({tuple(c) for c in p}) > 170        # distinct colours for (nearly) every class
