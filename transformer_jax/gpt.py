@@ -287,6 +287,11 @@ class GPT(nn.Module):
         return self.logits_from_features(self.ln_f(x)), tuple(new_cache)
 
 
+def is_kernel_path(path: tuple) -> bool:
+    """Whether a pytree path (``tree_map_with_path``) names a matmul kernel (Linear and projections)."""
+    return any(getattr(k, "key", None) == "kernel" for k in path)
+
+
 def kernels_in_compute_dtype(model: GPT, variables: Any) -> Any:
     """``variables`` with every matmul kernel already cast to ``model.dtype``.
 
@@ -298,8 +303,7 @@ def kernels_in_compute_dtype(model: GPT, variables: Any) -> Any:
         return variables
 
     def cast(path: tuple, x: Any) -> Any:
-        is_kernel = any(getattr(k, "key", None) == "kernel" for k in path)
-        return x.astype(model.dtype) if is_kernel and jnp.issubdtype(x.dtype, jnp.floating) else x
+        return x.astype(model.dtype) if is_kernel_path(path) and jnp.issubdtype(x.dtype, jnp.floating) else x
 
     return jax.tree_util.tree_map_with_path(cast, variables)
 

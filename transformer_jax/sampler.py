@@ -37,6 +37,7 @@ class Sampler:
         cond_lib.check_cond_config(cond, gpt.vocab_size)
         self._decode = jax.jit(lambda v, c: vqgan.apply(v, c, method="decode_code"))
         self.cond_stage = cond_stage
+        self._encode_cond: Callable[[np.ndarray], jax.Array] | None = None
         self.last_accept_rate: float | None = None
 
     @classmethod
@@ -74,7 +75,9 @@ class Sampler:
             raise ValueError(f"segmentation must be (n, H, W) integer label maps, got {seg.dtype} {seg.shape}")
         if seg.size and (seg.min() < 0 or seg.max() >= n_labels):
             raise ValueError(f"segmentation labels must be in [0, {n_labels}), got [{seg.min()}, {seg.max()}]")
-        return make_encoder(model, variables, n_labels)(seg)
+        if self._encode_cond is None:        # built once: each new encoder would compile again
+            self._encode_cond = make_encoder(model, variables, n_labels)
+        return self._encode_cond(seg)
 
     # -- prefixes --------------------------------------------------------------------------------
     def _prefix(self, n: int, labels: np.ndarray | None, cond_codes: np.ndarray | None) -> jax.Array:

@@ -23,7 +23,7 @@ from common_jax import run_setup, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from transformer_jax import codes as codes_lib
 from transformer_jax import conditioning as cond_lib
-from transformer_jax.gpt import GPT
+from transformer_jax.gpt import GPT, is_kernel_path
 from vqgan_jax.segmentation import one_hot_segmentation
 
 LN2 = math.log(2.0)
@@ -48,11 +48,6 @@ def gpt_from_config(cfg: Any) -> GPT:
     return GPT(**d)
 
 
-def _is_matmul_kernel(path: tuple) -> bool:
-    # Weight decay on Dense/Linear kernels only (taming: no decay on biases, LayerNorm, embeddings).
-    return any(getattr(k, "key", None) == "kernel" for k in path)
-
-
 def learning_rate(config: Any) -> optax.Schedule:
     """Linear warmup then cosine decay; the peak is base_lr (x global batch x accumulation if scaled)."""
     o = config.optim
@@ -66,7 +61,8 @@ def learning_rate(config: Any) -> optax.Schedule:
 
 def make_optimizer(config: Any) -> optax.GradientTransformation:
     o = config.optim
-    mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _is_matmul_kernel(p), params)
+    # Weight decay on matmul kernels only (taming: no decay on biases, LayerNorm, embeddings).
+    mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: is_kernel_path(p), params)
     parts = []
     if o.get("grad_clip", 0.0):
         parts.append(optax.clip_by_global_norm(o.grad_clip))
