@@ -28,7 +28,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8,<10"],
+    "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
     # The PyTorch originals for side-by-side benchmarks and golden regeneration (see shared reference notes).
     "reference": [
         "torch==2.14.1",

@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--sample_batch", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--remat", action="store_true", help="rematerialise each block in the backward pass")
-    ap.add_argument("--attention_impl", default="", choices=["", "xla", "cudnn"],
+    ap.add_argument("--attention_impl", default="", choices=["", "xla", "cudnn", "explicit"],
                     help="GPT.attention_impl for the train step ('' = jax's default)")
     ap.add_argument("--no_sample", action="store_true", help="time the train step only")
     ap.add_argument("--repeats", type=int, default=10)

@@ -13,7 +13,7 @@ from common_jax.mesh import LOGICAL_AXIS_RULES, logical_to_sharding, make_mesh
 from seeded_weights import golden, suggested_atol
 from transformer_jax.convert import from_mingpt, to_mingpt
 from transformer_jax.gpt import (GPT, abstract_variables, init_cache, kernels_in_compute_dtype,
-                                 logical_partition_specs)
+                                 logical_partition_specs, use_explicit_attention)
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +191,24 @@ def test_kernels_cast_once_for_decoding_are_bit_identical(gold):
 def test_attention_impl_option(gold, forward):
     _, _, data, _, variables = gold
     idx = jnp.asarray(data["input/idx"], jnp.int32)
-    xla = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, attention_impl="xla")
-    np.testing.assert_array_equal(np.asarray(jax.jit(xla.apply)(variables, idx)),
-                                  np.asarray(forward(variables, idx)))
+
+    def value_and_grads(impl, n_unmasked=0):
+        m = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, n_unmasked=n_unmasked,
+                attention_impl=impl)
+        loss = lambda p: jnp.mean(jax.nn.log_softmax(m.apply({"params": p}, idx))[..., 0])
+        return jax.jit(jax.value_and_grad(loss))(variables["params"]), jax.jit(m.apply)(variables, idx)
+
+    # "" means the explicit (B, H, T, D) attention on CPU; it must agree with jax.nn.dot_product_attention
+    # ("xla") in values and gradients, with and without taming's unmasked prefix.
+    assert use_explicit_attention("", "cpu") and not use_explicit_attention("", "gpu")
+    assert use_explicit_attention("explicit", "tpu") and not use_explicit_attention("xla", "cpu")
+    np.testing.assert_array_equal(np.asarray(value_and_grads("explicit")[1]), np.asarray(forward(variables, idx)))
+    for n_unmasked in (0, 5):
+        (l0, g0), y0 = value_and_grads("xla", n_unmasked)
+        (l1, g1), y1 = value_and_grads("explicit", n_unmasked)
+        np.testing.assert_allclose(y0, y1, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(l0, l1, rtol=0, atol=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), g0, g1)
     bad = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, attention_impl="flash")
     with pytest.raises(ValueError, match="attention_impl must be"):
         bad.apply(variables, idx)

@@ -104,6 +104,12 @@ class OutProjection(nn.Module):
         return out + bias.astype(self.dtype)
 
 
+def use_explicit_attention(impl: str, backend: str | None = None) -> bool:
+    """Whether ``GPT.attention_impl`` means the explicit (B, H, T, D) attention: "explicit" always, ""
+    (automatic) on CPU only; "xla" and "cudnn" go through ``jax.nn.dot_product_attention``."""
+    return impl == "explicit" or (impl == "" and (backend or jax.default_backend()) == "cpu")
+
+
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, n_unmasked: int) -> jax.Array:
     """(Tq, Tk) bool: causal, plus taming's fully visible prefix of ``n_unmasked`` tokens."""
     mask = k_pos[None, :] <= q_pos[:, None]
@@ -132,22 +138,33 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(self.resid_pdrop)
 
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        q, k, v = self.query(x), self.key(x), self.value(x)          # (B, T, H, D)
         pos = jnp.arange(x.shape[1])
+        dropout = not deterministic and self.attn_pdrop > 0.0
+        if dropout or use_explicit_attention(self.attention_impl):
+            return self.resid_drop(self.proj(self._explicit(x, pos, dropout), "bhtd"),
+                                   deterministic=deterministic)
+        q, k, v = self.query(x), self.key(x), self.value(x)          # (B, T, H, D)
         impl = self.attention_impl or None
-        if deterministic or self.attn_pdrop == 0.0:
-            if self.n_unmasked > 0:
-                mask = attention_mask(pos, pos, self.n_unmasked)[None, None]
-                y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-            else:
-                y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        else:  # attention-weight dropout is not offered by dot_product_attention
-            s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            s = s / jnp.sqrt(jnp.float32(q.shape[-1]))
-            s = jnp.where(attention_mask(pos, pos, self.n_unmasked), s, -jnp.inf)
-            w = self.attn_drop(jax.nn.softmax(s, axis=-1), deterministic=False)
-            y = jnp.einsum("bhqk,bkhd->bqhd", w.astype(self.dtype), v)
+        if self.n_unmasked > 0:
+            mask = attention_mask(pos, pos, self.n_unmasked)[None, None]
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         return self.resid_drop(self.proj(y), deterministic=deterministic)
+
+    def _explicit(self, x: jax.Array, pos: jax.Array, dropout: bool) -> jax.Array:
+        """Softmax attention written out in (B, H, T, D) layout, (B, H, T, D) out.
+
+        XLA:CPU runs these batched matmuls about twice as fast as the (B, T, H, D) ones inside
+        ``dot_product_attention``; scaling q (T x D) instead of the scores (T x T) saves a pass over the
+        largest tensor. Also the only path with dropout on the attention weights.
+        """
+        q, k, v = (proj(x, "bhtd") for proj in (self.query, self.key, self.value))
+        q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        s = jnp.where(attention_mask(pos, pos, self.n_unmasked), s, -jnp.inf)
+        w = self.attn_drop(jax.nn.softmax(s, axis=-1), deterministic=not dropout)
+        return jnp.einsum("bhqk,bhkd->bhqd", w.astype(self.dtype), v)
 
     def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], pos: jax.Array
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -220,8 +237,9 @@ class GPT(nn.Module):
     n_unmasked: int = 0
     dtype: Any = jnp.float32
     remat: bool = False
-    # jax.nn.dot_product_attention's ``implementation`` for training/prefill: "" (jax's default, XLA),
-    # "xla" or "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 compute).
+    # Attention for training/prefill: "xla" or "cudnn" (fused flash attention on NVIDIA GPUs, bf16/fp16
+    # compute) are jax.nn.dot_product_attention's implementations; "explicit" is softmax attention written
+    # out in (B, H, T, D) layout; "" picks "explicit" on CPU (faster there) and jax's default elsewhere.
     attention_impl: str = ""
 
     def setup(self) -> None:
@@ -230,8 +248,9 @@ class GPT(nn.Module):
         if not 0 <= self.n_unmasked <= self.block_size:
             raise ValueError(f"GPT: n_unmasked must be in [0, block_size={self.block_size}], "
                              f"got {self.n_unmasked}")
-        if self.attention_impl not in ("", "xla", "cudnn"):
-            raise ValueError(f"GPT: attention_impl must be '', 'xla' or 'cudnn', got {self.attention_impl!r}")
+        if self.attention_impl not in ("", "xla", "cudnn", "explicit"):
+            raise ValueError(f"GPT: attention_impl must be '', 'xla', 'cudnn' or 'explicit', "
+                             f"got {self.attention_impl!r}")
         self.tok_emb = self.param("tok_emb", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
                                   (self.vocab_size, self.n_embd), jnp.float32)
         self.pos_emb = self.param("pos_emb", nn.with_logical_partitioning(_ZEROS, ("length", "embed")),
