@@ -8,11 +8,6 @@ from typing import Any, Callable
 
 import jax
 
-# PyTorch's OpenMP threads spin after each parallel region by default and took the cores from the JAX call
-# timed next (GPT train step: 1.36-1.57 s alternated with torch, 1.16-1.20 s alone); parked threads let
-# each side be measured alone. Set before any benchmark imports torch; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 
 def machine() -> str:
     """CPU model, cores, Python, jax/jaxlib/flax versions and the default backend's devices."""
@@ -26,8 +21,7 @@ def machine() -> str:
     import jaxlib
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     return (f"{cpu}, {os.cpu_count()} cores, python {platform.python_version()}, jax {jax.__version__} "
-            f"(jaxlib {jaxlib.__version__}, {jax.default_backend()}: {devices}), flax {flax.__version__}, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+            f"(jaxlib {jaxlib.__version__}, {jax.default_backend()}: {devices}), flax {flax.__version__}")
 
 
 def xla_flops(compiled: Any) -> float:
