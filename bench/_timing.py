@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from typing import Any, Callable
 
 import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common_jax.host_memory import host_memory_kept  # noqa: E402
 
 
 def machine() -> str:
@@ -21,7 +25,8 @@ def machine() -> str:
     import jaxlib
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     return (f"{cpu}, {os.cpu_count()} cores, python {platform.python_version()}, jax {jax.__version__} "
-            f"(jaxlib {jaxlib.__version__}, {jax.default_backend()}: {devices}), flax {flax.__version__}")
+            f"(jaxlib {jaxlib.__version__}, {jax.default_backend()}: {devices}), flax {flax.__version__}, "
+            f"host memory kept between calls: {host_memory_kept()}")
 
 
 def xla_flops(compiled: Any) -> float:

@@ -27,6 +27,11 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common_jax.host_memory import keep_freed_host_memory  # noqa: E402
+
+# The train entry points' malloc setting, for both frameworks; first, before any library starts threads.
+keep_freed_host_memory()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

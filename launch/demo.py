@@ -10,19 +10,23 @@ Rerunning resumes each stage from its checkpoints instead of starting over.
 """
 from __future__ import annotations
 
-import json
-import os
-import time
+from common_jax.host_memory import keep_freed_host_memory
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
+keep_freed_host_memory()  # first, before any library starts threads: the demo is mostly training
 
-from common_jax import data as data_lib
-from common_jax.metrics import image_grid, save_png
-from configs import transformer_tiny, vqgan_tiny
-from common_jax import run_setup as setup_run
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from common_jax import data as data_lib  # noqa: E402
+from common_jax.metrics import image_grid, save_png  # noqa: E402
+from configs import transformer_tiny, vqgan_tiny  # noqa: E402
+from common_jax import run_setup as setup_run  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_run", "output folder (rerun to resume)")
 _VQ_STEPS = flags.DEFINE_integer("vqgan_steps", 1200, "stage-one steps")

@@ -1,0 +1,44 @@
+"""Host memory: keep freed buffers in the process instead of handing them back to the OS after every call.
+
+XLA:CPU allocates a compiled program's temporaries on each call. glibc's malloc serves such large blocks from
+fresh ``mmap`` pages, or from per-thread arenas that it trims on free, so every call faulted its temporaries in
+again: a small-GPT train step (batch 16 x 256) took 205k minor page faults, about 800 MB of zero-filled pages,
+and ran 1.13 s against 0.89 s with the memory kept (2-core CPU machine, 2026-11-27). Accelerator backends
+allocate device memory elsewhere and are unaffected either way.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# glibc <malloc.h> parameter numbers for mallopt().
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+OPT_OUT_ENV = "TAMING_JAX_KEEP_HOST_MEMORY"
+_kept = False
+
+
+def keep_freed_host_memory() -> bool:
+    """Make glibc's malloc serve every thread from one heap that never uses ``mmap`` and is never trimmed.
+
+    Call it first thing in a process, before importing jax, TensorFlow or grain: once any native thread has
+    allocated, glibc has fixed its arena count and the setting no longer helps (called after the train
+    entry point's imports, a GPT step still took 186k faults; before them, none). Process-wide and permanent: the resident size stays at its peak. Returns whether the
+    settings took effect (False off glibc, or when ``TAMING_JAX_KEEP_HOST_MEMORY=0`` opts out).
+    """
+    if os.environ.get(OPT_OUT_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    global _kept
+    _kept = all(mallopt(param, value) == 1 for param, value in settings)
+    return _kept
+
+
+def host_memory_kept() -> bool:
+    """Whether :func:`keep_freed_host_memory` took effect in this process."""
+    return _kept
