@@ -22,9 +22,10 @@ def keep_freed_host_memory() -> bool:
     """Make glibc's malloc serve every thread from one heap that never uses ``mmap`` and is never trimmed.
 
     Call it first thing in a process, before importing jax, TensorFlow or grain: once any native thread has
-    allocated, glibc has fixed its arena count and the setting no longer helps (called after the train
-    entry point's imports, a GPT step still took 186k faults; before them, none). Process-wide and permanent: the resident size stays at its peak. Returns whether the
-    settings took effect (False off glibc, or when ``TAMING_JAX_KEEP_HOST_MEMORY=0`` opts out).
+    allocated, glibc has fixed its arena count and the setting no longer helps (called after the train entry
+    point's imports, a GPT step still took 186k faults; before them, none). Process-wide and permanent: the
+    resident size stays at its peak. Returns whether the settings took effect (False off glibc, or when
+    ``TAMING_JAX_KEEP_HOST_MEMORY=0`` opts out).
     """
     if os.environ.get(OPT_OUT_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False

@@ -1,6 +1,6 @@
 """common_jax.host_memory: with the malloc settings a program's 64 MB result reuses freed memory instead of
-being faulted in afresh; without them (the opt-out) every call faults all of it in again. Run in fresh processes: the settings are
-process-wide and must precede the first JAX computation."""
+being faulted in afresh; without them (the opt-out) every call faults all of it in again. Run in fresh
+processes: the settings are process-wide and must precede the first JAX computation."""
 import json
 import os
 import subprocess

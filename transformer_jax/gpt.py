@@ -155,9 +155,9 @@ class CausalSelfAttention(nn.Module):
     def _explicit(self, x: jax.Array, pos: jax.Array, dropout: bool) -> jax.Array:
         """Softmax attention written out in (B, H, T, D) layout, (B, H, T, D) out.
 
-        XLA:CPU runs these batched matmuls about twice as fast as the (B, T, H, D) ones inside
-        ``dot_product_attention``; scaling q (T x D) instead of the scores (T x T) saves a pass over the
-        largest tensor. Also the only path with dropout on the attention weights.
+        XLA:CPU ran this forward about twice as fast as ``dot_product_attention``'s (B, T, H, D) matmuls
+        (forward + backward about 1.25x); scaling q (T x D) instead of the scores (T x T) saves a pass over
+        the largest tensor. Also the only path with dropout on the attention weights.
         """
         q, k, v = (proj(x, "bhtd") for proj in (self.query, self.key, self.value))
         q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
