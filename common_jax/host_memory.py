@@ -21,12 +21,15 @@ _kept = False
 def keep_freed_host_memory() -> bool:
     """Make glibc's malloc serve every thread from one heap that never uses ``mmap`` and is never trimmed.
 
-    Call it first thing in a process, before importing jax, TensorFlow or grain: once any native thread has
-    allocated, glibc has fixed its arena count and the setting no longer helps (called after the train entry
-    point's imports, a GPT step still took 186k faults; before them, none). Process-wide and permanent: the
-    resident size stays at its peak. Returns whether the settings took effect (False off glibc, or when
-    ``TAMING_JAX_KEEP_HOST_MEMORY=0`` opts out).
+    Call it first thing in a process, before importing numpy, jax, TensorFlow or grain: once another native
+    thread has allocated, glibc has fixed its arena count and the setting helps only partly (called after
+    the train entry point's imports, a GPT step still took 186k faults; before them, none). Process-wide
+    and permanent: the resident size stays at its peak. Returns whether it took effect fully: False off
+    glibc, when ``TAMING_JAX_KEEP_HOST_MEMORY=0`` opts out, or when the process already had other threads.
     """
+    global _kept
+    if _kept:  # a later call (another entry module imported after the first) changes nothing
+        return True
     if os.environ.get(OPT_OUT_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -34,12 +37,12 @@ def keep_freed_host_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    single_threaded = len(os.listdir("/proc/self/task")) == 1
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    global _kept
-    _kept = all(mallopt(param, value) == 1 for param, value in settings)
+    _kept = all(mallopt(param, value) == 1 for param, value in settings) and single_threaded
     return _kept
 
 
 def host_memory_kept() -> bool:
-    """Whether :func:`keep_freed_host_memory` took effect in this process."""
+    """Whether :func:`keep_freed_host_memory` took full effect in this process."""
     return _kept
