@@ -12,8 +12,9 @@ from scipy.special import erf
 from common_jax.mesh import LOGICAL_AXIS_RULES, logical_to_sharding, make_mesh
 from seeded_weights import golden, suggested_atol
 from transformer_jax.convert import from_mingpt, to_mingpt
-from transformer_jax.gpt import (GPT, abstract_variables, init_cache, kernels_in_compute_dtype,
-                                 logical_partition_specs, use_explicit_attention)
+from transformer_jax.gpt import (GPT, abstract_variables, attention_mask, causal_attention, causal_query_blocks,
+                                 init_cache, kernels_in_compute_dtype, logical_partition_specs,
+                                 softmax_attention, use_explicit_attention)
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +213,29 @@ def test_attention_impl_option(gold, forward):
     bad = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, attention_impl="flash")
     with pytest.raises(ValueError, match="attention_impl must be"):
         bad.apply(variables, idx)
+
+
+def test_causal_query_blocks_skip_only_masked_scores():
+    # Each query block sees every key its mask allows: the causal prefix, or the whole unmasked prefix.
+    assert causal_query_blocks(16, 0, 1) == [(0, 16, 16)]
+    assert causal_query_blocks(16, 10, 4) == [(0, 4, 10), (4, 8, 10), (8, 12, 12), (12, 16, 16)]
+    assert causal_query_blocks(64, 0) == [(0, 32, 32), (32, 64, 64)]     # the default splits from t = 32 on
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 16, 8)) for i in range(3))
+    pos = jnp.arange(16)
+
+    def loss(attend, q, k, v):
+        return jnp.sum(jnp.sin(attend(q, k, v)))
+
+    for n_unmasked in (0, 3, 10):
+        whole = lambda q, k, v: softmax_attention(q, k, v, attention_mask(pos, pos, n_unmasked), jnp.float32)  # noqa: E731
+        l0, g0 = jax.value_and_grad(lambda *a: loss(whole, *a), argnums=(0, 1, 2))(q, k, v)
+        for n_blocks in (2, 3, 4):
+            blocked = lambda q, k, v: causal_attention(q, k, v, n_unmasked, jnp.float32, n_blocks=n_blocks)  # noqa: E731
+            np.testing.assert_allclose(blocked(q, k, v), whole(q, k, v), rtol=0, atol=1e-6)
+            l1, g1 = jax.value_and_grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2))(q, k, v)
+            np.testing.assert_allclose(l1, l0, rtol=1e-6)
+            for a, b in zip(g1, g0):
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_remat_same_values_and_grads(gold):

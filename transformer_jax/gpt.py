@@ -118,6 +118,21 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, n_unmasked: int) -> jax.A
     return mask
 
 
+def causal_query_blocks(t: int, n_unmasked: int = 0, n_blocks: int | None = None
+                        ) -> list[tuple[int, int, int]]:
+    """(query start, query end, key end) per block of queries of a causal attention over ``t`` positions.
+
+    Queries [a, b) see only keys [0, b) (or [0, n_unmasked) when the block holds an unmasked-prefix query),
+    so each block skips the fully masked keys after it. Default: two blocks from t = 32 on, which skips a
+    quarter of the score matrix; on CPU that took 3-5% off the small GPT train step (T = 256), and four
+    blocks gained nothing more.
+    """
+    if n_blocks is None:
+        n_blocks = 2 if t >= 32 else 1
+    bounds = [round(i * t / n_blocks) for i in range(n_blocks + 1)]
+    return [(a, b, max(b, n_unmasked) if a < n_unmasked else b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: Any,
                       dropout: Any = None) -> jax.Array:
     """Attention in (B, H, T, D) layout: float32 scores ``q k^T / sqrt(D)``, masked (``mask`` (Tq, Tk) bool),
@@ -130,6 +145,17 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     if dropout is not None:
         w = dropout(w)
     return jnp.einsum("bhqk,bhkd->bhqd", w.astype(dtype), v)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, n_unmasked: int, dtype: Any,
+                     dropout: Any = None, n_blocks: int | None = None) -> jax.Array:
+    """:func:`softmax_attention` of a whole (B, H, T, D) sequence under :func:`attention_mask`, computed in
+    :func:`causal_query_blocks` (the same values as one block, without the fully masked scores)."""
+    pos = jnp.arange(q.shape[2])
+    outs = [softmax_attention(q[:, :, a:b], k[:, :, :end], v[:, :, :end],
+                              attention_mask(pos[a:b], pos[:end], n_unmasked), dtype, dropout)
+            for a, b, end in causal_query_blocks(q.shape[2], n_unmasked, n_blocks)]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -152,29 +178,29 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(self.resid_pdrop)
 
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        pos = jnp.arange(x.shape[1])
         dropout = not deterministic and self.attn_pdrop > 0.0
         if dropout or use_explicit_attention(self.attention_impl):
-            return self.resid_drop(self.proj(self._explicit(x, pos, dropout), "bhtd"),
+            return self.resid_drop(self.proj(self._explicit(x, dropout), "bhtd"),
                                    deterministic=deterministic)
         q, k, v = self.query(x), self.key(x), self.value(x)          # (B, T, H, D)
         impl = self.attention_impl or None
         if self.n_unmasked > 0:
+            pos = jnp.arange(x.shape[1])
             mask = attention_mask(pos, pos, self.n_unmasked)[None, None]
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
         else:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         return self.resid_drop(self.proj(y), deterministic=deterministic)
 
-    def _explicit(self, x: jax.Array, pos: jax.Array, dropout: bool) -> jax.Array:
-        """:func:`softmax_attention` over the whole sequence, (B, H, T, D) out.
+    def _explicit(self, x: jax.Array, dropout: bool) -> jax.Array:
+        """:func:`causal_attention` over the whole sequence, (B, H, T, D) out.
 
         XLA:CPU ran this forward about twice as fast as ``dot_product_attention``'s (B, T, H, D) matmuls
         (forward + backward about 1.25x). Also the only path with dropout on the attention weights.
         """
         q, k, v = (proj(x, "bhtd") for proj in (self.query, self.key, self.value))
-        return softmax_attention(q, k, v, attention_mask(pos, pos, self.n_unmasked), self.dtype,
-                                 lambda w: self.attn_drop(w, deterministic=not dropout))
+        return causal_attention(q, k, v, self.n_unmasked, self.dtype,
+                                lambda w: self.attn_drop(w, deterministic=not dropout))
 
     def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], pos: jax.Array
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
