@@ -220,6 +220,9 @@ def test_causal_query_blocks_skip_only_masked_scores():
     assert causal_query_blocks(16, 0, 1) == [(0, 16, 16)]
     assert causal_query_blocks(16, 10, 4) == [(0, 4, 10), (4, 8, 10), (8, 12, 12), (12, 16, 16)]
     assert causal_query_blocks(64, 0) == [(0, 32, 32), (32, 64, 64)]     # the default splits from t = 32 on
+    assert causal_query_blocks(2, 0, 4) == [(0, 1, 1), (1, 2, 2)]          # never an empty block
+    with pytest.raises(ValueError, match="n_blocks must be >= 1"):
+        causal_query_blocks(16, 0, 0)
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 16, 8)) for i in range(3))
     pos = jnp.arange(16)
 

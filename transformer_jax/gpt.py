@@ -129,6 +129,9 @@ def causal_query_blocks(t: int, n_unmasked: int = 0, n_blocks: int | None = None
     """
     if n_blocks is None:
         n_blocks = 2 if t >= 32 else 1
+    if n_blocks < 1:
+        raise ValueError(f"causal_query_blocks: n_blocks must be >= 1, got {n_blocks}")
+    n_blocks = min(n_blocks, t)  # no empty blocks
     bounds = [round(i * t / n_blocks) for i in range(n_blocks + 1)]
     return [(a, b, max(b, n_unmasked) if a < n_unmasked else b) for a, b in zip(bounds[:-1], bounds[1:])]
 
