@@ -124,7 +124,7 @@ def causal_query_blocks(t: int, n_unmasked: int = 0, n_blocks: int | None = None
 
     Queries [a, b) see only keys [0, b) (or [0, n_unmasked) when the block holds an unmasked-prefix query),
     so each block skips the fully masked keys after it. Default: two blocks from t = 32 on, which skips a
-    quarter of the score matrix; on CPU that took 3-5% off the small GPT train step (T = 256), and four
+    quarter of the score matrix; on CPU that took about 4% off the small GPT train step (T = 256), and four
     blocks gained nothing more.
     """
     if n_blocks is None:
