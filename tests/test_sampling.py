@@ -7,7 +7,8 @@ import pytest
 
 from seeded_weights import golden
 from transformer_jax.convert import from_mingpt
-from transformer_jax.sampling import _sampler, choose_tokens, filter_logits, sample
+from transformer_jax.gpt import GPT
+from transformer_jax.sampling import _sampler, choose_tokens, decode_phases, filter_logits, sample
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,28 @@ def test_greedy_equals_full_model_loop(gpt, forward):
     np.testing.assert_array_equal(np.asarray(out), _greedy_loop(forward, variables, prefix, 40))
 
 
+def test_cache_phases_give_the_same_tokens(gpt, forward):
+    # A decode loop whose cache grows through phases must draw exactly the tokens of one full-length cache,
+    # greedily (against the plain loop) and when sampling, guided or not, including an uneven split.
+    model, variables, prefix = gpt
+    plain = _greedy_loop(forward, variables, prefix, 40)
+    for phases in (2, 3, 4):
+        np.testing.assert_array_equal(np.asarray(sample(model, variables, prefix, 40, jax.random.key(0), top_k=1,
+                                                        cache_phases=phases)), plain)
+    uncond = jnp.full_like(prefix, 7)
+    for kw in ({}, {"guidance_scale": 2.0, "uncond_prefix": uncond}):
+        one, four = (np.asarray(sample(model, variables, prefix, 37, jax.random.key(5), top_k=40, top_p=0.9,
+                                       cache_phases=n, **kw)) for n in (1, 4))
+        np.testing.assert_array_equal(four, one)
+    assert np.asarray(sample(model, variables, prefix, 1, jax.random.key(0), cache_phases=4)).shape == (3, 1)
+    # The default: phases only where the cache is a sizeable share of a step's reads, and never for short runs.
+    assert decode_phases(model, 3, 44, 40) == 4 and decode_phases(model, 3, 14, 10) == 1
+    assert decode_phases(GPT(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256), 4, 256, 256) == 4
+    assert decode_phases(GPT(vocab_size=1024, block_size=257, n_layer=24, n_head=16, n_embd=1536), 4, 64, 64) == 1
+    with pytest.raises(ValueError, match="cache_phases must be a positive int"):
+        sample(model, variables, prefix, 8, jax.random.key(0), cache_phases=0)
+
+
 def test_guided_greedy_equals_full_model_loop(gpt, forward):
     model, variables, prefix = gpt
     uncond = jnp.full_like(prefix, 7)
@@ -139,11 +162,11 @@ def test_determinism_keys_and_guidance_scale_one(gpt):
 
 def test_compiled_once_per_static_options(gpt):
     model, variables, prefix = gpt
-    fn = _sampler(model, 8, 20, False, False)
+    fn = _sampler(model, 8, 20, False, False, 1)
     sample(model, variables, prefix, 8, jax.random.key(0), top_k=20, temperature=0.7)
     n = fn._cache_size()
     sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3)
-    assert _sampler(model, 8, 20, False, False) is fn and fn._cache_size() == n == 1
+    assert _sampler(model, 8, 20, False, False, 1) is fn and fn._cache_size() == n == 1
 
 
 def test_sample_argument_errors(gpt):

@@ -1,8 +1,9 @@
 """Autoregressive sampling for :class:`transformer_jax.gpt.GPT`: logit filtering and KV-cached decoding.
 
 :func:`sample` runs one jitted program per (model, shapes, static options): a prefill of the
-conditioning prefix, then a ``lax.fori_loop`` over the remaining steps, one token per step through the
-KV cache. Step ``t`` draws with ``jax.random.fold_in(rng, t)``, so results depend only on the key.
+conditioning prefix, then one ``lax.fori_loop`` per cache phase (:func:`decode_phases`) over the remaining
+steps, one token per step through the KV cache. Step ``t`` draws with ``jax.random.fold_in(rng, t)``, so
+results depend only on the key.
 
 Filtering semantics (shared by :func:`filter_logits` and the samplers): logits are divided by the
 temperature, then top-k keeps exactly ``k`` tokens, then top-p keeps the smallest set of the remaining
@@ -105,15 +106,46 @@ def guided_logits(cond: jax.Array, uncond: jax.Array, scale: Any) -> jax.Array:
     return cond + (scale - 1.0) * (cond - uncond)
 
 
+def decode_phases(model: GPT, batch: int, length: int, steps: int) -> int:
+    """How many cache lengths the decode loop of :func:`sample` grows through (1 = one full-length cache).
+
+    Each step attends to every position of its KV cache, filled or not, so a cache that grows in 4 phases
+    reads on average 5/8 of the full length. That pays where the cache is a sizeable share of what a step
+    reads (small models, large batches: 10-17% faster for the 4-layer GPT at batch 4 and 256 tokens on CPU, at
+    about 2x the compile time); where the weights dominate (the 24-layer GPT at small batch) one phase
+    compiles faster for the same speed. ``length`` is the full cache length, ``batch`` includes a guidance
+    batch.
+    """
+    if steps < 32:
+        return 1
+    itemsize = jnp.dtype(model.dtype).itemsize
+    cache_bytes = 2 * model.n_layer * batch * length * model.n_embd * itemsize
+    weight_bytes = (12 * model.n_layer * model.n_embd + model.vocab_size) * model.n_embd * itemsize
+    return 4 if cache_bytes >= weight_bytes / 4 else 1
+
+
+def _grow_cache(cache: Any, length: int) -> Any:
+    """The KV cache zero-padded along time to ``length`` positions (a no-op when it already has them)."""
+    return tuple(tuple(jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0))) for c in kv)
+                 for kv in cache)
+
+
 @functools.lru_cache(maxsize=64)
-def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided: bool):
-    """The jitted sampling program for one (model, static options); jit caches per input shape."""
+def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided: bool, phases: int = 1):
+    """The jitted sampling program for one (model, static options); jit caches per input shape.
+
+    The steps after the prefill run as ``phases`` loops; phase k's cache holds only the positions written
+    up to its last step, grown (zero-padded) between phases. Masking makes the result independent of it.
+    """
+    phases = max(1, min(phases, steps - 1))
+    bounds = [1 + round(k * (steps - 1) / phases) for k in range(phases + 1)]  # step ranges, from step 1
 
     def run(variables, prefix, uncond, rng, temperature, top_p, scale):
         variables = kernels_in_compute_dtype(model, variables)
         b, p = prefix.shape
         tokens = jnp.concatenate([prefix, uncond], axis=0) if guided else prefix
-        cache = init_cache(model, tokens.shape[0], p + steps - 1)
+        # Step t writes position p + t - 1, so steps [start, end) need p + end - 1 positions.
+        cache = init_cache(model, tokens.shape[0], p + bounds[1] - 1)
         tp = top_p if use_top_p else None
 
         def pick(logits, t):
@@ -132,7 +164,8 @@ def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided:
             out = lax.dynamic_update_slice_in_dim(out, pick(logits[:, 0], t)[:, None], t, axis=1)
             return out, cache
 
-        out, _ = lax.fori_loop(1, steps, body, (out, cache))
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            out, cache = lax.fori_loop(start, end, body, (out, _grow_cache(cache, p + end - 1)))
         return out
 
     return jax.jit(run)
@@ -153,12 +186,14 @@ def _check_tokens(name: str, x: Any, vocab_size: int) -> jax.Array:
 
 def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.Array,
            top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
-           guidance_scale: float | None = None, uncond_prefix: jax.Array | None = None) -> jax.Array:
+           guidance_scale: float | None = None, uncond_prefix: jax.Array | None = None,
+           cache_phases: int | None = None) -> jax.Array:
     """Sample ``steps`` tokens after ``prefix`` (B, P) -> (B, steps) int32, in one jitted program.
 
     ``top_k=1`` decodes greedily. Classifier-free guidance: give ``guidance_scale`` and an
     ``uncond_prefix`` of the same shape; both run as one doubled batch and the logits are mixed as
-    ``uncond + s (cond - uncond)`` before filtering.
+    ``uncond + s (cond - uncond)`` before filtering. ``cache_phases`` (default :func:`decode_phases`)
+    trades compile time for speed only: every value gives the same tokens.
     """
     _check_options(top_k, top_p, temperature)
     prefix = _check_tokens("prefix", prefix, model.vocab_size)
@@ -180,7 +215,11 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
             raise ValueError(f"uncond_prefix shape {uncond_prefix.shape} must equal prefix shape {prefix.shape}")
     else:
         uncond_prefix = jnp.zeros((0, p), jnp.int32)
-    fn = _sampler(model, steps, top_k, top_p is not None, guided)
+    if cache_phases is None:
+        cache_phases = decode_phases(model, b * (2 if guided else 1), p + steps - 1, steps)
+    elif not isinstance(cache_phases, int) or isinstance(cache_phases, bool) or cache_phases < 1:
+        raise ValueError(f"cache_phases must be a positive int or None, got {cache_phases!r}")
+    fn = _sampler(model, steps, top_k, top_p is not None, guided, cache_phases)
     return fn(variables, prefix, uncond_prefix, rng, jnp.float32(temperature),
               jnp.float32(1.0 if top_p is None else top_p),
               jnp.float32(1.0 if guidance_scale is None else guidance_scale))
