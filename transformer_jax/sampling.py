@@ -134,10 +134,10 @@ def _grow_cache(cache: Any, length: int) -> Any:
 def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided: bool, phases: int = 1):
     """The jitted sampling program for one (model, static options); jit caches per input shape.
 
-    The steps after the prefill run as ``phases`` loops; phase k's cache holds only the positions written
-    up to its last step, grown (zero-padded) between phases. Masking makes the result independent of it.
+    The steps after the prefill run as ``phases`` loops (1 to max(1, steps - 1)); phase k's cache holds only
+    the positions written up to its last step, grown (zero-padded) between phases. Masking makes the result
+    independent of it.
     """
-    phases = max(1, min(phases, steps - 1))
     bounds = [1 + round(k * (steps - 1) / phases) for k in range(phases + 1)]  # step ranges, from step 1
 
     def run(variables, prefix, uncond, rng, temperature, top_p, scale):
@@ -219,7 +219,8 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
         cache_phases = decode_phases(model, b * (2 if guided else 1), p + steps - 1, steps)
     elif not isinstance(cache_phases, int) or isinstance(cache_phases, bool) or cache_phases < 1:
         raise ValueError(f"cache_phases must be a positive int or None, got {cache_phases!r}")
-    fn = _sampler(model, steps, top_k, top_p is not None, guided, cache_phases)
+    # At most one phase per decoded step, so counts that act alike share one compiled program.
+    fn = _sampler(model, steps, top_k, top_p is not None, guided, max(1, min(cache_phases, steps - 1)))
     return fn(variables, prefix, uncond_prefix, rng, jnp.float32(temperature),
               jnp.float32(1.0 if top_p is None else top_p),
               jnp.float32(1.0 if guidance_scale is None else guidance_scale))
