@@ -92,9 +92,10 @@ def test_filter_option_errors():
         filter_logits(x, temperature=0.0)
 
 
-def _greedy_loop(forward, variables, prefix, steps, uncond=None, scale=1.0):
-    """Plain greedy decoding with the full model. Sequences are zero-padded to one fixed length so the
-    forward compiles once; causality makes the padding irrelevant to the logits read at t."""
+def _full_model_loop(forward, variables, prefix, steps, uncond=None, scale=1.0, pick=None):
+    """Plain greedy decoding with the full model (or ``pick(logits, step)`` choosing each token). Sequences
+    are zero-padded to one fixed length so the forward compiles once; causality makes the padding
+    irrelevant to the logits read at t."""
     b, p = prefix.shape
     pad = lambda z: np.concatenate([np.asarray(z), np.zeros((b, steps), np.int32)], 1)  # noqa: E731
     x = pad(prefix)
@@ -104,7 +105,7 @@ def _greedy_loop(forward, variables, prefix, steps, uncond=None, scale=1.0):
         if u is not None:
             lu = np.asarray(forward(variables, jnp.asarray(u)))[:, t - 1]
             lg = lu + scale * (lg - lu)
-        x[:, t] = np.argmax(lg, -1)
+        x[:, t] = np.argmax(lg, -1) if pick is None else np.asarray(pick(jnp.asarray(lg), t - p))
         if u is not None:
             u[:, t] = x[:, t]
     return x[:, p:]
@@ -114,14 +115,25 @@ def test_greedy_equals_full_model_loop(gpt, forward):
     model, variables, prefix = gpt
     out = sample(model, variables, prefix, 40, jax.random.key(0), top_k=1)
     assert out.shape == (3, 40) and out.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(out), _greedy_loop(forward, variables, prefix, 40))
+    np.testing.assert_array_equal(np.asarray(out), _full_model_loop(forward, variables, prefix, 40))
+
+
+def test_step_t_draws_with_fold_in_t(gpt, forward):
+    # The documented key contract: step t samples as choose_tokens(logits, fold_in(rng, t)) does.
+    model, variables, prefix = gpt
+    key, opts = jax.random.key(11), dict(top_k=40, top_p=0.9, temperature=0.8)
+    out = np.asarray(sample(model, variables, prefix, 16, key, **opts))
+    plain = _full_model_loop(forward, variables, prefix, 16,
+                         pick=lambda lg, t: choose_tokens(lg, jax.random.fold_in(key, t), **opts))
+    np.testing.assert_array_equal(out, plain)
+    assert len(np.unique(out)) > 5
 
 
 def test_cache_phases_give_the_same_tokens(gpt, forward):
     # A decode loop whose cache grows through phases must draw exactly the tokens of one full-length cache,
     # greedily (against the plain loop) and when sampling, guided or not, including an uneven split.
     model, variables, prefix = gpt
-    plain = _greedy_loop(forward, variables, prefix, 40)
+    plain = _full_model_loop(forward, variables, prefix, 40)
     for phases in (2, 3, 4):
         np.testing.assert_array_equal(np.asarray(sample(model, variables, prefix, 40, jax.random.key(0), top_k=1,
                                                         cache_phases=phases)), plain)
@@ -144,7 +156,7 @@ def test_guided_greedy_equals_full_model_loop(gpt, forward):
     uncond = jnp.full_like(prefix, 7)
     out = sample(model, variables, prefix, 12, jax.random.key(0), top_k=1, guidance_scale=3.0,
                  uncond_prefix=uncond)
-    np.testing.assert_array_equal(np.asarray(out), _greedy_loop(forward, variables, prefix, 12, uncond, 3.0))
+    np.testing.assert_array_equal(np.asarray(out), _full_model_loop(forward, variables, prefix, 12, uncond, 3.0))
 
 
 def test_determinism_keys_and_guidance_scale_one(gpt):
