@@ -44,7 +44,7 @@ from _timing import alternate, machine  # noqa: E402
 from bench_gpt_device import compile_train_step  # noqa: E402
 from transformer_jax.convert import to_mingpt  # noqa: E402
 from transformer_jax.gpt import GPT  # noqa: E402
-from transformer_jax.sampling import sample  # noqa: E402
+from transformer_jax.sampling import decode_threads, sample  # noqa: E402
 from transformer_jax.sliding_window import sample_sliding_window, window_offset  # noqa: E402
 
 SMALL = dict(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256)
@@ -119,10 +119,12 @@ def case_sampling(cfg: dict, steps: int, batch: int, repeats: int, ref, bf16: bo
     sample(model, v, prefix, steps, jax.random.key(0), top_k=100).block_until_ready()
     compile_s = time.perf_counter() - t0
     med = _alternate(fns, repeats)
-    wb = _weight_bytes(v["params"])
+    chunks = decode_threads(model, batch)  # each concurrently decoded row chunk reads all the weights
+    wb = _weight_bytes(v["params"]) * chunks
     extra = {"first call (compile+run)": f"{compile_s:.2f} s",
              "per token step": f"{med['jax'] / steps * 1e3:.3f} ms",
-             "weights read per step": f"{wb / 1e9:.3f} GB ({'bf16' if bf16 else 'f32'})",
+             "row chunks on threads": f"{chunks} (transformer_jax.sampling.decode_threads)",
+             "weights read per step": f"{wb / 1e9:.3f} GB ({'bf16' if bf16 else 'f32'}, all chunks)",
              "achieved weight GB/s": f"{wb * steps / med['jax'] / 1e9:.1f} (copy bandwidth ~{COPY_GBPS} GB/s)"}
     _report(f"({label}) {steps}-token sampling, batch {batch}, GPT {cfg['n_layer']}L x {cfg['n_embd']} "
             f"x {cfg['n_head']}h, vocab {cfg['vocab_size']}, top_k 100", med, extra)

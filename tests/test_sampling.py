@@ -1,5 +1,7 @@
 """Sampling: logit filters on constructed distributions, KV-cached sampling vs plain full-model loops,
 determinism, classifier-free guidance, compile caching and argument errors."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from seeded_weights import golden
 from transformer_jax.convert import from_mingpt
 from transformer_jax.gpt import GPT
-from transformer_jax.sampling import _sampler, choose_tokens, decode_phases, filter_logits, sample
+from transformer_jax.sampling import _sampler, choose_tokens, decode_phases, decode_threads, filter_logits, sample
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +131,31 @@ def test_step_t_draws_with_fold_in_t(gpt, forward):
     assert len(np.unique(out)) > 5
 
 
+def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward):
+    # Splitting the batch into concurrently decoded row chunks (even or not) must not change any row's tokens:
+    # greedily (against the plain loop) and when sampling, guided or not (each row keeps its own draws).
+    model, variables, prefix = gpt
+    plain = _full_model_loop(forward, variables, prefix, 24)
+    for threads in (2, 3, 8):
+        np.testing.assert_array_equal(np.asarray(sample(model, variables, prefix, 24, jax.random.key(0), top_k=1,
+                                                        threads=threads)), plain)
+    uncond = jnp.full_like(prefix, 7)
+    for kw in ({}, {"guidance_scale": 2.0, "uncond_prefix": uncond}):
+        one, two = (np.asarray(sample(model, variables, prefix, 20, jax.random.key(5), top_k=40, top_p=0.9,
+                                      threads=n, **kw)) for n in (1, 2))
+        np.testing.assert_array_equal(two, one)
+    # Under jit (traced inputs) the batch stays one program.
+    traced = jax.jit(lambda x: sample(model, variables, x, 6, jax.random.key(5), threads=2))(prefix)
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(sample(model, variables, prefix, 6, jax.random.key(5))))
+    # The default: one chunk per core on CPU while the weights stay cached, never for one row or large models.
+    small = GPT(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256)
+    cores = len(os.sched_getaffinity(0))
+    assert decode_threads(small, 4) == min(4, cores) and decode_threads(small, 1) == 1
+    assert decode_threads(GPT(vocab_size=1024, block_size=257, n_layer=24, n_head=16, n_embd=1536), 4) == 1
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        sample(model, variables, prefix, 8, jax.random.key(0), threads=0)
+
+
 def test_cache_phases_give_the_same_tokens(gpt, forward):
     # A decode loop whose cache grows through phases must draw exactly the tokens of one full-length cache,
     # greedily (against the plain loop) and when sampling, guided or not, including an uneven split.
@@ -175,10 +202,12 @@ def test_determinism_keys_and_guidance_scale_one(gpt):
 def test_compiled_once_per_static_options(gpt):
     model, variables, prefix = gpt
     fn = _sampler(model, 8, 20, False, False, 1)
-    sample(model, variables, prefix, 8, jax.random.key(0), top_k=20, temperature=0.7)
+    sample(model, variables, prefix, 8, jax.random.key(0), top_k=20, temperature=0.7, threads=1)
     n = fn._cache_size()
-    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3)
+    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3, threads=1)
     assert _sampler(model, 8, 20, False, False, 1) is fn and fn._cache_size() == n == 1
+    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=3)  # three chunks of one row
+    assert fn._cache_size() == 2
 
 
 def test_sample_argument_errors(gpt):
