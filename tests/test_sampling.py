@@ -145,8 +145,11 @@ def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward):
                                       threads=n, **kw)) for n in (1, 2))
         np.testing.assert_array_equal(two, one)
     # Under jit (traced inputs) the batch stays one program.
+    whole = np.asarray(sample(model, variables, prefix, 6, jax.random.key(5)))
     traced = jax.jit(lambda x: sample(model, variables, x, 6, jax.random.key(5), threads=2))(prefix)
-    np.testing.assert_array_equal(np.asarray(traced), np.asarray(sample(model, variables, prefix, 6, jax.random.key(5))))
+    np.testing.assert_array_equal(np.asarray(traced), whole)
+    traced = jax.jit(lambda k: sample(model, variables, prefix, 6, k, threads=2))(jax.random.key(5))
+    np.testing.assert_array_equal(np.asarray(traced), whole)
     # The default: one chunk per core on CPU while the weights stay cached, never for one row or large models.
     small = GPT(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256)
     cores = len(os.sched_getaffinity(0))

@@ -161,9 +161,9 @@ def decode_threads(model: GPT, batch: int) -> int:
     XLA:CPU runs a decode step's small ops (matmuls with a few rows, per-head attention over the cache) one
     after another, mostly on one core; programs started from separate threads run on separate cores. Each
     chunk reads all the weights, so this pays while they stay cached: the 4-layer GPT (13.6 MB) at batch 4 on
-    2 cores ran 1.6-2x faster as 2 chunks, while the 24-layer GPT (2.7 GB) ran 2x slower. So: one chunk
-    per available core (at most one row each) on CPU when the weights are at most
-    :data:`THREADS_MAX_WEIGHT_BYTES`, else 1.
+    2 cores ran 1.6-2x faster as 2 chunks, while the 24-layer GPT (2.7 GB) ran 2x slower, and 4 chunks on 2
+    cores ran slower than one program. So: on CPU, when the weights are at most
+    :data:`THREADS_MAX_WEIGHT_BYTES`, one chunk per available core (no more chunks than rows), else 1.
     """
     if jax.default_backend() != "cpu" or batch < 2 or _weight_bytes(model) > THREADS_MAX_WEIGHT_BYTES:
         return 1
@@ -279,7 +279,7 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     for name, value in (("cache_phases", cache_phases), ("threads", threads)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    if _placed_or_traced(variables, prefix):
+    if _placed_or_traced(variables, prefix, uncond_prefix, rng, temperature, top_p, guidance_scale):
         threads = 1  # under a transformation, or placed on a mesh: one program
     elif threads is None:
         threads = decode_threads(model, b)
