@@ -235,7 +235,8 @@ def _check_tokens(name: str, x: Any, vocab_size: int) -> jax.Array:
     if x.shape[1] < 1:
         raise ValueError(f"{name} must hold at least one token (SOS or conditioning), got shape {x.shape}")
     if not isinstance(x, jax.core.Tracer):
-        lo, hi = int(jnp.min(x)), int(jnp.max(x))
+        with jax.ensure_compile_time_eval():  # concrete ids are checked even inside another function's trace
+            lo, hi = int(jnp.min(x)), int(jnp.max(x))
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name} token ids must be in [0, {vocab_size}), found range [{lo}, {hi}]")
     return jnp.asarray(x, jnp.int32)
