@@ -131,19 +131,26 @@ def test_step_t_draws_with_fold_in_t(gpt, forward):
     assert len(np.unique(out)) > 5
 
 
-def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward):
-    # Splitting the batch into concurrently decoded row chunks (even or not) must not change any row's tokens:
-    # greedily (against the plain loop) and when sampling, guided or not (each row keeps its own draws).
+def _same_tokens_for_each(gpt, forward, name, values, steps, sampled):
+    """Greedy decoding with ``name=value`` equals the plain loop for each value, and sampling (guided or not) with
+    ``name=sampled`` draws exactly the tokens of ``name=1``."""
     model, variables, prefix = gpt
-    plain = _full_model_loop(forward, variables, prefix, 24)
-    for threads in (2, 3, 8):
-        np.testing.assert_array_equal(np.asarray(sample(model, variables, prefix, 24, jax.random.key(0), top_k=1,
-                                                        threads=threads)), plain)
+    plain = _full_model_loop(forward, variables, prefix, steps)
+    for value in values:
+        np.testing.assert_array_equal(np.asarray(sample(model, variables, prefix, steps, jax.random.key(0), top_k=1,
+                                                        **{name: value})), plain)
     uncond = jnp.full_like(prefix, 7)
     for kw in ({}, {"guidance_scale": 2.0, "uncond_prefix": uncond}):
-        one, two = (np.asarray(sample(model, variables, prefix, 20, jax.random.key(5), top_k=40, top_p=0.9,
-                                      threads=n, **kw)) for n in (1, 2))
-        np.testing.assert_array_equal(two, one)
+        one, other = (np.asarray(sample(model, variables, prefix, steps - 3, jax.random.key(5), top_k=40, top_p=0.9,
+                                        **{name: n}, **kw)) for n in (1, sampled))
+        np.testing.assert_array_equal(other, one)
+
+
+def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward):
+    # Splitting the batch into concurrently decoded row chunks (even or not) must not change any row's tokens
+    # (each row keeps its own draws).
+    model, variables, prefix = gpt
+    _same_tokens_for_each(gpt, forward, "threads", (2, 3, 8), 24, sampled=2)
     # Under jit (traced inputs) the batch stays one program.
     whole = np.asarray(sample(model, variables, prefix, 6, jax.random.key(5)))
     traced = jax.jit(lambda x: sample(model, variables, x, 6, jax.random.key(5), threads=2))(prefix)
@@ -161,17 +168,9 @@ def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward):
 
 def test_cache_phases_give_the_same_tokens(gpt, forward):
     # A decode loop whose cache grows through phases must draw exactly the tokens of one full-length cache,
-    # greedily (against the plain loop) and when sampling, guided or not, including an uneven split.
+    # including an uneven split.
     model, variables, prefix = gpt
-    plain = _full_model_loop(forward, variables, prefix, 40)
-    for phases in (2, 3, 4):
-        np.testing.assert_array_equal(np.asarray(sample(model, variables, prefix, 40, jax.random.key(0), top_k=1,
-                                                        cache_phases=phases)), plain)
-    uncond = jnp.full_like(prefix, 7)
-    for kw in ({}, {"guidance_scale": 2.0, "uncond_prefix": uncond}):
-        one, four = (np.asarray(sample(model, variables, prefix, 37, jax.random.key(5), top_k=40, top_p=0.9,
-                                       cache_phases=n, **kw)) for n in (1, 4))
-        np.testing.assert_array_equal(four, one)
+    _same_tokens_for_each(gpt, forward, "cache_phases", (2, 3, 4), 40, sampled=4)
     assert np.asarray(sample(model, variables, prefix, 1, jax.random.key(0), cache_phases=4)).shape == (3, 1)
     # The default: phases only where the cache is a sizeable share of a step's reads, and never for short runs.
     assert decode_phases(model, 3, 44, 40) == 4 and decode_phases(model, 3, 14, 10) == 1
