@@ -150,8 +150,8 @@ def _weight_bytes(model: GPT) -> int:
     return (12 * model.n_layer * model.n_embd + model.vocab_size) * model.n_embd * jnp.dtype(model.dtype).itemsize
 
 
-# Weights up to this size (in the compute dtype) stay in a server CPU's last-level cache, so concurrent
-# chunks reading them all do not contend for memory bandwidth (the 4-layer GPT: 13.6 MB).
+# Weights up to this size (in the compute dtype) fit the last-level cache of the CPU this was measured on (32 MB
+# L3), so concurrent chunks reading them all share it instead of contending for DRAM (the 4-layer GPT: 13.6 MB).
 THREADS_MAX_WEIGHT_BYTES = 32 << 20
 
 
@@ -163,7 +163,8 @@ def decode_threads(model: GPT, batch: int) -> int:
     chunk reads all the weights, so this pays while they stay cached: the 4-layer GPT (13.6 MB) at batch 4 on
     2 cores ran 1.6-2x faster as 2 chunks, while the 24-layer GPT (2.7 GB) ran 2x slower, and 4 chunks on 2
     cores ran slower than one program. So: on CPU, when the weights are at most
-    :data:`THREADS_MAX_WEIGHT_BYTES`, one chunk per available core (no more chunks than rows), else 1.
+    :data:`THREADS_MAX_WEIGHT_BYTES`, one chunk per available core (no more chunks than rows), else 1. Measured
+    on 2 cores only; pass ``threads=`` to :func:`sample` to choose on larger machines.
     """
     if jax.default_backend() != "cpu" or batch < 2 or _weight_bytes(model) > THREADS_MAX_WEIGHT_BYTES:
         return 1
