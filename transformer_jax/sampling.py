@@ -17,7 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +182,31 @@ def _placed_or_traced(*trees: Any) -> bool:
     return False
 
 
+def row_chunks(model: GPT, batch: int, threads: int | None, *inputs: Any) -> list[tuple[int, int]]:
+    """The (start, end) row chunks a sampler decodes concurrently: ``threads`` of them (default
+    :func:`decode_threads`), sizes differing by at most one; one chunk when any input is traced or spread over
+    several devices."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if _placed_or_traced(*inputs):
+        threads = 1  # under a transformation, or placed on a mesh: one program
+    elif threads is None:
+        threads = decode_threads(model, batch)
+    n = max(1, min(threads, batch))
+    bounds = [round(i * batch / n) for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def run_row_chunks(run: Callable[[int, int], Any], rows: list[tuple[int, int]]) -> Any:
+    """``run(start, end)`` for each row chunk, concurrently on host threads when there are several (XLA:CPU runs
+    a program started from one thread inline on it), outputs concatenated along axis 0."""
+    if len(rows) == 1:
+        return run(*rows[0])
+    with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
+        outs = list(pool.map(lambda r: jax.block_until_ready(run(*r)), rows))
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
+
+
 def _grow_cache(cache: Any, length: int) -> Any:
     """The KV cache zero-padded along time to ``length`` positions (a no-op when it already has them)."""
     return tuple(tuple(jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0))) for c in kv)
@@ -278,29 +303,16 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
             raise ValueError(f"uncond_prefix shape {uncond_prefix.shape} must equal prefix shape {prefix.shape}")
     else:
         uncond_prefix = jnp.zeros((0, p), jnp.int32)
-    for name, value in (("cache_phases", cache_phases), ("threads", threads)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    if _placed_or_traced(variables, prefix, uncond_prefix, rng, temperature, top_p, guidance_scale):
-        threads = 1  # under a transformation, or placed on a mesh: one program
-    elif threads is None:
-        threads = decode_threads(model, b)
-    bounds = [round(i * b / min(threads, b)) for i in range(min(threads, b) + 1)]
-    rows = list(zip(bounds[:-1], bounds[1:]))   # row chunks, sizes differing by at most one
+    if cache_phases is not None and (not isinstance(cache_phases, int) or isinstance(cache_phases, bool)
+                                     or cache_phases < 1):
+        raise ValueError(f"cache_phases must be a positive int or None, got {cache_phases!r}")
+    rows = row_chunks(model, b, threads, variables, prefix, uncond_prefix, rng, temperature, top_p, guidance_scale)
     if cache_phases is None:
-        cache_phases = decode_phases(model, (bounds[1] - bounds[0]) * (2 if guided else 1), p + steps - 1, steps)
+        cache_phases = decode_phases(model, (rows[0][1] - rows[0][0]) * (2 if guided else 1), p + steps - 1, steps)
     # At most one phase per decoded step, so counts that act alike share one compiled program.
     fn = _sampler(model, steps, top_k, top_p is not None, guided, max(1, min(cache_phases, steps - 1)))
     u = step_uniforms(rng, steps, b)
     scalars = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
                jnp.float32(1.0 if guidance_scale is None else guidance_scale))
-
-    def run(r0: int, r1: int) -> jax.Array:
-        return fn(variables, prefix[r0:r1], uncond_prefix[r0:r1], u[:, r0:r1], *scalars)
-
-    if len(rows) == 1:
-        return run(0, b)
-    # XLA:CPU runs a program started from one thread inline on it, so concurrent chunks need their own threads.
-    with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
-        outs = list(pool.map(lambda r: run(*r).block_until_ready(), rows))
-    return jnp.concatenate(outs, axis=0)
+    return run_row_chunks(lambda r0, r1: fn(variables, prefix[r0:r1], uncond_prefix[r0:r1], u[:, r0:r1], *scalars),
+                          rows)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax.gpt import GPT, init_cache, kernels_in_compute_dtype
-from transformer_jax.sampling import _check_options, _check_tokens, choose_tokens
+from transformer_jax.sampling import (_check_options, _check_tokens, choose_with_uniform, row_chunks, run_row_chunks,
+                                      step_uniforms)
 
 # Default memory for the cached method's window caches; fewer slots than window columns are shared
 # round-robin (still exact, more recomputation).
@@ -67,7 +68,7 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
                      use_top_p: bool, buckets: int | None, return_logits: bool):
     w = window
 
-    def run(variables, prefix, cond_grid, rng, temperature, top_p):
+    def run(variables, prefix, cond_grid, u, temperature, top_p):
         variables = kernels_in_compute_dtype(model, variables)
         b = prefix.shape[0]
         n_ctx = prefix.shape[1] + (w * w if cond_grid.shape[1] else 0)
@@ -89,7 +90,7 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
                 # Input position n_ctx - 1 + li*w + lj predicts window position (li, lj).
                 h = lax.dynamic_slice_in_dim(h, n_ctx - 1 + li * w + lj, 1, axis=1)
                 logits = model.apply(variables, h, method=GPT.logits_from_features)[:, 0]
-                tok = choose_tokens(logits, jax.random.fold_in(rng, p), top_k, tp, temperature)
+                tok = choose_with_uniform(logits, u[p], top_k, tp, temperature)
                 grid = lax.dynamic_update_slice(grid, tok[:, None, None], (0, i, j))
                 if return_logits:
                     logits_all = lax.dynamic_update_slice(logits_all, logits[:, None, None], (0, i, j, 0))
@@ -110,7 +111,7 @@ def _cached_sampler(model: GPT, height: int, width: int, window: int, top_k: int
                     use_top_p: bool, slots: int, chunk: int, return_logits: bool):
     w = window
 
-    def run(variables, prefix, cond_grid, rng, temperature, top_p):
+    def run(variables, prefix, cond_grid, u, temperature, top_p):
         variables = kernels_in_compute_dtype(model, variables)
         b = prefix.shape[0]
         n_ctx = prefix.shape[1] + (w * w if cond_grid.shape[1] else 0)
@@ -162,7 +163,7 @@ def _cached_sampler(model: GPT, height: int, width: int, window: int, top_k: int
                                             caches, cache)
             owner = owner.at[slot].set(jnp.stack([r0, c0]))
             filled = filled.at[slot].set(q + 1)
-            tok = choose_tokens(logits, jax.random.fold_in(rng, p), top_k, tp, temperature)
+            tok = choose_with_uniform(logits, u[p], top_k, tp, temperature)
             grid = lax.dynamic_update_slice(grid, tok[:, None, None], (0, i, j))
             if return_logits:
                 logits_all = lax.dynamic_update_slice(logits_all, logits[:, None, None], (0, i, j, 0))
@@ -181,7 +182,8 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
                           top_p: float | None = None, temperature: float = 1.0,
                           method: str = "cached", buckets: int | None = 4,
                           cache_slots: int | None = None, chunk: int | None = None,
-                          return_logits: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                          return_logits: bool = False, threads: int | None = None
+                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sample an (H, W) code grid with a ``window`` x ``window`` sliding window -> (B, H, W) int32.
 
     Conditioning tokens: ``prefix`` (B, P) (e.g. SOS or class token, prepended unchanged) and/or
@@ -192,11 +194,12 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     ``method="cached"`` keeps a KV cache per window column (``cache_slots``; default W - window + 1, or
     as many as fit in :data:`CACHE_BYTES_BUDGET`; fewer slots are shared round-robin and recompute
     more), each of (n_layer, 2, B, heads, conditioning + window**2, head_dim) in the compute dtype, and
-    feeds new codes ``chunk`` tokens at a time (default: one window row). ``method="prefix"`` keeps no cache: the model runs on the tokens
-    up to the end of the window row being sampled, rounded up to one of ``buckets`` lengths (each
-    length is one compiled loop): ``buckets=None`` is exact per row offset (least compute, up to
-    ``window`` loops to compile), ``1`` always runs the full window. ``return_logits`` also returns
-    the logits used at every position (B, H, W, vocab), for checking.
+    feeds new codes ``chunk`` tokens at a time (default: one window row). ``method="prefix"`` keeps no
+    cache: the model runs on the tokens up to the end of the window row being sampled, rounded up to one
+    of ``buckets`` lengths (each length is one compiled loop): ``buckets=None`` is exact per row offset
+    (least compute, up to ``window`` loops to compile), ``1`` always runs the full window. ``return_logits`` also returns
+    the logits used at every position (B, H, W, vocab), for checking. ``threads``: as in
+    :func:`transformer_jax.sampling.sample` (on CPU, row chunks of the batch run as concurrent programs).
     """
     _check_options(top_k, top_p, temperature)
     h, wd = (int(s) for s in shape)
@@ -244,6 +247,9 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
                              return_logits)
     else:
         fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits)
-    grid, logits = fn(variables, prefix, cond_grid, rng, jnp.float32(temperature),
-                      jnp.float32(1.0 if top_p is None else top_p))
+    rows = row_chunks(model, batch, threads, variables, prefix, cond_grid, rng, temperature, top_p)
+    u = step_uniforms(rng, h * wd, batch)  # position p draws u[p], the numbers fold_in(rng, p) gives
+    scalars = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
+    grid, logits = run_row_chunks(
+        lambda r0, r1: fn(variables, prefix[r0:r1], cond_grid[r0:r1], u[:, r0:r1], *scalars), rows)
     return (grid, logits) if return_logits else grid
