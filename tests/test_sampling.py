@@ -146,7 +146,7 @@ def _same_tokens_for_each(gpt, forward, name, values, steps, sampled):
         np.testing.assert_array_equal(other, one)
 
 
-def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward):
+def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward, monkeypatch):
     # Splitting the batch into concurrently decoded row chunks (even or not) must not change any row's tokens
     # (each row keeps its own draws).
     model, variables, prefix = gpt
@@ -157,11 +157,19 @@ def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward):
     np.testing.assert_array_equal(np.asarray(traced), whole)
     traced = jax.jit(lambda k: sample(model, variables, prefix, 6, k, threads=2))(jax.random.key(5))
     np.testing.assert_array_equal(np.asarray(traced), whole)
-    # The default: one chunk per core on CPU while the weights stay cached, never for one row or large models.
+    # The default: one chunk per core on CPU while the weights stay cached, never for one row or large models;
+    # TAMING_JAX_DECODE_THREADS overrides it.
+    monkeypatch.delenv("TAMING_JAX_DECODE_THREADS", raising=False)
     small = GPT(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256)
     cores = len(os.sched_getaffinity(0))
     assert decode_threads(small, 4) == min(4, cores) and decode_threads(small, 1) == 1
     assert decode_threads(GPT(vocab_size=1024, block_size=257, n_layer=24, n_head=16, n_embd=1536), 4) == 1
+    monkeypatch.setenv("TAMING_JAX_DECODE_THREADS", "3")
+    assert decode_threads(small, 8) == 3 and decode_threads(small, 2) == 2
+    monkeypatch.setenv("TAMING_JAX_DECODE_THREADS", "two")
+    with pytest.raises(ValueError, match="TAMING_JAX_DECODE_THREADS must be a positive int, got 'two'"):
+        decode_threads(small, 4)
+    monkeypatch.delenv("TAMING_JAX_DECODE_THREADS")
     with pytest.raises(ValueError, match="threads must be a positive int"):
         sample(model, variables, prefix, 8, jax.random.key(0), threads=0)
 

@@ -164,8 +164,14 @@ def decode_threads(model: GPT, batch: int) -> int:
     2 cores ran 1.6-2x faster as 2 chunks, while the 24-layer GPT (2.7 GB) ran 2x slower, and 4 chunks on 2
     cores ran slower than one program. So: on CPU, when the weights are at most
     :data:`THREADS_MAX_WEIGHT_BYTES`, one chunk per available core (no more chunks than rows), else 1. Measured
-    on 2 cores only; pass ``threads=`` to :func:`sample` to choose on larger machines.
+    on 2 cores only: pass ``threads=`` to :func:`sample`, or set ``TAMING_JAX_DECODE_THREADS`` (e.g. for the
+    launch scripts), to choose otherwise.
     """
+    env = os.environ.get("TAMING_JAX_DECODE_THREADS", "")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"TAMING_JAX_DECODE_THREADS must be a positive int, got {env!r}")
+        return min(batch, int(env))
     if jax.default_backend() != "cpu" or batch < 2 or _weight_bytes(model) > THREADS_MAX_WEIGHT_BYTES:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

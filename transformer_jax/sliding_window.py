@@ -197,9 +197,10 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     feeds new codes ``chunk`` tokens at a time (default: one window row). ``method="prefix"`` keeps no
     cache: the model runs on the tokens up to the end of the window row being sampled, rounded up to one
     of ``buckets`` lengths (each length is one compiled loop): ``buckets=None`` is exact per row offset
-    (least compute, up to ``window`` loops to compile), ``1`` always runs the full window. ``return_logits`` also returns
-    the logits used at every position (B, H, W, vocab), for checking. ``threads``: as in
-    :func:`transformer_jax.sampling.sample` (on CPU, row chunks of the batch run as concurrent programs).
+    (least compute, up to ``window`` loops to compile), ``1`` always runs the full window.
+    ``return_logits`` also returns the logits used at every position (B, H, W, vocab), for checking.
+    ``threads``: as in :func:`transformer_jax.sampling.sample` (on CPU, row chunks of the batch run as
+    concurrent programs).
     """
     _check_options(top_k, top_p, temperature)
     h, wd = (int(s) for s in shape)
