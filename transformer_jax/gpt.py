@@ -118,6 +118,11 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, n_unmasked: int) -> jax.A
     return mask
 
 
+def even_bounds(total: int, parts: int) -> list[int]:
+    """``parts + 1`` boundaries splitting ``range(total)`` into consecutive parts whose sizes differ by at most one."""
+    return [round(i * total / parts) for i in range(parts + 1)]
+
+
 def causal_query_blocks(t: int, n_unmasked: int = 0, n_blocks: int | None = None
                         ) -> list[tuple[int, int, int]]:
     """(query start, query end, key end) per block of queries of a causal attention over ``t`` positions.
@@ -132,7 +137,7 @@ def causal_query_blocks(t: int, n_unmasked: int = 0, n_blocks: int | None = None
     if n_blocks < 1:
         raise ValueError(f"causal_query_blocks: n_blocks must be >= 1, got {n_blocks}")
     n_blocks = min(n_blocks, t)  # no empty blocks
-    bounds = [round(i * t / n_blocks) for i in range(n_blocks + 1)]
+    bounds = even_bounds(t, n_blocks)
     return [(a, b, max(b, n_unmasked) if a < n_unmasked else b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 

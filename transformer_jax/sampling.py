@@ -23,12 +23,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.gpt import GPT, init_cache, kernels_in_compute_dtype
+from transformer_jax.gpt import GPT, even_bounds, init_cache, kernels_in_compute_dtype
+
+
+def _check_optional_positive_int(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
 def _check_options(top_k: int | None, top_p: float | None, temperature: Any) -> None:
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    _check_optional_positive_int("top_k", top_k)
     if top_p is not None and not isinstance(top_p, jax.core.Tracer) and not 0.0 < float(top_p) <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0.0:
@@ -192,14 +196,13 @@ def row_chunks(model: GPT, batch: int, threads: int | None, *inputs: Any) -> lis
     """The (start, end) row chunks a sampler decodes concurrently: ``threads`` of them (default
     :func:`decode_threads`), sizes differing by at most one; one chunk when any input is traced or spread over
     several devices."""
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    _check_optional_positive_int("threads", threads)
     if _placed_or_traced(*inputs):
         threads = 1  # under a transformation, or placed on a mesh: one program
     elif threads is None:
         threads = decode_threads(model, batch)
     n = max(1, min(threads, batch))
-    bounds = [round(i * batch / n) for i in range(n + 1)]
+    bounds = even_bounds(batch, n)
     return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -227,7 +230,7 @@ def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided:
     the positions written up to its last step, grown (zero-padded) between phases. Masking makes the result
     independent of it.
     """
-    bounds = [1 + round(k * (steps - 1) / phases) for k in range(phases + 1)]  # step ranges, from step 1
+    bounds = [1 + k for k in even_bounds(steps - 1, phases)]  # step ranges, from step 1
 
     def run(variables, prefix, uncond, u, temperature, top_p, scale):
         variables = kernels_in_compute_dtype(model, variables)
@@ -309,9 +312,7 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
             raise ValueError(f"uncond_prefix shape {uncond_prefix.shape} must equal prefix shape {prefix.shape}")
     else:
         uncond_prefix = jnp.zeros((0, p), jnp.int32)
-    if cache_phases is not None and (not isinstance(cache_phases, int) or isinstance(cache_phases, bool)
-                                     or cache_phases < 1):
-        raise ValueError(f"cache_phases must be a positive int or None, got {cache_phases!r}")
+    _check_optional_positive_int("cache_phases", cache_phases)
     rows = row_chunks(model, b, threads, variables, prefix, uncond_prefix, rng, temperature, top_p, guidance_scale)
     if cache_phases is None:
         cache_phases = decode_phases(model, (rows[0][1] - rows[0][0]) * (2 if guided else 1), p + steps - 1, steps)
