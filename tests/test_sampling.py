@@ -235,5 +235,6 @@ def test_sample_argument_errors(gpt):
         sample(model, variables, prefix, 4, key, guidance_scale=2.0)
     with pytest.raises(ValueError, match="must equal prefix shape"):
         sample(model, variables, prefix, 4, key, guidance_scale=2.0, uncond_prefix=prefix[:, :2])
-    with pytest.raises(ValueError, match="steps must be a positive int"):
-        sample(model, variables, prefix, 0, key)
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="steps must be a positive int"):
+            sample(model, variables, prefix, bad, key)

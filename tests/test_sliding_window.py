@@ -166,7 +166,11 @@ def test_argument_errors(gpt):
         sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, method="kv")
     with pytest.raises(ValueError, match="cache_slots must be a positive int"):
         sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, cache_slots=0)
-    with pytest.raises(ValueError, match="buckets must be"):
-        sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, buckets=0)
+    for bad in (0, True):  # a bool is an int to Python, not a bucket count
+        with pytest.raises(ValueError, match="buckets must be"):
+            sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, buckets=bad)
+    for bad in (None, True, 2.0):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            sample_sliding_window(model, v, (4, 4), bad, key, prefix=prefix)
     with pytest.raises(ValueError, match="token ids must be in"):
         sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix + 100)

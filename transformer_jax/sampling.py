@@ -26,9 +26,15 @@ from jax import lax
 from transformer_jax.gpt import GPT, even_bounds, init_cache, kernels_in_compute_dtype
 
 
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # a bool is an int to Python
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
 def _check_optional_positive_int(name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    _check_positive_int(name, value, allow_none=True)
 
 
 def _check_options(top_k: int | None, top_p: float | None, temperature: Any) -> None:
@@ -294,8 +300,7 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     """
     _check_options(top_k, top_p, temperature)
     prefix = _check_tokens("prefix", prefix, model.vocab_size)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _check_positive_int("steps", steps)
     b, p = prefix.shape
     if p + steps - 1 > model.block_size:
         raise ValueError(f"prefix length {p} + steps {steps} - 1 = {p + steps - 1} exceeds the model's "

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax.gpt import GPT, init_cache, kernels_in_compute_dtype
-from transformer_jax.sampling import (_check_optional_positive_int, _check_options, _check_tokens, choose_with_uniform,
-                                      row_chunks, run_row_chunks, step_uniforms)
+from transformer_jax.sampling import (_check_optional_positive_int, _check_options, _check_positive_int, _check_tokens,
+                                      choose_with_uniform, row_chunks, run_row_chunks, step_uniforms)
 
 # Default memory for the cached method's window caches; fewer slots than window columns are shared
 # round-robin (still exact, more recomputation).
@@ -204,16 +204,14 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     """
     _check_options(top_k, top_p, temperature)
     h, wd = (int(s) for s in shape)
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    _check_positive_int("window", window)
     if h < window or wd < window:
         raise ValueError(f"grid shape {(h, wd)} must be at least the window size {window} in both dims")
     if method not in ("cached", "prefix"):
         raise ValueError(f"method must be 'cached' or 'prefix', got {method!r}")
     _check_optional_positive_int("cache_slots", cache_slots)
     _check_optional_positive_int("chunk", chunk)
-    if buckets is not None and (not isinstance(buckets, int) or buckets < 1):
-        raise ValueError(f"buckets must be a positive int or None, got {buckets!r}")
+    _check_optional_positive_int("buckets", buckets)
     if prefix is None and cond_grid is None:
         raise ValueError("sample_sliding_window needs conditioning: a prefix (e.g. SOS token) and/or cond_grid")
     batch = None
