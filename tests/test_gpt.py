@@ -229,13 +229,16 @@ def test_causal_query_blocks_skip_only_masked_scores():
     def loss(attend, q, k, v):
         return jnp.sum(jnp.sin(attend(q, k, v)))
 
+    def outputs(attend):  # one compiled program per variant (op by op, the gradients took a minute)
+        return jax.jit(lambda q, k, v: (attend(q, k, v), *jax.value_and_grad(
+            lambda *a: loss(attend, *a), argnums=(0, 1, 2))(q, k, v)))(q, k, v)
+
     for n_unmasked in (0, 3, 10):
-        whole = lambda q, k, v: softmax_attention(q, k, v, attention_mask(pos, pos, n_unmasked), jnp.float32)  # noqa: E731
-        l0, g0 = jax.value_and_grad(lambda *a: loss(whole, *a), argnums=(0, 1, 2))(q, k, v)
+        y0, l0, g0 = outputs(lambda q, k, v: softmax_attention(q, k, v, attention_mask(pos, pos, n_unmasked),
+                                                               jnp.float32))
         for n_blocks in (2, 3, 4):
-            blocked = lambda q, k, v: causal_attention(q, k, v, n_unmasked, jnp.float32, n_blocks=n_blocks)  # noqa: E731
-            np.testing.assert_allclose(blocked(q, k, v), whole(q, k, v), rtol=0, atol=1e-6)
-            l1, g1 = jax.value_and_grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2))(q, k, v)
+            y1, l1, g1 = outputs(lambda q, k, v: causal_attention(q, k, v, n_unmasked, jnp.float32, n_blocks=n_blocks))
+            np.testing.assert_allclose(y1, y0, rtol=0, atol=1e-6)
             np.testing.assert_allclose(l1, l0, rtol=1e-6)
             for a, b in zip(g1, g0):
                 np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
