@@ -295,8 +295,9 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     and ``threads`` (default :func:`decode_threads`: on CPU, row chunks of the batch run as concurrent
     programs, and the call then returns once they are done; one program under jit or for inputs spread
     over several devices) trade compile time or host threads for speed only: every value draws the same
-    numbers for each row, so tokens are equal up to float rounding (a matmul over fewer rows may round a
-    logit differently, which can flip a near-tie).
+    numbers for each row, so tokens are equal up to float rounding (on CPU products of up to 4 rows run a
+    row at a time, :func:`transformer_jax.gpt.matmul`; a matmul over more rows may round a logit
+    differently from one over fewer, which can flip a near-tie).
     """
     _check_options(top_k, top_p, temperature)
     prefix = _check_tokens("prefix", prefix, model.vocab_size)
