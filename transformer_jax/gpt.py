@@ -10,6 +10,7 @@ and returned by :meth:`GPT.decode`, so a whole decode loop can live inside one j
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 _INIT = nn.initializers.normal(stddev=0.02)  # minGPT's _init_weights for Linear and Embedding
 _ZEROS = nn.initializers.zeros_init()
+_ONES = nn.initializers.ones_init()
 
 # A decode step multiplies a few rows (its batch) by each kernel. On CPU, XLA's vector-matrix product ran a
 # cache-resident kernel 1.6-1.9x faster per row than its matrix product did for 2-4 rows (1 MB kernel,
@@ -34,16 +36,13 @@ ROWWISE_MAX_KERNEL_BYTES = 4 << 20
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``x (..., C) @ kernel (C, F)``; on CPU, for 2 to ``ROWWISE_MAX_ROWS`` rows and a kernel of at most
     ``ROWWISE_MAX_KERNEL_BYTES``, as one vector-matrix product per row (equal up to float rounding)."""
-    rows = 1
-    for n in x.shape[:-1]:
-        rows *= n
+    rows = math.prod(x.shape[:-1])
     if (1 < rows <= ROWWISE_MAX_ROWS and kernel.size * kernel.dtype.itemsize <= ROWWISE_MAX_KERNEL_BYTES
             and jax.default_backend() == "cpu"):
         flat = x.reshape(rows, x.shape[-1])
         y = jnp.concatenate([flat[i:i + 1] @ kernel for i in range(rows)], axis=0)
         return y.reshape(*x.shape[:-1], kernel.shape[1])
     return x @ kernel
-_ONES = nn.initializers.ones_init()
 
 
 class LayerNorm(nn.Module):
