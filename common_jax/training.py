@@ -95,6 +95,20 @@ def state_shardings(task: Task, abstract_state: PyTree, mesh: jax.sharding.Mesh)
     return fit_to_shapes(shardings, abstract_state)
 
 
+def jit_init(init_state: Callable[[jax.Array], PyTree], out_shardings: Any = None) -> Callable[[jax.Array], PyTree]:
+    """``init_state`` jitted (onto ``out_shardings`` when given) for the one call that makes a fresh state.
+
+    On CPU it compiles at XLA backend optimisation level 0. Nearly all of that compile is LLVM on one
+    threefry loop per initialiser, and the program runs once: configs/vqgan_tiny's init compiles in 5 s
+    instead of 13-16 s and runs in 0.09 s instead of 0.02 s. A value may differ from an optimised compile
+    in its last bit (6 of 584 leaves measured); every mesh and process compiles it the same way.
+    """
+    kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
+    if jax.default_backend() == "cpu":
+        kwargs["compiler_options"] = {"xla_backend_optimization_level": 0}
+    return jax.jit(init_state, **kwargs)
+
+
 # ------------------------------------------------------------------------------ gradient accumulation
 def accumulate_gradients(loss_and_grad_fn: Callable[..., tuple[tuple[jax.Array, PyTree], PyTree]],
                          params: PyTree, batch: PyTree, num_micro: int,
@@ -276,7 +290,7 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                         train_loader.set_state(local)
                 logging.info("resumed from step %d of %s", start, manager.directory)
             else:
-                state = jax.jit(task.init_state, out_shardings=shardings)(init_key)
+                state = jit_init(task.init_state, shardings)(init_key)
                 start = 0
                 logging.info("initialised a fresh state (no checkpoint in %s)", manager.directory)
             if is_main:

@@ -200,8 +200,9 @@ def save_fresh_stage_one(config: ml_collections.ConfigDict, workdir: str, step: 
 
     from common_jax import checkpoint as ckpt
     from common_jax.config_utils import config_to_dict
+    from common_jax.training import jit_init
     from vqgan_jax.train import VQGANTask
-    state = jax.jit(VQGANTask(config).init_state)(jax.random.key(0))
+    state = jit_init(VQGANTask(config).init_state)(jax.random.key(0))
     manager = ckpt.make_manager(workdir, async_save=False)
     try:
         ckpt.save(manager, step, state, {"config": config_to_dict(config)}, None, force=True)

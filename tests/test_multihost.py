@@ -49,15 +49,21 @@ def _free_port() -> int:
 class Launch:
     """``n`` processes of _multihost_main.py (one process: 4 devices; several: 2 devices each).
 
-    No persistent compilation cache: gloo gives up when processes reach their first collective more than
-    30 s apart, and a cache hit in one process but not the other does exactly that.
+    Several processes share ``cache``, a persistent compilation cache, so later launches skip the compiles
+    of earlier ones. A program's cache key is the same in every process (measured), so a launch's processes
+    agree on hit or miss. That matters: gloo gives up when processes reach a collective more than 30 s
+    apart, as when one of them compiles and the other loads. (JAX's jax_share_binary_between_hosts, one
+    process compiling for all, times out in gloo on CPU here, even with a warm cache.)
+    The one-process references get no cache: they compile each program once anyway.
     """
 
-    def __init__(self, tag: str, root, n: int, *args: str, devices: int = 4):
+    def __init__(self, tag: str, root, n: int, *args: str, devices: int = 4, cache=None):
         self.logs = [f"{root}.{tag}.{i}.log" for i in range(n)]
         port = _free_port()
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)
+        if n > 1 and cache is not None:
+            env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
         self.procs = []
         for i in range(n):
             dist = ["--num-processes", str(n), "--process-id", str(i), "--coordinator",
@@ -126,7 +132,7 @@ def runs(tmp_path_factory):
     timings, launches = {}, []
 
     def start(*args, **kwargs) -> Launch:
-        launches.append(Launch(*args, **kwargs))
+        launches.append(Launch(*args, **kwargs, cache=base / "jax_cache"))
         return launches[-1]
 
     try:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from common_jax.mesh import LOGICAL_AXIS_RULES, batch_sharding, make_mesh, replicated
-from common_jax.training import state_shardings
+from common_jax.training import jit_init, state_shardings
 from configs import transformer_tiny
 from transformer_jax.train import TransformerTask, unigram_entropy_bits
 
@@ -37,7 +37,7 @@ def run_steps(task, mesh, n=1):
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         abstract = jax.eval_shape(task.init_state, jax.random.key(0))
         sh = state_shardings(task, abstract, mesh)
-        state = jax.jit(task.init_state, out_shardings=sh)(jax.random.key(0))
+        state = jit_init(task.init_state, sh)(jax.random.key(0))
         step = jax.jit(task.train_step, in_shardings=(sh, batch_sharding(mesh, 1), replicated(mesh)),
                        out_shardings=(sh, replicated(mesh)))
         for i in range(n):

@@ -15,7 +15,7 @@ from _stage_main import vqgan_config
 from common_jax import data as data_lib
 from common_jax import datasets, run_setup, training
 from common_jax.mesh import LOGICAL_AXIS_RULES, batch_sharding, make_mesh, replicated, shard_batch
-from common_jax.training import state_shardings
+from common_jax.training import jit_init, state_shardings
 from vqgan_jax.train import VQGANTask, learning_rate
 
 # A smaller model than configs/vqgan_tiny (two levels, f=2) for the step-equality and resume tests:
@@ -37,7 +37,7 @@ def _one_step(task, mesh, batch):
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         abstract = jax.eval_shape(task.init_state, key)
         sh = state_shardings(task, abstract, mesh)
-        state = jax.jit(task.init_state, out_shardings=sh)(key)
+        state = jit_init(task.init_state, sh)(key)
         init = jax.device_get({"params": state.params, "disc_params": state.disc_params})
         step = jax.jit(task.train_step, in_shardings=(sh, batch_sharding(mesh, 1), replicated(mesh)),
                        out_shardings=(sh, replicated(mesh)))
@@ -135,22 +135,26 @@ def test_half_written_checkpoint_is_never_used(killed_and_resumed):
 
 
 # ---------------------------------------------------------------------------- learning on real photos
-TRAIN_STEPS = 150
+TRAIN_STEPS = 100
 
 
 @pytest.fixture(scope="module")
 def trained(photos, tmp_path_factory):
-    """configs/vqgan_tiny (GAN off) trained for TRAIN_STEPS on one device; held-out metrics before/after."""
+    """configs/vqgan_tiny (GAN off) trained for TRAIN_STEPS on one device; held-out metrics before/after.
+
+    At twice the config's learning rate: 100 steps then measured +3.9 dB / -0.21 L1, as 150 steps at the
+    config's rate did (+3.7 dB / -0.21), in two thirds of the time; the config's rate gave +3.0 dB at 100."""
     workdir = str(tmp_path_factory.mktemp("learn"))
     config = vqgan_config(photos, **{"loss.disc_start": 10_000, "total_steps": TRAIN_STEPS, "log_every": 25,
                                      "checkpoint.every": TRAIN_STEPS, "data.eval_examples": 160})
+    config.optim.base_learning_rate *= 2
     task = VQGANTask(config)
     train_loader, eval_loader, _, _ = run_setup.image_loaders(config, workdir)
     run_setup.cap_eval_steps(config)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     # The fresh state the loop starts from (its init key is the first half of split(key(seed))).
     init_key = jax.random.split(jax.random.key(int(config.seed)))[0]
-    state0 = jax.jit(task.init_state)(init_key)
+    state0 = jit_init(task.init_state)(init_key)
     ev = jax.jit(task.eval_step)
     sums = {}
     for batch in eval_loader():
