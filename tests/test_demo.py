@@ -17,9 +17,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VQ_STEPS, GPT_STEPS, PANORAMA = 4, 3, 4
 
 
-def _run_demo(workdir, log_path):
-    # A user's laptop: one CPU device (no simulated device count).
+def _run_demo(workdir, log_path, cache_dir):
+    # A user's laptop: one CPU device (no simulated device count). Both runs share a compilation cache, as a
+    # user's JAX_COMPILATION_CACHE_DIR would: the second run's evals and sampling load instead of compiling.
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TAMING_JAX_TRACEBACK")}
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "launch.demo", f"--workdir={workdir}",
@@ -38,10 +40,10 @@ def _run_demo(workdir, log_path):
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     workdir = str(root / "run")
-    first = _run_demo(workdir, str(root / "first.log"))
+    first = _run_demo(workdir, str(root / "first.log"), str(root / "jax_cache"))
     assert first[0] == 0, first[1][-4000:]
     summary_first = json.load(open(os.path.join(workdir, "summary.json")))
-    second = _run_demo(workdir, str(root / "second.log"))
+    second = _run_demo(workdir, str(root / "second.log"), str(root / "jax_cache"))
     return workdir, first, second, summary_first
 
 

@@ -11,8 +11,10 @@ import pytest
 from common_jax import checkpoint as ckpt
 from common_jax.config_utils import config_to_dict
 from common_jax.datasets import prepare_builtin_photos
+from common_jax.training import jit_init
 from configs import transformer_tiny, vqgan_tiny
 from launch.convert_inception import convert_state_dict
+from _stage_main import cache_env
 from seeded_weights import golden, seeded_array
 from transformer_jax.train import TransformerTask
 from vqgan_jax.train import VQGANTask
@@ -23,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def write_workdir(task, config, path):
     """A workdir holding an (untrained) initial state, as a finished run would leave it."""
     manager = ckpt.make_manager(path, async_save=False)
-    ckpt.save(manager, 1, task.init_state(jax.random.key(0)), {"config": config_to_dict(config)}, None,
+    ckpt.save(manager, 1, jit_init(task.init_state)(jax.random.key(0)), {"config": config_to_dict(config)}, None,
               force=True)
     manager.wait_until_finished()
     manager.close()
@@ -47,7 +49,8 @@ def setup(tmp_path_factory):
 
 
 def run(args, tmp):
-    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    # The runs share a compilation cache: both modes embed 32 px images with the same InceptionV3 program.
+    env = dict(cache_env(str(tmp / "jax_cache")), XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
     p = subprocess.run([sys.executable, "-m", "launch.eval_fid", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]

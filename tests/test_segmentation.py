@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from common_jax.training import jit_init
 from configs.vqgan_base import base_config, vqgan_model
 from vqgan_jax import convert
 from vqgan_jax.segmentation import SegmentationVQTask, bce_with_quant_loss, one_hot_segmentation
@@ -43,7 +44,7 @@ def test_bce_matches_formula():
 
 def test_training_lowers_bce_and_converter_round_trips():
     task = SegmentationVQTask(seg_config())
-    state = task.init_state(jax.random.key(0))
+    state = jit_init(task.init_state)(jax.random.key(0))
     step = jax.jit(task.train_step)
     ev = jax.jit(task.eval_step)
     held = {"segmentation": label_maps(16, 99)}

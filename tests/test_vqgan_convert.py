@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from common_jax.mesh import make_mesh
+from common_jax.training import jit_init
 from seeded_weights import golden
 from vqgan_jax import convert
 from vqgan_jax.model import VQGAN
@@ -78,33 +79,37 @@ def test_bad_taming_config_is_reported():
                                     "params": {"ddconfig": {}, "embed_dim": 4}})
 
 
-def test_gumbel_config_and_round_trip():
+@pytest.fixture(scope="module")
+def gumbel():
+    """The Gumbel config's model, freshly initialised (one compiled init: op by op it took most of a minute)."""
     cfg = convert.config_from_taming(GUMBEL_YAML)
+    model = VQGAN.from_config(cfg.model)
+    variables = jit_init(lambda k: nn.unbox(model.init(k, jnp.zeros((1, 32, 32, 3)))))(jax.random.PRNGKey(1))
+    x = jax.random.uniform(jax.random.PRNGKey(2), (2, 32, 32, 3), minval=-1, maxval=1)
+    return cfg, model, variables, x
+
+
+def test_gumbel_config_and_round_trip(gumbel):
+    cfg, model, variables, x = gumbel
     assert cfg.model.quantizer == "gumbel" and cfg.model.kl_weight == 1e-8 and cfg.model.temperature == 0.9
     assert cfg.loss.disc_start == 1 and cfg.base_learning_rate == 4.5e-6
-    model = VQGAN.from_config(cfg.model)
-    variables = nn.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3))))
     sd = convert.to_taming(variables, cfg)
     assert sd["quantize.proj.weight"].shape == (64, 32, 1, 1)
     assert sd["quantize.embed.weight"].shape == (64, 32)
     model2, v2 = convert.from_taming(sd, cfg)
-    x = jax.random.uniform(jax.random.PRNGKey(2), (2, 32, 32, 3), minval=-1, maxval=1)
-    e1 = model.apply(variables, x, method="encode")
-    e2 = model2.apply(v2, x, method="encode")
+    encode = jax.jit(lambda v, x: model.apply(v, x, method="encode"))
+    e1, e2 = encode(variables, x), encode(v2, x)
     np.testing.assert_array_equal(e1.indices, e2.indices)
     # deterministic argmax path: encoding twice gives the same codes, and z_q is the code's table row
     np.testing.assert_allclose(e1.z_q, np.asarray(sd["quantize.embed.weight"])[np.asarray(e1.indices)],
                                rtol=0, atol=1e-6)
-    xr = model.apply(variables, e1.indices, method="decode_code")
+    xr = jax.jit(lambda v, i: model.apply(v, i, method="decode_code"))(variables, e1.indices)
     assert xr.shape == (2, 32, 32, 3)
 
 
-def test_gumbel_training_path_samples_and_is_straight_through():
-    cfg = convert.config_from_taming(GUMBEL_YAML)
-    model = VQGAN.from_config(cfg.model)
-    variables = nn.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3))))
-    x = jax.random.uniform(jax.random.PRNGKey(2), (2, 32, 32, 3), minval=-1, maxval=1)
-    enc = lambda k: model.apply(variables, x, True, method="encode", rngs={"gumbel": k})
+def test_gumbel_training_path_samples_and_is_straight_through(gumbel):
+    _, model, variables, x = gumbel
+    enc = jax.jit(lambda k: model.apply(variables, x, True, method="encode", rngs={"gumbel": k}))
     a, b = enc(jax.random.PRNGKey(3)), enc(jax.random.PRNGKey(4))
     assert not np.array_equal(a.indices, b.indices)          # sampled
     emb = variables["params"]["quantize"]["embed"]

@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from common_jax.training import jit_init
 from configs import vqgan_gumbel_f8_8192, vqgan_tiny
 from vqgan_jax.train import VQGANTask
 
@@ -27,7 +28,7 @@ def test_ema_codebook_restart_and_generator_ema():
     c = micro(vqgan_tiny, dead_code_threshold=0.995, generator_ema=0.9)
     c.model.use_ema = True
     task = VQGANTask(c)
-    s0 = task.init_state(jax.random.key(0))
+    s0 = jit_init(task.init_state)(jax.random.key(0))
     step = jax.jit(task.train_step)
     s1, m1 = step(s0, images(0), jax.random.key(1))
     s2, m2 = step(s1, images(1), jax.random.key(2))
@@ -50,7 +51,7 @@ def test_gumbel_temperature_follows_taming_schedule():
     sched = c.temperature_schedule
     got = [float(task._temperature(np.int32(s))) for s in (0, sched.max_decay_steps // 2, sched.max_decay_steps)]
     np.testing.assert_allclose(got, [0.9, (0.9 + 1e-6) / 2, 1e-6], rtol=1e-4)
-    state = task.init_state(jax.random.key(0))
+    state = jit_init(task.init_state)(jax.random.key(0))
     state, m = jax.jit(task.train_step)(state, images(0), jax.random.key(3))
     assert np.isfinite(float(m["total_loss"]))
 
