@@ -50,10 +50,12 @@ class Launch:
     """``n`` processes of _multihost_main.py (one process: 4 devices; several: 2 devices each).
 
     Several processes share ``cache``, a persistent compilation cache, so later launches skip the compiles
-    of earlier ones. A program's cache key is the same in every process (measured), so a launch's processes
-    agree on hit or miss. That matters: gloo gives up when processes reach a collective more than 30 s
-    apart, as when one of them compiles and the other loads. (JAX's jax_share_binary_between_hosts, one
-    process compiling for all, times out in gloo on CPU here, even with a warm cache.)
+    of earlier ones. A program's cache key is the same in every process (measured), so a later launch's
+    processes find the same entries; within a launch an entry appears only once a peer has compiled it, so
+    a process that loads it is behind that peer anyway. That matters because gloo gives up when processes
+    reach a collective more than 30 s apart, as when one compiles while the other has loaded. (JAX's
+    jax_share_binary_between_hosts, one process compiling for all, times out in gloo on CPU here, even
+    with a warm cache.)
     The one-process references get no cache: they compile each program once anyway.
     """
 
