@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging as absl_logging
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -19,25 +20,28 @@ T = TypeVar("T")
 
 # ----------------------------------------------------------------------------------------------- writers
 class LoggingOnlyWriter:
-    """Minimal writer (clu MetricWriter duck type) that only logs; avoids importing TensorFlow."""
+    """Minimal writer (clu MetricWriter duck type) that only logs; avoids importing TensorFlow.
+
+    Logs through absl, as clu's logging writer and the train loop's progress lines do, so its lines show
+    wherever those do."""
 
     def __init__(self, prefix: str = ""):
         self._prefix = prefix
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         body = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
-        log.info("%s[%d] %s", self._prefix, step, body)
+        absl_logging.info("%s[%d] %s", self._prefix, step, body)
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         shapes = ", ".join(f"{k}={np.shape(v)}" for k, v in sorted(images.items()))
-        log.info("%s[%d] images: %s", self._prefix, step, shapes)
+        absl_logging.info("%s[%d] images: %s", self._prefix, step, shapes)
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         for k, v in sorted(texts.items()):
-            log.info("%s[%d] %s: %s", self._prefix, step, k, v)
+            absl_logging.info("%s[%d] %s: %s", self._prefix, step, k, v)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        log.info("%shparams: %s", self._prefix, dict(hparams))
+        absl_logging.info("%shparams: %s", self._prefix, dict(hparams))
 
     def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None) -> None:
         del step, arrays, num_buckets

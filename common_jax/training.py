@@ -226,14 +226,14 @@ def _grid_cols(n: int) -> int:
 
 def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Iterable,
         eval_loader_factory: Callable[[], Iterable] | None = None, *,
-        writer: Any = None, tensorboard: bool = True,
+        writer: Any = None, tensorboard: bool | None = None,
         compat_prefixes: Sequence[str] = ("model",),
         mesh: jax.sharding.Mesh | None = None,
         stop_after: int | None = None, quiet_orbax: bool = True) -> RunResult:
     """Train ``task`` until ``config.total_steps`` (resuming from ``workdir`` if it holds a checkpoint).
 
     ``writer``: a clu-style metric writer (default: TensorBoard + logging on process 0, or logging only
-    with ``tensorboard=False``). ``compat_prefixes``: config keys that must match the checkpoint's
+    with ``tensorboard=False``; default ``config.tensorboard``, else True). ``compat_prefixes``: config keys that must match the checkpoint's
     config to resume. ``stop_after``: return after this many steps in this call (tests, debugging),
     saving a checkpoint there. ``quiet_orbax``: hide orbax's INFO logs during the run.
     Returns the final state (on the mesh) and the last metrics.
@@ -258,6 +258,8 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
     mesh = mesh_from_config(config) if mesh is None else mesh
     own_writer = writer is None
     if own_writer:
+        if tensorboard is None:
+            tensorboard = bool(get(config, "tensorboard", True))
         writer = mlib.create_writer(workdir, tensorboard=tensorboard)
     train_loader = _require_loader_api(train_loader)
 

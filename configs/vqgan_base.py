@@ -41,6 +41,7 @@ def base_config(model: ml_collections.ConfigDict, **loss_overrides) -> ml_collec
     # loop cadence (read by common_jax.training.run)
     c.total_steps = 1_000_000
     c.log_every = 100
+    c.tensorboard = True        # False: console logs only (no TensorFlow import, about 6 s of CPU per process)
     c.eval_every = 5000
     c.eval_steps = 0            # 0: the whole held-out split (capped by data.eval_examples)
     c.image_every = 1000

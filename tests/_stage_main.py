@@ -251,6 +251,7 @@ def main(argv: list[str]) -> None:
     else:
         from transformer_jax.train import train
         config = gpt_config(data_dir, over.pop("first_stage.workdir"), **over)
+    config.tensorboard = False  # console logs only: these runs are compared by state, and skip TensorFlow's import
     res = train(config, a.workdir)
     np.savez(os.path.join(a.workdir, "final_state.npz"), **flat_state(res.state))
     with open(os.path.join(a.workdir, "done.json"), "w") as f:

@@ -7,7 +7,8 @@ One module fixture runs, in tests/_multihost_main.py processes:
   1. two processes: stage one, blocked after step 3 (checkpoint 2 written) -> SIGKILL process 1, then 0;
   2. two processes: stage one resumes from 2 and ends at 4; stage two (pre-encoding the photos with that
      VQGAN, each process its shard) blocks after step 3 -> SIGKILL process 0 (the coordinator), then 1;
-  3. two processes: stage two resumes from 2 and ends at 4;
+  3. two processes: stage two resumes from 2 and ends at 4, with the default writers (TensorBoard on process 0;
+     the other launches log to the console only);
   4. one process, 4 devices: both stages uninterrupted on the same photos; stage two reads the codes the
      two processes wrote, and the photos are also encoded again by this one process for comparison;
      alongside, the same on 1 device: how far two correct runs differ by float summation order alone.
@@ -151,7 +152,7 @@ def runs(tmp_path_factory):
         timings["launch 2"] = time.monotonic() - t
 
         t = time.monotonic()
-        logs_third = start("3", root, 2, "--stages", "gpt").finish()
+        logs_third = start("3", root, 2, "--stages", "gpt", "--tensorboard").finish()
         timings["launch 3"] = time.monotonic() - t
 
         t = time.monotonic()
@@ -222,11 +223,14 @@ def test_both_processes_resumed_from_the_checkpoint(runs):
 
 def test_eval_and_images_ran_across_processes(runs):
     """The end-of-run eval (sharded, masked) and the image grid ran in the two-process runs; every process
-    logs the same (global) eval numbers."""
+    logs the same (global) eval numbers, with console-only writers (second launch) and with the default
+    writers: TensorBoard on process 0, logging elsewhere (third launch)."""
     for logs, key in ((runs["logs_second"], "eval/psnr="), (runs["logs_third"], "eval/nll_bits_per_token=")):
         lines = [[ln for ln in out.splitlines() if key in ln] for out in logs]
         assert lines[0] and lines[0] == lines[1], lines
     assert (runs["root"] / "vq" / "images" / "reconstructions_00000004.png").is_file()
+    assert not list((runs["root"] / "vq").glob("events.out.tfevents*"))
+    assert list((runs["root"] / "gpt").glob("events.out.tfevents*"))
 
 
 def test_checkpoint_holds_each_process_data_position(runs):

@@ -17,7 +17,10 @@ from transformer_jax.sampling import _sampler, choose_tokens, decode_phases, dec
 def gpt():
     sd, manifest, data = golden("gpt_small")
     model, variables = from_mingpt(sd, 138, 65, 2, 4, 64)
-    prefix = jnp.asarray(data["input/idx"][:, :5], jnp.int32)
+    # Four rows (the golden input's three, and a fourth from its first row's later tokens): on 2 cores sample()
+    # decodes them as two equal row chunks, one compiled program, where three rows would compile two.
+    idx = data["input/idx"]
+    prefix = jnp.asarray(np.concatenate([idx[:, :5], idx[:1, 5:10]]), jnp.int32)
     return model, variables, prefix
 
 
@@ -116,7 +119,7 @@ def _full_model_loop(forward, variables, prefix, steps, uncond=None, scale=1.0, 
 def test_greedy_equals_full_model_loop(gpt, forward):
     model, variables, prefix = gpt
     out = sample(model, variables, prefix, 40, jax.random.key(0), top_k=1)
-    assert out.shape == (3, 40) and out.dtype == jnp.int32
+    assert out.shape == (4, 40) and out.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(out), _full_model_loop(forward, variables, prefix, 40))
 
 
@@ -179,7 +182,7 @@ def test_cache_phases_give_the_same_tokens(gpt, forward):
     # including an uneven split.
     model, variables, prefix = gpt
     _same_tokens_for_each(gpt, forward, "cache_phases", (3, 4), 40, sampled=4)
-    assert np.asarray(sample(model, variables, prefix, 1, jax.random.key(0), cache_phases=4)).shape == (3, 1)
+    assert np.asarray(sample(model, variables, prefix, 1, jax.random.key(0), cache_phases=4)).shape == (4, 1)
     # The default: phases only where the cache is a sizeable share of a step's reads, and never for short runs.
     assert decode_phases(model, 3, 44, 40) == 4 and decode_phases(model, 3, 14, 10) == 1
     assert decode_phases(GPT(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256), 4, 256, 256) == 4
@@ -216,7 +219,7 @@ def test_compiled_once_per_static_options(gpt):
     n = fn._cache_size()
     sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3, threads=1)
     assert _sampler(model, 8, 20, False, False, 1) is fn and fn._cache_size() == n == 1
-    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=3)  # three chunks of one row
+    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=4)  # four chunks of one row
     assert fn._cache_size() == 2
 
 

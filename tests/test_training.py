@@ -20,10 +20,8 @@ def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
 
 
-@pytest.fixture(scope="module")
-def logged_run(tmp_path_factory):
-    """One toy run with TensorBoard, eval and image summaries; its log records are captured."""
-    workdir = tmp_path_factory.mktemp("logged")
+def _run_logged(cfg, workdir, **kwargs):
+    """``run`` on the toy task with the absl log records (INFO and up) captured: (result, messages)."""
     records = []
 
     class Grab(pylogging.Handler):
@@ -36,12 +34,19 @@ def logged_run(tmp_path_factory):
     absl_logger.addHandler(handler)
     absl_logger.setLevel(pylogging.INFO)
     try:
-        cfg = toy_task.toy_config(total_steps=4, every=1)  # keep=2
-        res = run(cfg, workdir, toy_task.ToyTask(), toy_task.ToyLoader(16),
-                  eval_loader_factory=lambda: toy_task.eval_batches(16, 2))
+        res = run(cfg, workdir, toy_task.ToyTask(), toy_task.ToyLoader(16), **kwargs)
     finally:
         absl_logger.removeHandler(handler)
         absl_logger.setLevel(old_level)
+    return res, records
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """One toy run with TensorBoard, eval and image summaries; its log records are captured."""
+    workdir = tmp_path_factory.mktemp("logged")
+    res, records = _run_logged(toy_task.toy_config(total_steps=4, every=1),  # keep=2
+                               workdir, eval_loader_factory=lambda: toy_task.eval_batches(16, 2))
     return workdir, res, records
 
 
@@ -56,6 +61,14 @@ def test_run_writes_tensorboard_logs_images(logged_run):
     assert os.path.exists(png)
     assert os.path.exists(os.path.join(workdir, "config.json"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]  # keep=2 of 1..4
+
+
+def test_config_tensorboard_false_logs_to_the_console_only(tmp_path):
+    cfg = toy_task.toy_config(total_steps=2, every=100, tensorboard=False)
+    res, records = _run_logged(cfg, tmp_path, eval_loader_factory=lambda: toy_task.eval_batches(16, 2))
+    assert res.step == 2 and not glob.glob(os.path.join(tmp_path, "events.out.tfevents*"))
+    assert any(r.startswith("[2] ") and "train/loss=" in r for r in records), records[-20:]
+    assert any(r.startswith("[2] ") and "eval/" in r for r in records), records[-20:]
 
 
 def test_eval_is_masked_mean_over_examples(logged_run):
