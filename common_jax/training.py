@@ -34,6 +34,7 @@ from common_jax import metrics as mlib
 from common_jax.config_utils import check_config_compatible, config_to_dict, get
 from common_jax.mesh import (LOGICAL_AXIS_RULES, batch_sharding, fit_to_shapes, mesh_from_config, replicated,
                              shard_batch)
+from common_jax.quick_compile import quick_jit
 
 PyTree = Any
 
@@ -98,15 +99,12 @@ def state_shardings(task: Task, abstract_state: PyTree, mesh: jax.sharding.Mesh)
 def jit_init(init_state: Callable[[jax.Array], PyTree], out_shardings: Any = None) -> Callable[[jax.Array], PyTree]:
     """``init_state`` jitted (onto ``out_shardings`` when given) for the one call that makes a fresh state.
 
-    On CPU it compiles at XLA backend optimisation level 0. Nearly all of that compile is LLVM on one
-    threefry loop per initialiser, and the program runs once: configs/vqgan_tiny's init compiles in 5 s
-    instead of 13-16 s and runs in 0.09 s instead of 0.02 s. A value may differ from an optimised compile
-    in its last bit (6 of 584 leaves measured); every mesh and process compiles it the same way.
+    On CPU it compiles at XLA backend optimisation level 0 (:func:`common_jax.quick_compile.quick_jit`): nearly
+    all of that compile is LLVM on one threefry loop per initialiser, and the program runs once. A value may
+    differ from an optimised compile in its last bit (6 of 584 leaves of configs/vqgan_tiny measured); every
+    mesh and process compiles it the same way.
     """
-    kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
-    if jax.default_backend() == "cpu":
-        kwargs["compiler_options"] = {"xla_backend_optimization_level": 0}
-    return jax.jit(init_state, **kwargs)
+    return quick_jit(init_state, **({} if out_shardings is None else {"out_shardings": out_shardings}))
 
 
 # ------------------------------------------------------------------------------ gradient accumulation

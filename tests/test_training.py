@@ -201,3 +201,18 @@ def test_averager_and_progress():
     assert prog.update(20) == 2.0  # 10 steps in 5 s
     assert prog.eta_seconds(20) == 40.0
     assert "step 20/100 (20.0%)" in prog.line(20) and "ETA 0:00:40" in prog.line(20)
+
+
+def test_quick_jit_compiles_at_level_0_on_cpu_with_the_same_draws(monkeypatch):
+    from common_jax import quick_compile
+    seen = []
+    real_jit = jax.jit
+    monkeypatch.setattr(quick_compile.jax, "jit", lambda fn, **kw: seen.append(kw) or real_jit(fn, **kw))
+    draw = lambda key, n: jax.random.uniform(jax.random.fold_in(key, 3), (n, 2))  # noqa: E731
+    quick = quick_compile.quick_jit(draw, static_argnums=1)
+    np.testing.assert_array_equal(quick(jax.random.key(0), 5), real_jit(draw, static_argnums=1)(jax.random.key(0), 5))
+    assert quick(jax.random.key(1), 4).shape == (4, 2)
+    assert seen == [{"compiler_options": {"xla_backend_optimization_level": 0}, "static_argnums": 1}]  # built once
+    # Inside another jit: part of that program (a nested jit may not carry compiler options).
+    inner = real_jit(lambda key: quick(key, 5))(jax.random.key(0))
+    np.testing.assert_array_equal(inner, quick(jax.random.key(0), 5))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from common_jax.quick_compile import quick_jit
 from transformer_jax.gpt import GPT, even_bounds, init_cache, kernels_in_compute_dtype
 
 
@@ -98,14 +99,16 @@ def _uniform(key: jax.Array, batch: int) -> jax.Array:
     return jax.random.uniform(key, (batch, 1), jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def step_uniforms(rng: jax.Array, steps: int, batch: int) -> jax.Array:
+def _step_uniforms(rng: jax.Array, steps: int, batch: int) -> jax.Array:
     """(steps, batch, 1): row ``t`` holds the uniforms ``choose_tokens`` draws with ``fold_in(rng, t)``.
 
     Drawn for the whole batch before decoding, so a row's tokens do not depend on how the batch is split
-    into chunks (:func:`decode_threads`).
+    into chunks (:func:`decode_threads`). Compiled quickly (it runs once per call of a sampler, in under a ms).
     """
     return jax.vmap(lambda t: _uniform(jax.random.fold_in(rng, t), batch))(jnp.arange(steps))
+
+
+step_uniforms = quick_jit(_step_uniforms, static_argnums=(1, 2))
 
 
 def choose_with_uniform(logits: jax.Array, u: jax.Array, top_k: int | None = None,
