@@ -10,7 +10,8 @@ import pytest
 from seeded_weights import golden
 from transformer_jax.convert import from_mingpt
 from transformer_jax.gpt import GPT
-from transformer_jax.sampling import _sampler, choose_tokens, decode_phases, decode_threads, filter_logits, sample
+from transformer_jax.sampling import (_sampler, choose_tokens, decode_phases, decode_threads, filter_logits, row_chunks,
+                                      sample)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,17 @@ def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward, monkeypatch):
     # (each row keeps its own draws).
     model, variables, prefix = gpt
     _same_tokens_for_each(gpt, forward, "threads", (2, 3, 8), 24, sampled=2)
+    # Chunks share one size; where it does not divide the batch the last chunk overlaps the one before, and
+    # each row is returned once, with its own draws.
+    small = GPT(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256)
+    assert row_chunks(small, 3, 2) == [(0, 2), (1, 3)] and row_chunks(small, 5, 2) == [(0, 3), (2, 5)]
+    assert row_chunks(small, 5, 4) == [(0, 2), (2, 4), (3, 5)] and row_chunks(small, 4, 3) == [(0, 2), (2, 4)]
+    assert row_chunks(small, 3, 1) == [(0, 3)] and row_chunks(small, 3, 8) == [(0, 1), (1, 2), (2, 3)]
+    for kw in ({}, {"guidance_scale": 2.0, "uncond_prefix": jnp.full_like(prefix[:3], 7)}):
+        one, split = (np.asarray(sample(model, variables, prefix[:3], 21, jax.random.key(5), top_k=40, top_p=0.9,
+                                        threads=n, **kw)) for n in (1, 2))
+        assert split.shape == (3, 21)
+        np.testing.assert_array_equal(split, one)
     # Under jit (traced inputs) the batch stays one program.
     whole = np.asarray(sample(model, variables, prefix, 6, jax.random.key(5)))
     traced = jax.jit(lambda x: sample(model, variables, x, 6, jax.random.key(5), threads=2))(prefix)
@@ -163,7 +175,6 @@ def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward, monkeypatch):
     # The default: one chunk per core on CPU while the weights stay cached, never for one row or large models;
     # TAMING_JAX_DECODE_THREADS overrides it.
     monkeypatch.delenv("TAMING_JAX_DECODE_THREADS", raising=False)
-    small = GPT(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256)
     cores = len(os.sched_getaffinity(0))
     assert decode_threads(small, 4) == min(4, cores) and decode_threads(small, 1) == 1
     assert decode_threads(GPT(vocab_size=1024, block_size=257, n_layer=24, n_head=16, n_embd=1536), 4) == 1
@@ -219,8 +230,10 @@ def test_compiled_once_per_static_options(gpt):
     n = fn._cache_size()
     sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3, threads=1)
     assert _sampler(model, 8, 20, False, False, 1) is fn and fn._cache_size() == n == 1
-    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=4)  # four chunks of one row
+    sample(model, variables, prefix[:3], 8, jax.random.key(3), top_k=20, threads=2)  # rows 0-1 and 1-2: one size
     assert fn._cache_size() == 2
+    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=4)  # four chunks of one row
+    assert fn._cache_size() == 3
 
 
 def test_sample_argument_errors(gpt):

@@ -114,7 +114,8 @@ def test_larger_grid_logits_match_plain_loop(gpt, forward, spatial, options):
 
 @pytest.mark.parametrize("method", ["cached", "prefix"])
 def test_row_chunks_keep_each_rows_codes(gpt, method):
-    # Rows decoded as concurrent chunks (uneven: 2 + 1) draw what they draw in one program, spatially conditioned.
+    # Rows decoded as concurrent chunks (rows 0-1 and 1-2, row 1 kept once) draw what they draw in one program,
+    # spatially conditioned.
     model, v = gpt
     prefix = jnp.array([[1], [2], [3]], jnp.int32)
     cond = jax.random.randint(jax.random.key(9), (3, 6, 7), 0, 40)
