@@ -231,9 +231,10 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
     """Train ``task`` until ``config.total_steps`` (resuming from ``workdir`` if it holds a checkpoint).
 
     ``writer``: a clu-style metric writer (default: TensorBoard + logging on process 0, or logging only
-    with ``tensorboard=False``; default ``config.tensorboard``, else True). ``compat_prefixes``: config keys that must match the checkpoint's
-    config to resume. ``stop_after``: return after this many steps in this call (tests, debugging),
-    saving a checkpoint there. ``quiet_orbax``: hide orbax's INFO logs during the run.
+    with ``tensorboard=False``; ``tensorboard`` defaults to ``config.tensorboard``, else True).
+    ``compat_prefixes``: config keys that must match the checkpoint's config to resume. ``stop_after``:
+    return after this many steps in this call (tests, debugging), saving a checkpoint there.
+    ``quiet_orbax``: hide orbax's INFO logs during the run.
     Returns the final state (on the mesh) and the last metrics.
     """
     total = get(config, "total_steps")
