@@ -1,6 +1,7 @@
 """``jax.jit`` for programs whose compile time outweighs their run time (fresh states, random draws)."""
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import jax
@@ -16,14 +17,16 @@ def quick_jit(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
     backend is looked up at the first call, so importing a module that uses this does not start JAX's backend.
     Called inside another trace (``jit``, ``vmap``...) it is plain ``fn``, compiled as part of that program.
     """
-    compiled = []
+    built: list[Callable[..., Any]] = []
+    lock = threading.Lock()  # one jit wrapper (one compile cache), also when threads make their first calls together
 
     def call(*args: Any, **kwargs: Any) -> Any:
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
             return fn(*args, **kwargs)  # inside another trace: part of that program (options are top-level only)
-        if not compiled:
-            options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-            compiled.append(jax.jit(fn, compiler_options=options, **jit_kwargs))
-        return compiled[0](*args, **kwargs)
+        with lock:
+            if not built:
+                options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+                built.append(jax.jit(fn, compiler_options=options, **jit_kwargs))
+        return built[0](*args, **kwargs)
 
     return call
