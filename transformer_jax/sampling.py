@@ -217,7 +217,8 @@ def row_chunks(model: GPT, batch: int, threads: int | None, *inputs: Any) -> lis
     elif threads is None:
         threads = decode_threads(model, batch)
     size = -(-batch // max(1, min(threads, batch)))  # ceil
-    return [(min(start, batch - size), min(start, batch - size) + size) for start in range(0, batch, size)]
+    starts = [min(start, batch - size) for start in range(0, batch, size)]  # the last one may step back
+    return [(start, start + size) for start in starts]
 
 
 def run_row_chunks(run: Callable[[int, int], Any], rows: list[tuple[int, int]]) -> Any:
