@@ -135,6 +135,23 @@ def test_step_t_draws_with_fold_in_t(gpt, forward):
     assert len(np.unique(out)) > 5
 
 
+def test_vocab_limit_draws_only_ids_below_it(gpt, forward):
+    # Condition tokens after the codes (class, null) are no image codes: with vocab_limit the draws are those of
+    # the logits below it alone, with the same key contract.
+    model, variables, prefix = gpt
+    key, opts, limit = jax.random.key(11), dict(top_k=40, top_p=0.9, temperature=0.8), 100
+    free = np.asarray(sample(model, variables, prefix, 16, key, **opts))
+    assert free.max() >= limit  # this model does draw ids past the limit when free to
+    out = np.asarray(sample(model, variables, prefix, 16, key, vocab_limit=limit, **opts))
+    plain = _full_model_loop(forward, variables, prefix, 16,
+                             pick=lambda lg, t: choose_tokens(lg[:, :limit], jax.random.fold_in(key, t), **opts))
+    np.testing.assert_array_equal(out, plain)
+    assert out.max() < limit and len(np.unique(out)) > 5
+    for bad in (0, 139, True):
+        with pytest.raises(ValueError, match="vocab_limit must be"):
+            sample(model, variables, prefix, 4, key, vocab_limit=bad)
+
+
 def _same_tokens_for_each(gpt, forward, name, values, steps, sampled):
     """Greedy decoding with ``name=value`` equals the plain loop for each value, and sampling (guided or not) with
     ``name=sampled`` draws exactly the tokens of ``name=1``."""
@@ -225,11 +242,11 @@ def test_determinism_keys_and_guidance_scale_one(gpt):
 
 def test_compiled_once_per_static_options(gpt):
     model, variables, prefix = gpt
-    fn = _sampler(model, 8, 20, False, False, 1)
+    fn = _sampler(model, 8, 20, False, False, 1, None)
     sample(model, variables, prefix, 8, jax.random.key(0), top_k=20, temperature=0.7, threads=1)
     n = fn._cache_size()
     sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3, threads=1)
-    assert _sampler(model, 8, 20, False, False, 1) is fn and fn._cache_size() == n == 1
+    assert _sampler(model, 8, 20, False, False, 1, None) is fn and fn._cache_size() == n == 1
     sample(model, variables, prefix[:3], 8, jax.random.key(3), top_k=20, threads=2)  # rows 0-1 and 1-2: one size
     assert fn._cache_size() == 2
     sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=4)  # four chunks of one row

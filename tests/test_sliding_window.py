@@ -71,6 +71,24 @@ def test_window_sized_grid_equals_ordinary_sampling(gpt, method):
     assert len(np.unique(np.asarray(seq))) > 3
 
 
+def test_vocab_limit_draws_only_ids_below_it(gpt):
+    # As sample(vocab_limit=): on a window-sized grid the same codes, on a larger one only ids below the limit,
+    # each among the top 8 of the logits below it.
+    model, v = gpt
+    prefix, key, limit = jnp.array([[3], [7]], jnp.int32), jax.random.key(5), 25
+    grid = sample_sliding_window(model, v, (W, W), W, key, prefix=prefix, top_k=10, vocab_limit=limit)
+    seq = sample(model, v, prefix, W * W, key, top_k=10, vocab_limit=limit)
+    np.testing.assert_array_equal(np.asarray(grid).reshape(2, -1), np.asarray(seq))
+    grid, logits = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=8, vocab_limit=limit,
+                                         return_logits=True)
+    grid, logits = np.asarray(grid), np.asarray(logits)
+    assert grid.max() < limit and len(np.unique(grid)) > 5
+    top8 = np.argsort(-logits[..., :limit], axis=-1)[..., :8]
+    assert (top8 == grid[..., None]).any(-1).all()
+    with pytest.raises(ValueError, match="vocab_limit must be at most the model's vocab_size 40"):
+        sample_sliding_window(model, v, (4, 4), W, key, prefix=prefix, vocab_limit=41)
+
+
 def _reference_logits(forward, v, grid, prefix, cond_grid, i, j):
     """taming's loop body: crop the window (and the conditioning), run the full model on
     cond + patch[:-1], take the last w*w logits and pick (local_i, local_j)."""

@@ -13,7 +13,7 @@ from PIL import Image
 
 import _stage_main as stage
 from common_jax import datasets
-from configs import transformer_spatial_tiny, vqgan_segmentation_tiny, vqgan_tiny
+from configs import transformer_spatial_tiny, transformer_tiny, vqgan_segmentation_tiny, vqgan_tiny
 from paired_folder import make_paired_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +79,27 @@ def test_sampler_encodes_maps_and_samples_at_and_beyond_the_training_size(runs):
         sampler.sample_codes(jax.random.key(0), 1)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
         sampler.encode_condition(np.full((1, 32, 32), N_LABELS, np.int32))
+
+
+def test_class_conditional_sampler_draws_codebook_ids_only(runs):
+    # The demo's class-conditional vocabulary holds the 128 codes, then class and null tokens: an untrained GPT
+    # would draw those about 8% of the time, and they decode to no image (NaN before this check existed).
+    from flax.linen import meta
+
+    from transformer_jax.gpt import init_variables
+    from transformer_jax.sampler import Sampler
+    from transformer_jax.train import gpt_from_config
+    from vqgan_jax.pretrained import load_vqgan
+    c = transformer_tiny.get_config()
+    gpt = gpt_from_config(c.gpt)
+    vq, vq_vars, _ = load_vqgan(str(runs["root"] / "vq"))
+    sampler = Sampler(gpt, meta.unbox(init_variables(gpt, jax.random.key(0))), vq, vq_vars, c.cond, (8, 8))
+    assert sampler.n_codes == 128 < gpt.vocab_size
+    codes = np.asarray(sampler.sample_codes(jax.random.key(0), 4, labels=np.arange(4)))
+    assert codes.shape == (4, 8, 8) and 0 <= codes.min() and codes.max() < 128 and len(np.unique(codes)) > 50
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 128\) \(the first-stage codebook\), found range "
+                                         r"\[\d+, 137\]"):
+        sampler.decode(np.where(codes == codes[0, 0, 0], 137, codes))
 
 
 def test_sample_launcher_with_a_label_map(runs, tmp_path):

@@ -35,6 +35,11 @@ class Sampler:
         self.gpt, self.gpt_vars, self.vqgan, self.vq_vars = gpt, gpt_vars, vqgan, vq_vars
         self.cond, self.grid = cond, tuple(int(g) for g in code_grid)
         cond_lib.check_cond_config(cond, gpt.vocab_size)
+        if vqgan.n_embed > gpt.vocab_size:
+            raise ValueError(f"the first-stage codebook ({vqgan.n_embed} codes) exceeds the GPT's vocab_size "
+                             f"{gpt.vocab_size}")
+        # Image positions draw codes only: ids past the codebook (class or null tokens) decode to nothing.
+        self.n_codes = int(vqgan.n_embed)
         self._decode = jax.jit(lambda v, c: vqgan.apply(v, c, method="decode_code"))
         self.cond_stage = cond_stage
         self._encode_cond: Callable[[np.ndarray], jax.Array] | None = None
@@ -113,10 +118,16 @@ class Sampler:
             uncond = cond_lib.null_tokens(self.cond, prefix)
         steps = self.grid[0] * self.grid[1]
         codes = sample(self.gpt, self.gpt_vars, prefix, steps, rng, top_k=top_k, top_p=top_p,
-                       temperature=temperature, guidance_scale=guidance_scale, uncond_prefix=uncond)
+                       temperature=temperature, guidance_scale=guidance_scale, uncond_prefix=uncond,
+                       vocab_limit=self.n_codes)
         return codes.reshape(n, *self.grid)
 
     def decode(self, codes: jax.Array) -> np.ndarray:
+        """(n, h, w) first-stage codes -> uint8 NHWC images."""
+        codes = np.asarray(codes)
+        if codes.size and (codes.min() < 0 or codes.max() >= self.n_codes):
+            raise ValueError(f"codes must be in [0, {self.n_codes}) (the first-stage codebook), found range "
+                             f"[{codes.min()}, {codes.max()}]")
         return to_uint8(self._decode(self.vq_vars, jnp.asarray(codes, jnp.int32)))
 
     # -- images ----------------------------------------------------------------------------------
@@ -189,5 +200,6 @@ class Sampler:
         else:
             prefix, cond_grid = self._prefix(n, labels, None), None
         codes = sample_sliding_window(self.gpt, self.gpt_vars, (h, w), self.grid[0], rng, prefix=prefix,
-                                      cond_grid=cond_grid, top_k=top_k, top_p=top_p, temperature=temperature)
+                                      cond_grid=cond_grid, top_k=top_k, top_p=top_p, temperature=temperature,
+                                      vocab_limit=self.n_codes)
         return self.decode(codes)

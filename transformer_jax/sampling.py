@@ -112,8 +112,12 @@ step_uniforms = quick_jit(_step_uniforms, static_argnums=(1, 2))
 
 
 def choose_with_uniform(logits: jax.Array, u: jax.Array, top_k: int | None = None,
-                        top_p: Any | None = None, temperature: Any = 1.0) -> jax.Array:
-    """:func:`choose_tokens` given its (B, 1) uniforms in [0, 1) instead of a key."""
+                        top_p: Any | None = None, temperature: Any = 1.0,
+                        vocab_limit: int | None = None) -> jax.Array:
+    """:func:`choose_tokens` given its (B, 1) uniforms in [0, 1) instead of a key; with ``vocab_limit``, only
+    ids below it are candidates (their logits alone are filtered and normalised)."""
+    if vocab_limit is not None:
+        logits = logits[..., :vocab_limit]
     if top_k == 1:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     vals, ids = _candidates(logits, top_k, top_p, temperature)
@@ -241,7 +245,8 @@ def _grow_cache(cache: Any, length: int) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided: bool, phases: int = 1):
+def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided: bool, phases: int = 1,
+             vocab_limit: int | None = None):
     """The jitted sampling program for one (model, static options); jit caches per input shape.
 
     The steps after the prefill run as ``phases`` loops (1 to max(1, steps - 1)); phase k's cache holds only
@@ -261,7 +266,7 @@ def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided:
         def pick(logits, t):
             if guided:
                 logits = guided_logits(logits[:b], logits[b:], scale)
-            return choose_with_uniform(logits, u[t], top_k, tp, temperature)
+            return choose_with_uniform(logits, u[t], top_k, tp, temperature, vocab_limit)
 
         logits, cache = model.apply(variables, tokens, cache, 0, method=GPT.decode)
         out = jnp.zeros((b, steps), jnp.int32).at[:, 0].set(pick(logits[:, -1], 0))
@@ -281,6 +286,13 @@ def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided:
     return jax.jit(run)
 
 
+def check_vocab_limit(vocab_limit: Any, vocab_size: int) -> None:
+    """``vocab_limit`` of the samplers: None or an int in [1, vocab_size]."""
+    _check_optional_positive_int("vocab_limit", vocab_limit)
+    if vocab_limit is not None and vocab_limit > vocab_size:
+        raise ValueError(f"vocab_limit must be at most the model's vocab_size {vocab_size}, got {vocab_limit}")
+
+
 def _check_tokens(name: str, x: Any, vocab_size: int) -> jax.Array:
     if not hasattr(x, "shape") or len(x.shape) != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"{name} must be (batch, length) integer token ids, got "
@@ -298,7 +310,8 @@ def _check_tokens(name: str, x: Any, vocab_size: int) -> jax.Array:
 def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.Array,
            top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
            guidance_scale: float | None = None, uncond_prefix: jax.Array | None = None,
-           cache_phases: int | None = None, threads: int | None = None) -> jax.Array:
+           cache_phases: int | None = None, threads: int | None = None,
+           vocab_limit: int | None = None) -> jax.Array:
     """Sample ``steps`` tokens after ``prefix`` (B, P) -> (B, steps) int32, in one jitted program.
 
     ``top_k=1`` decodes greedily. Classifier-free guidance: give ``guidance_scale`` and an
@@ -310,8 +323,12 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     numbers for each row, so tokens are equal up to float rounding (on CPU products of up to 4 rows run a
     row at a time, :func:`transformer_jax.gpt.matmul`; a matmul over more rows may round a logit
     differently from one over fewer, which can flip a near-tie).
+
+    ``vocab_limit``: draw only ids below it, e.g. the first-stage codebook size when the vocabulary also
+    holds condition tokens (class or null tokens after the codes), which are no image codes.
     """
     _check_options(top_k, top_p, temperature)
+    check_vocab_limit(vocab_limit, model.vocab_size)
     prefix = _check_tokens("prefix", prefix, model.vocab_size)
     _check_positive_int("steps", steps)
     b, p = prefix.shape
@@ -335,7 +352,7 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     if cache_phases is None:
         cache_phases = decode_phases(model, (rows[0][1] - rows[0][0]) * (2 if guided else 1), p + steps - 1, steps)
     # At most one phase per decoded step, so counts that act alike share one compiled program.
-    fn = _sampler(model, steps, top_k, top_p is not None, guided, max(1, min(cache_phases, steps - 1)))
+    fn = _sampler(model, steps, top_k, top_p is not None, guided, max(1, min(cache_phases, steps - 1)), vocab_limit)
     u = step_uniforms(rng, steps, b)
     scalars = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
                jnp.float32(1.0 if guidance_scale is None else guidance_scale))

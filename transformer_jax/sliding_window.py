@@ -28,7 +28,8 @@ from jax import lax
 
 from transformer_jax.gpt import GPT, init_cache, kernels_in_compute_dtype
 from transformer_jax.sampling import (_check_optional_positive_int, _check_options, _check_positive_int, _check_tokens,
-                                      choose_with_uniform, row_chunks, run_row_chunks, step_uniforms)
+                                      check_vocab_limit, choose_with_uniform, row_chunks, run_row_chunks,
+                                      step_uniforms)
 
 # Default memory for the cached method's window caches; fewer slots than window columns are shared
 # round-robin (still exact, more recomputation).
@@ -65,7 +66,7 @@ def _crop(g: jax.Array, i0: Any, j0: Any, w: int) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: int | None,
-                     use_top_p: bool, buckets: int | None, return_logits: bool):
+                     use_top_p: bool, buckets: int | None, return_logits: bool, vocab_limit: int | None):
     w = window
 
     def run(variables, prefix, cond_grid, u, temperature, top_p):
@@ -90,7 +91,7 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
                 # Input position n_ctx - 1 + li*w + lj predicts window position (li, lj).
                 h = lax.dynamic_slice_in_dim(h, n_ctx - 1 + li * w + lj, 1, axis=1)
                 logits = model.apply(variables, h, method=GPT.logits_from_features)[:, 0]
-                tok = choose_with_uniform(logits, u[p], top_k, tp, temperature)
+                tok = choose_with_uniform(logits, u[p], top_k, tp, temperature, vocab_limit)
                 grid = lax.dynamic_update_slice(grid, tok[:, None, None], (0, i, j))
                 if return_logits:
                     logits_all = lax.dynamic_update_slice(logits_all, logits[:, None, None], (0, i, j, 0))
@@ -108,7 +109,7 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
 
 @functools.lru_cache(maxsize=32)
 def _cached_sampler(model: GPT, height: int, width: int, window: int, top_k: int | None,
-                    use_top_p: bool, slots: int, chunk: int, return_logits: bool):
+                    use_top_p: bool, slots: int, chunk: int, return_logits: bool, vocab_limit: int | None):
     w = window
 
     def run(variables, prefix, cond_grid, u, temperature, top_p):
@@ -163,7 +164,7 @@ def _cached_sampler(model: GPT, height: int, width: int, window: int, top_k: int
                                             caches, cache)
             owner = owner.at[slot].set(jnp.stack([r0, c0]))
             filled = filled.at[slot].set(q + 1)
-            tok = choose_with_uniform(logits, u[p], top_k, tp, temperature)
+            tok = choose_with_uniform(logits, u[p], top_k, tp, temperature, vocab_limit)
             grid = lax.dynamic_update_slice(grid, tok[:, None, None], (0, i, j))
             if return_logits:
                 logits_all = lax.dynamic_update_slice(logits_all, logits[:, None, None], (0, i, j, 0))
@@ -182,8 +183,8 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
                           top_p: float | None = None, temperature: float = 1.0,
                           method: str = "cached", buckets: int | None = 4,
                           cache_slots: int | None = None, chunk: int | None = None,
-                          return_logits: bool = False, threads: int | None = None
-                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
+                          return_logits: bool = False, threads: int | None = None,
+                          vocab_limit: int | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sample an (H, W) code grid with a ``window`` x ``window`` sliding window -> (B, H, W) int32.
 
     Conditioning tokens: ``prefix`` (B, P) (e.g. SOS or class token, prepended unchanged) and/or
@@ -200,9 +201,10 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     (least compute, up to ``window`` loops to compile), ``1`` always runs the full window.
     ``return_logits`` also returns the logits used at every position (B, H, W, vocab), for checking.
     ``threads``: as in :func:`transformer_jax.sampling.sample` (on CPU, row chunks of the batch run as
-    concurrent programs).
+    concurrent programs), and ``vocab_limit`` (draw only ids below it).
     """
     _check_options(top_k, top_p, temperature)
+    check_vocab_limit(vocab_limit, model.vocab_size)
     h, wd = (int(s) for s in shape)
     _check_positive_int("window", window)
     if h < window or wd < window:
@@ -242,9 +244,9 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
                       * jnp.dtype(model.dtype).itemsize)
         slots = min(cache_slots or max(1, CACHE_BYTES_BUDGET // slot_bytes), wd - window + 1)
         fn = _cached_sampler(model, h, wd, window, top_k, top_p is not None, slots, chunk or window,
-                             return_logits)
+                             return_logits, vocab_limit)
     else:
-        fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits)
+        fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits, vocab_limit)
     rows = row_chunks(model, batch, threads, variables, prefix, cond_grid, rng, temperature, top_p)
     u = step_uniforms(rng, h * wd, batch)  # position p draws u[p], the numbers fold_in(rng, p) gives
     scalars = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
