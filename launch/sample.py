@@ -4,11 +4,11 @@
     python -m launch.sample --workdir=runs/gpt --out=pano --width=1280 --height=464   # sliding window
     python -m launch.sample --workdir=runs/sflckr --out=scene --segmentation=map.png   # spatial conditioning
 
-Writes one PNG grid per class (or one grid for unconditional models) and, with --width/--height larger than
-the training size, high-resolution images made by sliding-window sampling. A spatially conditioned model takes
-a label map (--segmentation: a single-channel PNG of class ids): at the training size it writes a grid of
---per_class samples for that map, larger maps give one sliding-window image of the map's size; the map itself
-is written beside them in palette colours.
+Writes one PNG grid per class (or one grid for unconditional models), or, with --width/--height, images of that
+size made by sliding-window sampling (one per --classes entry, class 0 by default; no --guidance_scale there).
+A spatially conditioned model takes a label map (--segmentation: a single-channel PNG of class ids): at the
+training size it writes a grid of --per_class samples for that map, larger maps give one sliding-window image of
+the map's size; the map itself is written beside them in palette colours.
 """
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "samples per compiled batch")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
+def _without_guidance(opts: dict, where: str) -> dict:
+    """``opts`` for the sliding window, which has no classifier-free guidance: a scale given is an error, not
+    silently dropped."""
+    if opts.get("guidance_scale") is not None:
+        raise ValueError(f"--guidance_scale: {where} has no classifier-free guidance; leave it at 0")
+    return {k: v for k, v in opts.items() if k != "guidance_scale"}
+
+
 def write_class_grids(sampler, out: str, per_class: int, classes: list[int], opts: dict, seed: int,
                       batch_size: int) -> list[str]:
     rng = jax.random.key(seed)
@@ -51,7 +59,6 @@ def write_class_grids(sampler, out: str, per_class: int, classes: list[int], opt
             save_png(path, image_grid(images[k * per_class:(k + 1) * per_class], min(per_class, 8)))
             paths.append(path)
     else:
-        opts = {k: v for k, v in opts.items() if k != "guidance_scale"}
         images = sampler.sample(rng, per_class, batch_size=batch_size, **opts)
         path = os.path.join(out, "samples.png")
         save_png(path, image_grid(images, min(per_class, 8)))
@@ -64,7 +71,7 @@ def write_large(sampler, out: str, height: int, width: int, classes: list[int], 
     f = sampler.vqgan.downsample_factor
     if height % f or width % f:
         raise ValueError(f"--height/--width must be multiples of the stage-one factor {f}, got {height}x{width}")
-    opts = {k: v for k, v in opts.items() if k != "guidance_scale"}
+    opts = _without_guidance(opts, "sliding-window sampling (--height/--width)")
     paths = []
     for c in (classes or [0]) if sampler.cond.kind == "class" else [None]:
         labels = None if c is None else np.asarray([c], np.int32)
@@ -91,11 +98,13 @@ def write_spatial(sampler, out: str, seg_path: str, per_class: int, opts: dict, 
     if h % f or w % f:
         raise ValueError(f"--segmentation {seg_path} is {h}x{w}; both sides must be multiples of the stage-one "
                          f"factor {f}")
-    opts = {k: v for k, v in opts.items() if k != "guidance_scale"}
+    at_size = (h // f, w // f) == sampler.grid
+    if not at_size:
+        opts = _without_guidance(opts, f"sliding-window sampling (a {h}x{w} label map, not the training size)")
     cond = np.asarray(sampler.encode_condition(seg[None]))
     paths = [os.path.join(out, "segmentation.png")]
     save_png(paths[0], np.asarray(label_palette(sampler.cond_stage[2]))[seg])
-    if (h // f, w // f) == sampler.grid:
+    if at_size:
         images = sampler.sample(jax.random.key(seed), per_class, batch_size=batch_size,
                                 cond_codes=np.repeat(cond, per_class, axis=0), **opts)
         paths.append(os.path.join(out, "samples.png"))

@@ -100,6 +100,15 @@ def test_class_conditional_sampler_draws_codebook_ids_only(runs):
     with pytest.raises(ValueError, match=r"codes must be in \[0, 128\) \(the first-stage codebook\), found range "
                                          r"\[\d+, 137\]"):
         sampler.decode(np.where(codes == codes[0, 0, 0], 137, codes))
+    # Guidance: the sliding window has none (an error, not a dropped flag), and a model trained without condition
+    # dropout has no unconditional branch.
+    from launch.sample import write_large
+    with pytest.raises(ValueError, match="--guidance_scale: sliding-window sampling .* has no classifier-free"):
+        write_large(sampler, str(runs["root"] / "large"), 32, 64, [], {"guidance_scale": 2.0}, 0)
+    c.cond.cfg_dropout = 0.0
+    no_dropout = Sampler(gpt, sampler.gpt_vars, vq, vq_vars, c.cond, (8, 8))
+    with pytest.raises(ValueError, match=r"guidance_scale needs a model trained with condition dropout"):
+        no_dropout.sample_codes(jax.random.key(0), 2, labels=np.arange(2), guidance_scale=2.0)
 
 
 def test_sample_launcher_with_a_label_map(runs, tmp_path):
@@ -115,9 +124,11 @@ def test_sample_launcher_with_a_label_map(runs, tmp_path):
         write_spatial(sampler, str(tmp_path / "none"), str(tmp_path / "missing.png"), 2, {}, 0, 2)
     with pytest.raises(ValueError, match="disagree with --segmentation"):
         write_spatial(sampler, str(tmp_path / "none"), str(seg_png), 2, {}, 0, 2, height=64, width=64)
-    # The command line, on a map twice as wide as the training size: one sliding-window image.
     wide_png = tmp_path / "wide.png"
     Image.fromarray(np.concatenate([np.asarray(Image.open(seg_png))] * 2, axis=1), mode="L").save(wide_png)
+    with pytest.raises(ValueError, match=r"--guidance_scale: sliding-window sampling \(a 32x64 label map"):
+        write_spatial(sampler, str(tmp_path / "none"), str(wide_png), 2, {"guidance_scale": 2.0}, 0, 2)
+    # The command line, on a map twice as wide as the training size: one sliding-window image.
     p = subprocess.run([sys.executable, "-m", "launch.sample", f"--workdir={runs['root'] / 'gpt'}",
                         f"--out={tmp_path / 'wide'}", f"--segmentation={wide_png}"], cwd=REPO,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)

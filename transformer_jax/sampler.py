@@ -115,6 +115,10 @@ class Sampler:
         if guidance_scale is not None:
             if self.cond.kind == "unconditional":
                 raise ValueError("guidance_scale needs a conditional model")
+            if not self.cond.cfg_dropout > 0:
+                # The null prefix is then a token the model never saw in that role: no unconditional branch.
+                raise ValueError("guidance_scale needs a model trained with condition dropout (cond.cfg_dropout > 0); "
+                                 f"this one has cond.cfg_dropout={self.cond.cfg_dropout}")
             uncond = cond_lib.null_tokens(self.cond, prefix)
         steps = self.grid[0] * self.grid[1]
         codes = sample(self.gpt, self.gpt_vars, prefix, steps, rng, top_k=top_k, top_p=top_p,
