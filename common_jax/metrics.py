@@ -4,8 +4,8 @@ Shared by both training stages and the samplers. Only process 0 writes anything 
 """
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import time
 from typing import Any, Iterable, Iterator, Mapping, TypeVar
 
@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging as absl_logging
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -188,6 +187,19 @@ class Progress:
             return float("nan")
         return max(self.total - done, 0) / self.rate
 
+    def log(self, done: int, every_secs: float = 10.0) -> None:
+        """Show :meth:`line` (process 0) at most every ``every_secs`` and once ``done`` reaches the total; the
+        rate shown is over the interval since the previous line. Through absl where it shows INFO (the launch
+        scripts), else on stderr: a plain Python session hides INFO logs."""
+        if done < self.total and self._clock() - self._t_last < every_secs:
+            return
+        self.update(done)
+        if jax.process_index() == 0:
+            if absl_logging.level_info():
+                absl_logging.info("%s", self.line(done))
+            else:
+                print(self.line(done), file=sys.stderr, flush=True)
+
     def line(self, done: int) -> str:
         pct = 100.0 * done / max(self.total, 1)
         eta = self.eta_seconds(done)
@@ -201,12 +213,6 @@ def progress_iter(iterable: Iterable[T], total: int, desc: str = "batch",
                   every_secs: float = 10.0) -> Iterator[T]:
     """Yield from ``iterable`` and log a progress line with ETA at most every ``every_secs`` (process 0)."""
     prog = Progress(total, desc=desc)
-    last = time.monotonic()
     for i, item in enumerate(iterable):
         yield item
-        now = time.monotonic()
-        if now - last >= every_secs or i + 1 == total:
-            prog.update(i + 1)
-            last = now
-            if jax.process_index() == 0:
-                log.info("%s", prog.line(i + 1))
+        prog.log(i + 1, every_secs)

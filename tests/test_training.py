@@ -203,6 +203,36 @@ def test_averager_and_progress():
     assert "step 20/100 (20.0%)" in prog.line(20) and "ETA 0:00:40" in prog.line(20)
 
 
+def test_progress_log_is_throttled_and_shown(caplog, capsys):
+    # What progress_iter (code encoding) and Sampler.sample (images) show: a line at most every every_secs and one
+    # at the total; through absl where it shows INFO (the launch scripts), else on stderr (a plain session).
+    from absl import logging as absl_logging
+
+    def shown_lines() -> tuple[list[str], list[str]]:
+        t = [0.0]
+        prog = mlib.Progress(total=5, desc="image", clock=lambda: t[0])
+        caplog.clear()
+        with caplog.at_level(pylogging.INFO):
+            for done, dt in ((1, 4.0), (2, 7.0), (3, 1.0), (5, 1.0)):
+                t[0] += dt
+                prog.log(done, every_secs=10.0)
+        return capsys.readouterr().err.splitlines(), [r.getMessage() for r in caplog.records if r.name == "absl"]
+
+    before = absl_logging.get_verbosity()
+    try:
+        absl_logging.set_verbosity(absl_logging.WARNING)     # a plain script: absl hides INFO
+        err, logged = shown_lines()
+        absl_logging.set_verbosity(absl_logging.INFO)        # under absl.app
+        err_app, logged_app = shown_lines()
+    finally:
+        absl_logging.set_verbosity(before)
+    assert logged == [] and err_app == []
+    for lines in (err, logged_app):
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("image 2/5 (40.0%) 0.182 images/s elapsed 0:00:11")   # 2 images in 11 s
+        assert lines[1].startswith("image 5/5 (100.0%) 1.5 images/s elapsed 0:00:13")    # 3 more in the last 2 s
+
+
 def test_quick_jit_compiles_at_level_0_on_cpu_with_the_same_draws(monkeypatch):
     from common_jax import quick_compile
     seen = []

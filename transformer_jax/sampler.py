@@ -147,6 +147,8 @@ class Sampler:
         sampling, as the paper's classifier-based selection); drawing continues until ``n`` are accepted
         or ``max_batches`` (default 10x the batches needed) is reached. ``last_accept_rate`` tells the
         fraction accepted.
+
+        ``progress``: log the images done, their rate and the ETA (absl INFO, at most every 10 s and at the end).
         """
         if n < 1 or batch_size < 1:
             raise ValueError(f"n and batch_size must be >= 1, got {n}, {batch_size}")
@@ -159,7 +161,7 @@ class Sampler:
                 raise ValueError(f"got {len(cond_codes)} cond_codes for {n} samples")
         need = -(-n // batch_size)
         max_batches = max_batches or (need if classifier is None else 10 * need)
-        prog = Progress(need, desc="sample batch") if progress else None
+        prog = Progress(n, desc="image") if progress else None
         result: list[np.ndarray | None] = [None] * n
         pending = list(range(n))            # wanted samples not filled yet, in order
         drawn = accepted = b = 0
@@ -182,7 +184,7 @@ class Sampler:
                     pending.remove(idx[j])
             b += 1
             if prog is not None:
-                prog.update(min(b, need))
+                prog.log(n - len(pending))
         if classifier is not None:
             self.last_accept_rate = accepted / max(drawn, 1)
         if pending:
