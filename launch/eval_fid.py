@@ -108,14 +108,13 @@ def eval_samples(workdir: str) -> dict:
     if not _TRANSFORMER.value:
         raise ValueError("--transformer_workdir is required in samples mode")
     opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
+    sampler = Sampler.from_workdirs(_TRANSFORMER.value)
+    sampler.check_guidance(opts["guidance_scale"])    # before the reference statistics, not after them
     features = _inception(_INCEPTION.value)
     mu_r, sigma_r, ref = reference_stats(workdir, features)
-    sampler = Sampler.from_workdirs(_TRANSFORMER.value)
+    labels = None
     if sampler.cond.kind == "class":
         labels = np.repeat(np.arange(sampler.cond.n_classes, dtype=np.int32), _PER_CLASS.value)
-    else:
-        labels = None
-        opts.pop("guidance_scale")
     n = len(labels) if labels is not None else _NUM_SAMPLES.value
     num_chunks = -(-n // _CHUNK.value)
     chunk_dir = os.path.join(workdir, "sample_chunks")

@@ -95,3 +95,19 @@ def test_missing_inception_weights_is_one_line(setup, tmp_path):
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "none.npz" in last, p.stderr[-2000:]
+
+
+def test_guidance_on_a_model_without_condition_dropout_fails_before_any_work(setup, tmp_path):
+    tmp, name = setup
+    gpt = transformer_tiny.get_config()
+    gpt.first_stage.workdir = str(tmp / "vq")
+    gpt.cond.cfg_dropout = 0.0
+    write_workdir(TransformerTask(gpt), gpt, str(tmp_path / "gpt"))
+    p = subprocess.run([sys.executable, "-m", "launch.eval_fid", "--mode=samples", f"--workdir={tmp_path}/fid",
+                        f"--transformer_workdir={tmp_path}/gpt", f"--inception_weights={tmp}/inception.npz",
+                        f"--data_dir={tmp}/data", f"--dataset={name}", "--guidance_scale=2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "cond.cfg_dropout=0.0" in last, p.stderr[-2000:]
+    assert not (tmp_path / "fid" / "ref_stats_state.npz").exists()   # checked before the reference statistics

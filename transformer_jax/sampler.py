@@ -104,6 +104,17 @@ class Sampler:
             batch["cond_codes"] = np.asarray(cond_codes, np.int32).reshape(n, -1)
         return cond_lib.cond_tokens(self.cond, batch, n)
 
+    def check_guidance(self, guidance_scale: float | None) -> None:
+        """Raise unless this model supports classifier-free guidance (or ``guidance_scale`` is None)."""
+        if guidance_scale is None:
+            return
+        if self.cond.kind == "unconditional":
+            raise ValueError("guidance_scale needs a conditional model; this one is unconditional")
+        if not self.cond.cfg_dropout > 0:
+            # The null prefix is then a token the model never saw in that role: no unconditional branch.
+            raise ValueError("guidance_scale needs a model trained with condition dropout (cond.cfg_dropout > 0); "
+                             f"this one has cond.cfg_dropout={self.cond.cfg_dropout}")
+
     # -- codes -----------------------------------------------------------------------------------
     def sample_codes(self, rng: jax.Array, n: int, labels: np.ndarray | None = None,
                      cond_codes: np.ndarray | None = None, top_k: int | None = None,
@@ -112,13 +123,8 @@ class Sampler:
         """(n, h, w) int32 codes of one batch."""
         prefix = self._prefix(n, labels, cond_codes)
         uncond = None
+        self.check_guidance(guidance_scale)
         if guidance_scale is not None:
-            if self.cond.kind == "unconditional":
-                raise ValueError("guidance_scale needs a conditional model")
-            if not self.cond.cfg_dropout > 0:
-                # The null prefix is then a token the model never saw in that role: no unconditional branch.
-                raise ValueError("guidance_scale needs a model trained with condition dropout (cond.cfg_dropout > 0); "
-                                 f"this one has cond.cfg_dropout={self.cond.cfg_dropout}")
             uncond = cond_lib.null_tokens(self.cond, prefix)
         steps = self.grid[0] * self.grid[1]
         codes = sample(self.gpt, self.gpt_vars, prefix, steps, rng, top_k=top_k, top_p=top_p,
