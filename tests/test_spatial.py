@@ -77,6 +77,8 @@ def test_sampler_encodes_maps_and_samples_at_and_beyond_the_training_size(runs):
     assert big.shape == (1, 32, 64, 3)
     with pytest.raises(ValueError, match="pass cond_codes"):
         sampler.sample_codes(jax.random.key(0), 1)
+    with pytest.raises(ValueError, match="labels are for class-conditional models; this one is spatial"):
+        sampler.sample_codes(jax.random.key(0), 1, labels=np.zeros(1), cond_codes=cond)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
         sampler.encode_condition(np.full((1, 32, 32), N_LABELS, np.int32))
 
@@ -95,6 +97,8 @@ def test_class_conditional_sampler_draws_codebook_ids_only(runs):
     vq, vq_vars, _ = load_vqgan(str(runs["root"] / "vq"))
     sampler = Sampler(gpt, meta.unbox(init_variables(gpt, jax.random.key(0))), vq, vq_vars, c.cond, (8, 8))
     assert sampler.n_codes == 128 < gpt.vocab_size
+    with pytest.raises(ValueError, match="cond_codes are for spatially conditioned models; this one is class"):
+        sampler.sample_codes(jax.random.key(0), 1, labels=np.zeros(1), cond_codes=np.zeros((1, 8, 8)))
     codes = np.asarray(sampler.sample_codes(jax.random.key(0), 4, labels=np.arange(4)))
     assert codes.shape == (4, 8, 8) and 0 <= codes.min() and codes.max() < 128 and len(np.unique(codes)) > 50
     with pytest.raises(ValueError, match=r"codes must be in \[0, 128\) \(the first-stage codebook\), found range "

@@ -85,12 +85,21 @@ class Sampler:
         return self._encode_cond(seg)
 
     # -- prefixes --------------------------------------------------------------------------------
+    def _check_unused_conditions(self, labels: Any, cond_codes: Any) -> None:
+        """A condition the model does not take is an error, not silently ignored."""
+        kind = self.cond.kind
+        if labels is not None and kind != "class":
+            raise ValueError(f"labels are for class-conditional models; this one is {kind}")
+        if cond_codes is not None and kind != "spatial":
+            raise ValueError(f"cond_codes are for spatially conditioned models; this one is {kind}")
+
     def _prefix(self, n: int, labels: np.ndarray | None, cond_codes: np.ndarray | None) -> jax.Array:
         kind = self.cond.kind
         if kind == "class" and labels is None:
             raise ValueError("this model is class-conditional: pass labels (one per sample)")
         if kind == "spatial" and cond_codes is None:
             raise ValueError("this model is spatially conditioned: pass cond_codes (n, h, w)")
+        self._check_unused_conditions(labels, cond_codes)
         batch = {}
         if labels is not None:
             labels = np.asarray(labels, np.int32).reshape(-1)
@@ -208,9 +217,10 @@ class Sampler:
         if self.cond.kind == "spatial":
             if cond_codes is None:
                 raise ValueError("this model is spatially conditioned: pass cond_codes (n, h, w)")
+            self._check_unused_conditions(labels, None)
             prefix, cond_grid = None, jnp.asarray(cond_codes, jnp.int32)
         else:
-            prefix, cond_grid = self._prefix(n, labels, None), None
+            prefix, cond_grid = self._prefix(n, labels, cond_codes), None
         codes = sample_sliding_window(self.gpt, self.gpt_vars, (h, w), self.grid[0], rng, prefix=prefix,
                                       cond_grid=cond_grid, top_k=top_k, top_p=top_p, temperature=temperature,
                                       vocab_limit=self.n_codes)
