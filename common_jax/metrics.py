@@ -173,6 +173,7 @@ class Progress:
         self._t0, self._n0 = clock(), int(start)
         self._t_last, self._n_last = self._t0, int(start)
         self.rate = float("nan")
+        self._started = False   # log() has seen its first item
 
     def update(self, done: int) -> float:
         now = self._clock()
@@ -188,9 +189,14 @@ class Progress:
         return max(self.total - done, 0) / self.rate
 
     def log(self, done: int, every_secs: float = 10.0) -> None:
-        """Show :meth:`line` (process 0) at most every ``every_secs`` and once ``done`` reaches the total; the
-        rate shown is over the interval since the previous line. Through absl where it shows INFO (the launch
+        """Show :meth:`line` (process 0) at most every ``every_secs`` after the first call and once ``done``
+        reaches the total; the rate shown is over the interval since the previous call that updated it (the
+        first call only starts it, so compilation stays out). Through absl where it shows INFO (the launch
         scripts), else on stderr: a plain Python session hides INFO logs."""
+        if not self._started and done < self.total:
+            self._started = True
+            self.update(done)    # the first item (compilation) sets the start of the rate, silently
+            return
         if done < self.total and self._clock() - self._t_last < every_secs:
             return
         self.update(done)

@@ -213,7 +213,7 @@ def test_progress_log_is_throttled_and_shown(caplog, capsys):
         prog = mlib.Progress(total=5, desc="image", clock=lambda: t[0])
         caplog.clear()
         with caplog.at_level(pylogging.INFO):
-            for done, dt in ((1, 4.0), (2, 7.0), (3, 1.0), (5, 1.0)):
+            for done, dt in ((1, 4.0), (2, 11.0), (3, 1.0), (5, 1.0)):
                 t[0] += dt
                 prog.log(done, every_secs=10.0)
         return capsys.readouterr().err.splitlines(), [r.getMessage() for r in caplog.records if r.name == "absl"]
@@ -229,8 +229,9 @@ def test_progress_log_is_throttled_and_shown(caplog, capsys):
     assert logged == [] and err_app == []
     for lines in (err, logged_app):
         assert len(lines) == 2, lines
-        assert lines[0].startswith("image 2/5 (40.0%) 0.182 images/s elapsed 0:00:11")   # 2 images in 11 s
-        assert lines[1].startswith("image 5/5 (100.0%) 1.5 images/s elapsed 0:00:13")    # 3 more in the last 2 s
+        # The first item (compiling, 4 s) only starts the rate: 1 image in the 11 s after it, then 3 in the last 2 s.
+        assert lines[0].startswith("image 2/5 (40.0%) 0.0909 images/s elapsed 0:00:15 ETA 0:00:33"), lines
+        assert lines[1].startswith("image 5/5 (100.0%) 1.5 images/s elapsed 0:00:17"), lines
 
 
 def test_quick_jit_compiles_at_level_0_on_cpu_with_the_same_draws(monkeypatch):
