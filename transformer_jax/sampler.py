@@ -131,8 +131,8 @@ class Sampler:
                      guidance_scale: float | None = None) -> jax.Array:
         """(n, h, w) int32 codes of one batch."""
         prefix = self._prefix(n, labels, cond_codes)
-        uncond = None
         self.check_guidance(guidance_scale)
+        uncond = None
         if guidance_scale is not None:
             uncond = cond_lib.null_tokens(self.cond, prefix)
         steps = self.grid[0] * self.grid[1]
@@ -163,7 +163,8 @@ class Sampler:
         or ``max_batches`` (default 10x the batches needed) is reached. ``last_accept_rate`` tells the
         fraction accepted.
 
-        ``progress``: log the images done, their rate and the ETA (absl INFO, at most every 10 s and at the end).
+        ``progress``: show the images done, their rate and the ETA at most every 10 s and at the end (on stderr,
+        or as absl INFO lines under the launch scripts; :meth:`common_jax.metrics.Progress.log`).
         """
         if n < 1 or batch_size < 1:
             raise ValueError(f"n and batch_size must be >= 1, got {n}, {batch_size}")
