@@ -72,13 +72,10 @@ def test_window_sized_grid_equals_ordinary_sampling(gpt, method):
 
 
 def test_vocab_limit_draws_only_ids_below_it(gpt):
-    # As sample(vocab_limit=): on a window-sized grid the same codes, on a larger one only ids below the limit,
-    # each among the top 8 of the logits below it.
+    # As sample(vocab_limit=): only ids below the limit, each among the top 8 of the logits below it (without the
+    # limit this grid holds ids up to 38).
     model, v = gpt
     prefix, key, limit = jnp.array([[3], [7]], jnp.int32), jax.random.key(5), 25
-    grid = sample_sliding_window(model, v, (W, W), W, key, prefix=prefix, top_k=10, vocab_limit=limit)
-    seq = sample(model, v, prefix, W * W, key, top_k=10, vocab_limit=limit)
-    np.testing.assert_array_equal(np.asarray(grid).reshape(2, -1), np.asarray(seq))
     grid, logits = sample_sliding_window(model, v, (6, 7), W, key, prefix=prefix, top_k=8, vocab_limit=limit,
                                          return_logits=True)
     grid, logits = np.asarray(grid), np.asarray(logits)
