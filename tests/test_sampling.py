@@ -247,6 +247,9 @@ def test_compiled_once_per_static_options(gpt):
     n = fn._cache_size()
     sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3, threads=1)
     assert _sampler(model, 8, 20, False, False, 1, None) is fn and fn._cache_size() == n == 1
+    # A vocab_limit that keeps the whole vocabulary is no limit: the same program.
+    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=1, vocab_limit=model.vocab_size)
+    assert fn._cache_size() == 1 and _sampler(model, 8, 20, False, False, 1, model.vocab_size)._cache_size() == 0
     sample(model, variables, prefix[:3], 8, jax.random.key(3), top_k=20, threads=2)  # rows 0-1 and 1-2: one size
     assert fn._cache_size() == 2
     sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=4)  # four chunks of one row

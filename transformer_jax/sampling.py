@@ -286,11 +286,13 @@ def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided:
     return jax.jit(run)
 
 
-def check_vocab_limit(vocab_limit: Any, vocab_size: int) -> None:
-    """``vocab_limit`` of the samplers: None or an int in [1, vocab_size]."""
+def checked_vocab_limit(vocab_limit: Any, vocab_size: int) -> int | None:
+    """``vocab_limit`` of the samplers (None or an int in [1, vocab_size]), as the static option their programs
+    take: None when it keeps the whole vocabulary, so equivalent calls share one compiled program."""
     _check_optional_positive_int("vocab_limit", vocab_limit)
     if vocab_limit is not None and vocab_limit > vocab_size:
         raise ValueError(f"vocab_limit must be at most the model's vocab_size {vocab_size}, got {vocab_limit}")
+    return None if vocab_limit == vocab_size else vocab_limit
 
 
 def _check_tokens(name: str, x: Any, vocab_size: int) -> jax.Array:
@@ -328,7 +330,7 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     holds condition tokens (class or null tokens after the codes), which are no image codes.
     """
     _check_options(top_k, top_p, temperature)
-    check_vocab_limit(vocab_limit, model.vocab_size)
+    vocab_limit = checked_vocab_limit(vocab_limit, model.vocab_size)
     prefix = _check_tokens("prefix", prefix, model.vocab_size)
     _check_positive_int("steps", steps)
     b, p = prefix.shape

@@ -28,7 +28,7 @@ from jax import lax
 
 from transformer_jax.gpt import GPT, init_cache, kernels_in_compute_dtype
 from transformer_jax.sampling import (_check_optional_positive_int, _check_options, _check_positive_int, _check_tokens,
-                                      check_vocab_limit, choose_with_uniform, row_chunks, run_row_chunks,
+                                      checked_vocab_limit, choose_with_uniform, row_chunks, run_row_chunks,
                                       step_uniforms)
 
 # Default memory for the cached method's window caches; fewer slots than window columns are shared
@@ -204,7 +204,7 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     concurrent programs), and ``vocab_limit`` (draw only ids below it).
     """
     _check_options(top_k, top_p, temperature)
-    check_vocab_limit(vocab_limit, model.vocab_size)
+    vocab_limit = checked_vocab_limit(vocab_limit, model.vocab_size)
     h, wd = (int(s) for s in shape)
     _check_positive_int("window", window)
     if h < window or wd < window:
