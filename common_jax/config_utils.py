@@ -50,12 +50,19 @@ def check_config_compatible(saved: Mapping[str, Any], requested: Any,
     if not isinstance(saved, Mapping):
         raise TypeError(f"check_config_compatible: saved config must be a dict, got {type(saved).__name__}")
     flat_saved = flatten(saved)
-    flat_req = flatten(config_to_dict(requested))
     prefixes = tuple(keys_prefixes)
 
     def selected(key: str) -> bool:
         return any(key == p or key.startswith(p + ".") for p in prefixes)
 
+    requested_dict = config_to_dict(requested)
+    for section in sorted({p.split(".")[0] for p in prefixes}):
+        if section in requested_dict and section not in saved:
+            # Not an older layout: a run of another kind, e.g. the other stage's workdir.
+            raise ConfigMismatchError(
+                f"{source} has no '{section}' config section (its sections: {sorted(saved)}): a run of "
+                f"another kind, such as the other stage; use a fresh workdir")
+    flat_req = flatten(requested_dict)
     missing = object()
     for key in sorted(k for k in set(flat_saved) | set(flat_req) if selected(k)):
         want = flat_req.get(key, missing)

@@ -11,8 +11,24 @@ import orbax.checkpoint as ocp
 from common_jax import checkpoint as ckpt
 
 
-def load_workdir(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
-    """(config, train state as a nested dict of arrays, step) of the newest (or given) checkpoint.
+# How each stage's config tells itself apart: stage one has ``task`` (vqgan / segmentation), stage two ``gpt``.
+STAGE_KEYS = {"stage-one (VQGAN)": "task", "stage-two (transformer)": "gpt"}
+
+
+def check_stage(config: ml_collections.ConfigDict, workdir: str, stage: str, where: str = "here") -> None:
+    """Raise unless ``config`` (of ``workdir``) is a run of ``stage`` (a key of :data:`STAGE_KEYS`): a workdir
+    of the other stage would otherwise fail later on a missing config key."""
+    if STAGE_KEYS[stage] in config:
+        return
+    other = [name for name, key in STAGE_KEYS.items() if key in config]
+    found = f"a {other[0]} run" if other else "no run of this project"
+    raise ValueError(f"{workdir} holds {found}; a {stage} workdir is needed {where}")
+
+
+def load_workdir(workdir: str | os.PathLike, step: int | None = None, stage: str | None = None
+                 ) -> tuple[ml_collections.ConfigDict, dict, int]:
+    """(config, train state as a nested dict of arrays, step) of the newest (or given) checkpoint; with
+    ``stage`` (a key of :data:`STAGE_KEYS`), an error unless the workdir holds a run of that stage.
 
     Every array is restored whole onto this process's first device, with the target built from the
     checkpoint's own metadata: no data, LPIPS weights or mesh of the run are needed, and a workdir written by
@@ -36,4 +52,7 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None) -> tuple[m
     meta = dict(restored["meta"])
     if "config" not in meta:
         raise ValueError(f"{workdir}: checkpoint {step} has no config in its meta item")
-    return ml_collections.ConfigDict(meta["config"]), restored["state"], step
+    config = ml_collections.ConfigDict(meta["config"])
+    if stage is not None:
+        check_stage(config, workdir, stage)
+    return config, restored["state"], step

@@ -66,6 +66,10 @@ def outputs(tmp_path_factory):
         ["launch.train_vqgan", f"--workdir={vq}", f"--config.data.data_dir={photos}", "--config.model.n_embed=64"],
         ["--config.model.n_embed=64 disagrees with checkpoint in", vq, "128"])
     start("n_embed_disagrees_with_checkpoint")
+    cases["sample_on_a_stage_one_workdir"] = (
+        ["launch.sample", f"--workdir={vq}", f"--out={tmp}/out"],
+        [f"{vq} holds a stage-one (VQGAN) run; a stage-two (transformer) workdir is needed"])
+    start("sample_on_a_stage_one_workdir")
     results = {}
     for name, proc in procs.items():
         try:
@@ -79,7 +83,7 @@ def outputs(tmp_path_factory):
 
 NAMES = ["workdir_under_file", "unknown_config_key", "missing_config_file", "missing_workdir_flag",
          "n_embed_disagrees_with_checkpoint", "sample_bad_top_p", "sample_bad_temperature",
-         "sample_workdir_without_checkpoints", "gpt_without_first_stage"]
+         "sample_workdir_without_checkpoints", "gpt_without_first_stage", "sample_on_a_stage_one_workdir"]
 
 
 def test_every_case_ran(outputs):

@@ -138,6 +138,10 @@ def test_config_mismatch_message(tmp_path):
         {"model": {"a": (1, 2)}, "total_steps": 9}))
     with pytest.raises(ConfigMismatchError, match=r"--config.model.extra=1 is not in the config"):
         check_config_compatible({"model": {}}, bad.__class__({"model": {"extra": 1}}))
+    # A workdir of the other stage (no model section at all) is named as such, not as an older layout.
+    with pytest.raises(ConfigMismatchError, match=r"^checkpoint has no 'model' config section \(its sections: "
+                                                  r"\['cond', 'gpt'\]\): a run of another kind, such as the other stage"):
+        check_config_compatible({"gpt": {"n_layer": 2}, "cond": {}}, bad.__class__({"model": {"extra": 1}}))
 
 
 def test_bad_inputs(tmp_path):

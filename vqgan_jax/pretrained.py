@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from common_jax.pretrained import load_workdir
+from common_jax.pretrained import check_stage, load_workdir
 from vqgan_jax import convert
 from vqgan_jax.model import VQGAN
 from vqgan_jax.train import model_from_config
@@ -21,6 +21,7 @@ def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", 
     """
     if workdir:
         config, state, _ = load_workdir(workdir)
+        check_stage(config, workdir, "stage-one (VQGAN)", f"as {role}.workdir")
         params = state.get("ema_params") if use_ema and state.get("ema_params") else state["params"]
         return model_from_config(config), {"params": jax.tree.map(jax.numpy.asarray, params)}, config.model
     if taming_ckpt and taming_yaml:
