@@ -46,6 +46,22 @@ def _without_guidance(opts: dict, where: str) -> dict:
     return {k: v for k, v in opts.items() if k != "guidance_scale"}
 
 
+def parse_classes(sampler, classes: list[str]) -> list[int]:
+    """--classes as ints; an error for a model that takes no class (the flag would be dropped) or ids out of range."""
+    if not classes:
+        return []
+    if sampler.cond.kind != "class":
+        raise ValueError(f"--classes is for class-conditional models; this one is {sampler.cond.kind}")
+    try:
+        ids = [int(c) for c in classes]
+    except ValueError:
+        raise ValueError(f"--classes must be integer class ids, got {','.join(classes)}") from None
+    bad = [c for c in ids if not 0 <= c < sampler.cond.n_classes]
+    if bad:
+        raise ValueError(f"--classes {bad} outside [0, {sampler.cond.n_classes}) (the model's cond.n_classes)")
+    return ids
+
+
 def write_class_grids(sampler, out: str, per_class: int, classes: list[int], opts: dict, seed: int,
                       batch_size: int) -> list[str]:
     rng = jax.random.key(seed)
@@ -69,6 +85,8 @@ def write_class_grids(sampler, out: str, per_class: int, classes: list[int], opt
 def write_large(sampler, out: str, height: int, width: int, classes: list[int], opts: dict, seed: int
                 ) -> list[str]:
     f = sampler.vqgan.downsample_factor
+    if not (height > 0 and width > 0):
+        raise ValueError(f"--height and --width go together (both > 0), got {height}x{width}")
     if height % f or width % f:
         raise ValueError(f"--height/--width must be multiples of the stage-one factor {f}, got {height}x{width}")
     opts = _without_guidance(opts, "sliding-window sampling (--height/--width)")
@@ -122,7 +140,7 @@ def main(argv):
     opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
     out = setup_run.check_workdir(_OUT.value)
     sampler = Sampler.from_workdirs(_WORKDIR.value, _FIRST_STAGE.value, _COND_STAGE.value)
-    classes = [int(c) for c in _CLASSES.value]
+    classes = parse_classes(sampler, _CLASSES.value)
     if sampler.cond.kind == "spatial":
         paths = write_spatial(sampler, out, _SEGMENTATION.value, _PER_CLASS.value, opts, _SEED.value,
                               _BATCH.value, _HEIGHT.value, _WIDTH.value)

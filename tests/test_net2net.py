@@ -50,6 +50,12 @@ def test_spatial_checkpoint_loads_cond_stage(parts):
     x = jnp.zeros((1, 32, 32, 3))
     np.testing.assert_array_equal(tt.cond_stage.apply(tt.cond_stage_variables, x, method="encode").indices,
                                   tt.first_stage.apply(tt.first_stage_variables, x, method="encode").indices)
+    # Its Sampler holds the cond stage: label maps (one-hot over its 3 input channels) -> cond codes.
+    sampler = tt.sampler()
+    assert sampler.cond_grid == (8, 8)
+    maps = np.zeros((1, 32, 32), np.int32)
+    np.testing.assert_array_equal(sampler.encode_condition(maps), tt.cond_stage.apply(
+        tt.cond_stage_variables, jax.nn.one_hot(maps, 3), method="encode").indices)
 
 
 def test_unconditional_and_errors(parts):

@@ -81,6 +81,21 @@ def test_sampler_encodes_maps_and_samples_at_and_beyond_the_training_size(runs):
         sampler.sample_codes(jax.random.key(0), 1, labels=np.zeros(1), cond_codes=cond)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
         sampler.encode_condition(np.full((1, 32, 32), N_LABELS, np.int32))
+    # The prefix must be the cond grid the model was trained on: a smaller one would sample from a prefix length
+    # it never saw.
+    assert sampler.cond_grid == (8, 8)
+    with pytest.raises(ValueError, match=r"cond_codes must be \(1, 8, 8\) integer codes .* got int32 \(1, 4, 4\)"):
+        sampler.sample_codes(jax.random.key(0), 1, cond_codes=cond[:, :4, :4])
+    with pytest.raises(ValueError, match=r"max_batches=1 cannot hold n=4 images at batch_size=2 \(2 batches\)"):
+        sampler.sample(jax.random.key(0), 4, batch_size=2, cond_codes=np.repeat(cond, 4, 0), max_batches=1)
+    from launch.sample import parse_classes
+    with pytest.raises(ValueError, match="--classes is for class-conditional models; this one is spatial"):
+        parse_classes(sampler, ["1"])
+    # Workdirs of the wrong stage are named as such.
+    from vqgan_jax.pretrained import load_vqgan
+    with pytest.raises(ValueError, match=r"gpt holds a stage-two \(transformer\) run; a stage-one \(VQGAN\) workdir "
+                                         r"is needed as first_stage.workdir"):
+        load_vqgan(str(runs["root"] / "gpt"))
 
 
 def test_class_conditional_sampler_draws_codebook_ids_only(runs):
@@ -111,6 +126,14 @@ def test_class_conditional_sampler_draws_codebook_ids_only(runs):
     from launch.sample import write_large
     with pytest.raises(ValueError, match="--guidance_scale: sliding-window sampling .* has no classifier-free"):
         write_large(sampler, str(runs["root"] / "large"), 32, 64, [], {"guidance_scale": 2.0}, 0)
+    from launch.sample import parse_classes
+    assert parse_classes(sampler, ["3", "9"]) == [3, 9]
+    with pytest.raises(ValueError, match=r"--classes \[10\] outside \[0, 10\) \(the model's cond.n_classes\)"):
+        parse_classes(sampler, ["3", "10"])
+    with pytest.raises(ValueError, match="--classes must be integer class ids, got 3,x"):
+        parse_classes(sampler, ["3", "x"])
+    with pytest.raises(ValueError, match="--height and --width go together"):
+        write_large(sampler, str(runs["root"] / "large"), 0, 64, [], {}, 0)
     cond = c.cond.copy_and_resolve_references()
     cond.cfg_dropout = 0.0
     no_dropout = Sampler(gpt, variables, vq, vq_vars, cond, (8, 8))

@@ -25,8 +25,11 @@ class TamingTransformer(NamedTuple):
 
     def sampler(self) -> Any:
         from transformer_jax.sampler import Sampler
+        # A spatial cond stage (taming's segmentation model) takes one-hot label maps: one channel per label.
+        cond_stage = None if self.cond_stage is None else (
+            self.cond_stage, self.cond_stage_variables, int(self.cond_stage.in_channels))
         return Sampler(self.gpt, self.gpt_variables, self.first_stage, self.first_stage_variables, self.cond,
-                       self.code_grid)
+                       self.code_grid, cond_stage)
 
 
 def _cond_config(params: Mapping[str, Any], vocab_size: int) -> ml_collections.ConfigDict:

@@ -42,6 +42,9 @@ class Sampler:
         self.n_codes = int(vqgan.n_embed)
         self._decode = jax.jit(lambda v, c: vqgan.apply(v, c, method="decode_code"))
         self.cond_stage = cond_stage
+        # The cond stage's code grid at the training size (None: unknown, no cond stage given).
+        self.cond_grid = None if cond_stage is None else tuple(
+            g * vqgan.downsample_factor // cond_stage[0].downsample_factor for g in self.grid)
         self._encode_cond: Callable[[np.ndarray], jax.Array] | None = None
         self.last_accept_rate: float | None = None
 
@@ -53,7 +56,7 @@ class Sampler:
         from common_jax.pretrained import load_workdir
         from transformer_jax.train import gpt_from_config
         from vqgan_jax.pretrained import load_vqgan
-        config, state, _ = load_workdir(transformer_workdir)
+        config, state, _ = load_workdir(transformer_workdir, stage="stage-two (transformer)")
 
         def stage(role: str, override: str) -> tuple[Any, Any, Any]:
             src = dict(workdir=override, taming_ckpt="", taming_yaml="") if override else dict(config[role])
@@ -110,7 +113,15 @@ class Sampler:
                 raise ValueError(f"labels must be in [0, {self.cond.n_classes}), got {bad[:5].tolist()}")
             batch["label"] = labels
         if cond_codes is not None:
-            batch["cond_codes"] = np.asarray(cond_codes, np.int32).reshape(n, -1)
+            cond_codes = np.asarray(cond_codes)
+            # Another grid would give the model a prefix of a length it never saw: garbage, not an error.
+            want = (n, *self.cond_grid) if self.cond_grid else None
+            if (cond_codes.ndim != 3 or len(cond_codes) != n or (want and cond_codes.shape != want)
+                    or not np.issubdtype(cond_codes.dtype, np.integer)):
+                shape = f"{want}" if want else f"(n={n}, h, w)"
+                raise ValueError(f"cond_codes must be {shape} integer codes (the cond stage's grid at the training "
+                                 f"size), got {cond_codes.dtype} {cond_codes.shape}; sample_large takes larger maps")
+            batch["cond_codes"] = cond_codes.astype(np.int32).reshape(n, -1)
         return cond_lib.cond_tokens(self.cond, batch, n)
 
     def check_guidance(self, guidance_scale: float | None) -> None:
@@ -176,6 +187,9 @@ class Sampler:
             if len(cond_codes) != n:
                 raise ValueError(f"got {len(cond_codes)} cond_codes for {n} samples")
         need = -(-n // batch_size)
+        if classifier is None and max_batches is not None and max_batches < need:
+            raise ValueError(f"max_batches={max_batches} cannot hold n={n} images at batch_size={batch_size} "
+                             f"({need} batches); max_batches limits rejection sampling (with a classifier)")
         max_batches = max_batches or (need if classifier is None else 10 * need)
         prog = Progress(n, desc="image") if progress else None
         result: list[np.ndarray | None] = [None] * n
