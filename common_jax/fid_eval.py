@@ -29,11 +29,22 @@ def _allreduce_stats(stats: FeatureStats) -> FeatureStats:
     return out
 
 
-class ChunkedStats:
-    """Named FeatureStats streams (e.g. 'real', 'fake') persisted to ``path`` after every chunk."""
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    return [f"{k}: {saved.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
-    def __init__(self, path: str, names: tuple[str, ...], dim: int = 2048):
+
+class ChunkedStats:
+    """Named FeatureStats streams (e.g. 'real', 'fake') persisted to ``path`` after every chunk.
+
+    ``signature``: what decides the chunks' contents (model, options, seed, chunk size, process count...). It is
+    saved with the sums, and resuming under another one is an error: the statistics would mix two evaluations.
+    """
+
+    def __init__(self, path: str, names: tuple[str, ...], dim: int = 2048,
+                 signature: Mapping[str, Any] | None = None):
         self.path, self.names, self.dim = path, tuple(names), dim
+        self.signature = json.loads(json.dumps(dict(signature or {})))  # as it reads back (tuples -> lists)
         self.stats = {n: FeatureStats(dim) for n in self.names}
         self.chunks_done = 0
         if os.path.isfile(path):
@@ -42,6 +53,11 @@ class ChunkedStats:
                 if tuple(saved["names"]) != self.names:
                     raise ValueError(f"{path}: saved streams {saved['names']} differ from {list(self.names)}; "
                                      "use a fresh workdir for a different evaluation")
+                # Files written before signatures existed carry none and resume as they did.
+                changed = _differences(saved.get("signature", self.signature), self.signature)
+                if changed:
+                    raise ValueError(f"{path} holds {saved['chunks_done']} chunks of another evaluation "
+                                     f"({'; '.join(changed)}); use a fresh workdir, or the same options to resume")
                 self.chunks_done = int(saved["chunks_done"])
                 for n in self.names:
                     s = self.stats[n]
@@ -50,7 +66,8 @@ class ChunkedStats:
     def save(self) -> None:
         if jax.process_index() != 0:
             return
-        arrays = {"meta": json.dumps({"names": list(self.names), "chunks_done": self.chunks_done})}
+        arrays = {"meta": json.dumps({"names": list(self.names), "chunks_done": self.chunks_done,
+                                      "signature": self.signature})}
         for n, s in self.stats.items():
             arrays.update({f"{n}/count": np.asarray(s.count), f"{n}/sum": s.sum, f"{n}/outer": s.outer})
         tmp = self.path + ".tmp"

@@ -33,7 +33,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir")
 _DATASET = flags.DEFINE_string("dataset", "", "dataset name (reference images / images to reconstruct)")
 _SPLIT = flags.DEFINE_string("split", "validation", "split")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "center-crop size of dataset images")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "cap on dataset images (0: the whole split)")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "cap on dataset images, rounded up to whole batches of "
+                                     "--batch_size per process (0: the whole split)")
 _PER_CLASS = flags.DEFINE_integer("per_class", 50, "samples per class (FID-50k on ImageNet: 50)")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50000, "samples of an unconditional model")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1000, "images per resumable chunk")
@@ -68,13 +69,15 @@ def _image_loader(batch_size: int):
 
 def _dataset_chunks():
     """(number of chunks, chunk k -> list of (uint8 images, mask) batches of this process) over the dataset
-    images: --chunk_size images a chunk, at most --max_examples (the loader is already sharded)."""
+    images: --chunk_size images a chunk, --max_examples rounded up to whole global batches (the loader is already
+    sharded)."""
     from itertools import islice
 
     from common_jax.metrics import to_uint8
     loader = _image_loader(_BATCH.value)
     batches_per_chunk = max(1, _CHUNK.value // _BATCH.value)
-    max_batches = -(-_MAX_EXAMPLES.value // _BATCH.value) if _MAX_EXAMPLES.value else 0
+    # The loader's batches are global (--batch_size images per process).
+    max_batches = -(-_MAX_EXAMPLES.value // (_BATCH.value * jax.process_count())) if _MAX_EXAMPLES.value else 0
     n = len(loader) if not max_batches else min(len(loader), max_batches)
     num_chunks = -(-n // batches_per_chunk)
 
@@ -87,6 +90,26 @@ def _dataset_chunks():
     return num_chunks, chunk
 
 
+def _checkpoint_step(workdir: str) -> int | None:
+    from common_jax import checkpoint as ckpt
+    manager = ckpt.make_manager(workdir, read_only=True, async_save=False)
+    try:
+        return ckpt.latest_step(manager)
+    finally:
+        manager.close()
+
+
+def _signature(**extra) -> dict:
+    """What decides a resumable state's chunks, beside ``extra``: chunking, batching and the process count (each
+    process takes its share of a chunk)."""
+    return dict(extra, chunk_size=_CHUNK.value, batch_size=_BATCH.value, processes=jax.process_count())
+
+
+def _dataset_signature() -> dict:
+    return _signature(dataset=_DATASET.value, data_dir=os.path.abspath(os.path.expanduser(_DATA_DIR.value)),
+                      split=_SPLIT.value, image_size=_IMAGE_SIZE.value, max_examples=_MAX_EXAMPLES.value)
+
+
 def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str]:
     from common_jax.fid_eval import ChunkedStats, run_chunks
     from common_jax.fid_stats import load_stats
@@ -94,7 +117,7 @@ def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str
         mu, sigma = load_stats(_REF_STATS.value, feature_fn=lambda x: features(x)[0])
         return mu, sigma, _REF_STATS.value
     num_chunks, chunk = _dataset_chunks()
-    state = ChunkedStats(os.path.join(workdir, "ref_stats_state.npz"), ("real",))
+    state = ChunkedStats(os.path.join(workdir, "ref_stats_state.npz"), ("real",), signature=_dataset_signature())
     stats = run_chunks(state, num_chunks, lambda k: {"real": np.concatenate(
         [features(x)[0][m] for x, m in chunk(k)] or [np.zeros((0, 2048))])}, desc="reference chunk")
     mu, sigma = stats["real"].mean_cov()
@@ -109,13 +132,20 @@ def eval_samples(workdir: str) -> dict:
         raise ValueError("--transformer_workdir is required in samples mode")
     opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
     sampler = Sampler.from_workdirs(_TRANSFORMER.value)
-    sampler.check_guidance(opts["guidance_scale"])    # before the reference statistics, not after them
-    features = _inception(_INCEPTION.value)
-    mu_r, sigma_r, ref = reference_stats(workdir, features)
+    # Everything that can be refused is checked before the reference statistics, not after them.
+    if sampler.cond.kind == "spatial":
+        raise ValueError("--mode=samples draws unconditional or class-conditional models; this one is spatially "
+                         "conditioned (its samples need label maps)")
+    sampler.check_guidance(opts["guidance_scale"])
     labels = None
     if sampler.cond.kind == "class":
         labels = np.repeat(np.arange(sampler.cond.n_classes, dtype=np.int32), _PER_CLASS.value)
     n = len(labels) if labels is not None else _NUM_SAMPLES.value
+    state = ChunkedStats(os.path.join(workdir, "samples_state.npz"), ("fake",), signature=_signature(
+        transformer_workdir=os.path.abspath(_TRANSFORMER.value), step=_checkpoint_step(_TRANSFORMER.value),
+        sampling=opts, num_samples=n, seed=_SEED.value))
+    features = _inception(_INCEPTION.value)
+    mu_r, sigma_r, ref = reference_stats(workdir, features)
     num_chunks = -(-n // _CHUNK.value)
     chunk_dir = os.path.join(workdir, "sample_chunks")
     os.makedirs(chunk_dir, exist_ok=True)
@@ -139,7 +169,6 @@ def eval_samples(workdir: str) -> dict:
                     else {}))
         return {"fake": np.concatenate(feats)}
 
-    state = ChunkedStats(os.path.join(workdir, "samples_state.npz"), ("fake",))
     stats = run_chunks(state, num_chunks, compute, desc="sample chunk")
     mu, sigma = stats["fake"].mean_cov()
     result = {"mode": "samples", "fid": frechet_distance(mu, sigma, mu_r, sigma_r), "num_samples": stats["fake"].count,
@@ -163,10 +192,13 @@ def eval_reconstruction(workdir: str) -> dict:
     from common_jax.metrics import to_uint8
     from vqgan_jax.pretrained import load_vqgan
     model, variables, _ = load_vqgan(_VQGAN.value, _TAMING_CKPT.value, _TAMING_YAML.value)
+    source = (dict(vqgan_workdir=os.path.abspath(_VQGAN.value), step=_checkpoint_step(_VQGAN.value)) if _VQGAN.value
+              else dict(taming_ckpt=os.path.abspath(_TAMING_CKPT.value)))
+    state = ChunkedStats(os.path.join(workdir, "reconstruction_state.npz"), ("real", "recon"),
+                         signature=dict(_dataset_signature(), **source))
     features = _inception(_INCEPTION.value)
     recon = jax.jit(lambda v, x: model.apply(v, x)[0])
     num_chunks, chunk = _dataset_chunks()
-    state = ChunkedStats(os.path.join(workdir, "reconstruction_state.npz"), ("real", "recon"))
 
     def compute(k):
         real, rec = [], []

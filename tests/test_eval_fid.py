@@ -74,6 +74,16 @@ def test_samples_mode_writes_json_and_resumes(setup):
     run(args, tmp)
     again = json.loads((tmp / "fid_s" / "fid_samples.json").read_text())
     assert again["fid"] == result["fid"] and again["num_samples"] == 20
+    # Other sampling options in the same workdir are refused before any sampling, and the saved sums are kept.
+    saved = (tmp / "fid_s" / "samples_state.npz").read_bytes()
+    p = subprocess.run([sys.executable, "-m", "launch.eval_fid", *[a for a in args if a != "--top_k=10"],
+                        "--top_k=20"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, XLA_FLAGS=""))
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "samples_state.npz holds 3 chunks of another evaluation" in last, last
+    assert "'top_k': 10" in last and "'top_k': 20" in last, last
+    assert (tmp / "fid_s" / "samples_state.npz").read_bytes() == saved
 
 
 def test_reconstruction_mode(setup):

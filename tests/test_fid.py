@@ -205,3 +205,35 @@ def test_adm_image_batch_stats(tmp_path):
         load_stats(floats, _toy_features)
     with pytest.raises(KeyError, match="no array 'arr_1'"):
         next(iter_npz_array(path, "arr_1"))
+
+
+def test_chunked_stats_resume_only_the_same_evaluation(tmp_path):
+    from common_jax.fid_eval import ChunkedStats, run_chunks
+    rng = np.random.default_rng(8)
+    feats = [rng.normal(size=(5, 3)) for _ in range(3)]
+    path = str(tmp_path / "state.npz")
+    sig = {"top_k": 10, "grid": (8, 8), "processes": 1}
+    first = ChunkedStats(path, ("fake",), dim=3, signature=sig)
+    run_chunks(first, 2, lambda k: {"fake": feats[k]})          # stopped after 2 of 3 chunks
+    # The same evaluation resumes at chunk 2 (the tuple reads back as a list and still matches) and ends with the
+    # statistics of all three chunks.
+    resumed = ChunkedStats(path, ("fake",), dim=3, signature=dict(sig))
+    assert resumed.chunks_done == 2
+    stats = run_chunks(resumed, 3, lambda k: {"fake": feats[k]})["fake"]
+    full = FeatureStats(3)
+    full.update(np.concatenate(feats))
+    np.testing.assert_allclose(stats.mean_cov()[1], full.mean_cov()[1], rtol=1e-12)
+    # Another evaluation in the same workdir is refused, naming what differs, and the saved sums stay as they were.
+    saved = open(path, "rb").read()
+    with pytest.raises(ValueError, match=r"state.npz holds 3 chunks of another evaluation \(top_k: 10 -> 20\); "
+                                         r"use a fresh workdir"):
+        ChunkedStats(path, ("fake",), dim=3, signature=dict(sig, top_k=20))
+    with pytest.raises(ValueError, match=r"processes: 1 -> 2"):
+        ChunkedStats(path, ("fake",), dim=3, signature=dict(sig, processes=2))
+    assert open(path, "rb").read() == saved
+    # A state written before signatures were saved resumes as it did.
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["meta"] = np.asarray('{"names": ["fake"], "chunks_done": 3}')
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert ChunkedStats(str(tmp_path / "old.npz"), ("fake",), dim=3, signature=sig).chunks_done == 3
