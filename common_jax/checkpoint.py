@@ -13,6 +13,7 @@ refused with a clear error, since per-process iterator positions cannot be re-sp
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 from typing import Any, Mapping
 
@@ -44,24 +45,41 @@ def make_manager(workdir: str | os.PathLike, *, keep: int | None = 3, every: int
     if every is not None and every < 1:
         raise ValueError(f"make_manager: every must be >= 1 or None, got {every}")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        save_interval_steps=every or 1,
+        # A read-only manager saves and deletes nothing; orbax warns unless these say so.
+        max_to_keep=None if read_only else keep,
+        save_interval_steps=0 if read_only else every or 1,
         create=not read_only,
         read_only=read_only,
         # An interrupted save leaves <step>.orbax-checkpoint-tmp-*; remove it rather than let it pile up.
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir),
-        options=options,
-        item_names=ITEMS,
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(),
-            "data": ocp.JsonCheckpointHandler(),
-        },
-    )
+    quiet = _ReadOnlyNotices() if read_only else None
+    absl_logger = pylogging.getLogger("absl")
+    if quiet is not None:
+        absl_logger.addFilter(quiet)
+    try:
+        return ocp.CheckpointManager(
+            checkpoint_dir(workdir),
+            options=options,
+            item_names=ITEMS,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
+        )
+    finally:
+        if quiet is not None:
+            absl_logger.removeFilter(quiet)
+
+
+class _ReadOnlyNotices(pylogging.Filter):
+    """Drops the warning orbax logs for every read-only manager: read-only is what the loaders ask for, not a
+    problem to report (loading a Sampler printed it twice, among four other notices now avoided by the options)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
 
 
 # ----------------------------------------------------------------------------------- data iterator state
