@@ -126,6 +126,20 @@ def test_class_conditional_sampler_draws_codebook_ids_only(runs):
     from launch.sample import write_large
     with pytest.raises(ValueError, match="--guidance_scale: sliding-window sampling .* has no classifier-free"):
         write_large(sampler, str(runs["root"] / "large"), 32, 64, [], {"guidance_scale": 2.0}, 0)
+    # Labels: integral floats are class ids, fractional ones an error (they were truncated to another class).
+    np.testing.assert_array_equal(sampler.sample_codes(jax.random.key(0), 2, labels=np.array([0.0, 1.0])),
+                                  sampler.sample_codes(jax.random.key(0), 2, labels=np.arange(2)))
+    with pytest.raises(ValueError, match=r"labels must be integer class ids, got float64 values \[0.7, 1.2\]"):
+        sampler.sample_codes(jax.random.key(0), 2, labels=np.array([0.7, 1.2]))
+    # Rejection sampling: one probability per image or one for all; anything else is named.
+    images = sampler.sample(jax.random.key(0), 2, np.arange(2), batch_size=2, progress=False,
+                            classifier=lambda x, lab: 1.0)
+    assert images.shape == (2, 32, 32, 3) and sampler.last_accept_rate == 1.0
+    for bad, message in ((lambda x, lab: np.ones(5), r"one acceptance probability per image \(2\) or one for all, "
+                                                      r"got 5 values"),
+                         (lambda x, lab: np.full(2, np.nan), r"probabilities in \[0, 1\], got \[nan nan\]")):
+        with pytest.raises(ValueError, match=message):
+            sampler.sample(jax.random.key(0), 2, np.arange(2), batch_size=2, progress=False, classifier=bad)
     from launch.sample import parse_classes
     assert parse_classes(sampler, ["3", "9"]) == [3, 9]
     with pytest.raises(ValueError, match=r"--classes \[10\] outside \[0, 10\) \(the model's cond.n_classes\)"):

@@ -25,6 +25,26 @@ def sampling_options(top_k: int, top_p: float, temperature: float, guidance: flo
                 guidance_scale=guidance or None)
 
 
+def _acceptance(p: Any, batch: int) -> np.ndarray:
+    """A classifier's output as (batch,) probabilities: one per image, or one for all; an error otherwise (a NaN
+    would reject every image and end in a misleading 'raise max_batches')."""
+    p = np.asarray(p, np.float64).reshape(-1)
+    if p.size not in (1, batch):
+        raise ValueError(f"classifier must return one acceptance probability per image ({batch}) or one for "
+                         f"all, got {p.size} values")
+    if not np.all((p >= 0) & (p <= 1)):
+        raise ValueError(f"classifier must return probabilities in [0, 1], got {p[~((p >= 0) & (p <= 1))][:5]}")
+    return np.broadcast_to(p, (batch,))
+
+
+def _class_labels(labels: Any) -> np.ndarray:
+    """``labels`` as a flat int32 array; fractional values are an error, not truncated to another class."""
+    arr = np.asarray(labels)
+    if arr.dtype.kind not in "iub" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+        raise ValueError(f"labels must be integer class ids, got {arr.dtype} values {arr.reshape(-1)[:5].tolist()}")
+    return arr.astype(np.int32).reshape(-1)
+
+
 class Sampler:
     """Draws code grids with the KV-cached sampler (or the sliding window) and decodes them to images."""
 
@@ -105,7 +125,7 @@ class Sampler:
         self._check_unused_conditions(labels, cond_codes)
         batch = {}
         if labels is not None:
-            labels = np.asarray(labels, np.int32).reshape(-1)
+            labels = _class_labels(labels)
             if len(labels) != n:
                 raise ValueError(f"got {len(labels)} labels for {n} samples")
             bad = labels[(labels < 0) | (labels >= self.cond.n_classes)]
@@ -169,7 +189,8 @@ class Sampler:
         ``labels`` (n,) for class-conditional models, ``cond_codes`` (n, h, w) for spatially conditioned
         ones (:meth:`encode_condition` of label maps).
 
-        With ``classifier``, each drawn image is accepted with the probability it returns (rejection
+        With ``classifier``, each drawn image is accepted with the probability it returns (one in [0, 1] per
+        image, or one for the batch; rejection
         sampling, as the paper's classifier-based selection); drawing continues until ``n`` are accepted
         or ``max_batches`` (default 10x the batches needed) is reached. ``last_accept_rate`` tells the
         fraction accepted.
@@ -179,7 +200,7 @@ class Sampler:
         """
         if n < 1 or batch_size < 1:
             raise ValueError(f"n and batch_size must be >= 1, got {n}, {batch_size}")
-        labels = None if labels is None else np.asarray(labels, np.int32).reshape(-1)
+        labels = None if labels is None else _class_labels(labels)
         if labels is not None and len(labels) != n:
             raise ValueError(f"got {len(labels)} labels for {n} samples")
         if cond_codes is not None:
@@ -203,7 +224,7 @@ class Sampler:
             imgs = self.decode(self.sample_codes(key, batch_size, lab, cc, **sampling_kwargs))
             keep = np.ones(batch_size, bool)
             if classifier is not None:
-                p = np.asarray(classifier(imgs, lab), np.float64).reshape(-1)
+                p = _acceptance(classifier(imgs, lab), batch_size)
                 u = np.asarray(jax.random.uniform(jax.random.fold_in(key, 1), (batch_size,)))
                 keep = u < p
                 drawn += batch_size
