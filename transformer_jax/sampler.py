@@ -190,10 +190,9 @@ class Sampler:
         ones (:meth:`encode_condition` of label maps).
 
         With ``classifier``, each drawn image is accepted with the probability it returns (one in [0, 1] per
-        image, or one for the batch; rejection
-        sampling, as the paper's classifier-based selection); drawing continues until ``n`` are accepted
-        or ``max_batches`` (default 10x the batches needed) is reached. ``last_accept_rate`` tells the
-        fraction accepted.
+        image, or one for the batch; rejection sampling, as the paper's classifier-based selection); drawing
+        continues until ``n`` are accepted or ``max_batches`` (default 10x the batches needed) is reached.
+        ``last_accept_rate`` tells the fraction accepted.
 
         ``progress``: show the images done, their rate and the ETA at most every 10 s and at the end (on stderr,
         or as absl INFO lines under the launch scripts; :meth:`common_jax.metrics.Progress.log`).
