@@ -279,15 +279,54 @@ def _check_build_args(name: str, heldout_fraction: float) -> None:
         raise ValueError(f"dataset name must be lower_snake_case (TFDS rule), got '{name}'")
 
 
+SOURCE_RECORD = "taming_jax_source.json"   # beside dataset_info.json: what a folder dataset was built from
+
+
+def source_record(folders: Sequence[Path], **options: Any) -> dict:
+    """What a folder dataset is built from: the folders, a digest of every file's path, size and mtime below them,
+    and the build options. Listing only (no decoding), so checking a reused dataset against it stays cheap."""
+    import hashlib
+    digest, count = hashlib.sha256(), 0
+    for folder in folders:
+        for root, dirs, names in os.walk(folder):
+            dirs.sort()
+            for n in sorted(names):
+                st = os.stat(os.path.join(root, n))
+                digest.update(f"{os.path.relpath(os.path.join(root, n), folder)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                              .encode())
+                count += 1
+    return dict(folders=[str(Path(f).resolve()) for f in folders], files=count, digest=digest.hexdigest(),
+                **options)
+
+
+def _check_source(out_dir: Path, record: dict, name: str) -> None:
+    """Raise if the dataset at ``out_dir`` was built from other folders, files or options than ``record`` says
+    (reusing it would train on stale or foreign data). Datasets built before records existed pass."""
+    path = out_dir / SOURCE_RECORD
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    changed = [k for k in sorted(set(saved) | set(record)) if k != "digest" and saved.get(k) != record.get(k)]
+    if not changed and saved.get("digest") != record["digest"]:
+        changed = ["the files' sizes or modification times"]
+    if changed:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} then, {record.get(k)!r} now" if k in record else k
+                           for k in changed)
+        raise ValueError(f"dataset '{name}' at {out_dir} was prepared from other input ({detail}); pass "
+                         "overwrite=True to rebuild it, or choose another name")
+
+
 def _prepared_or_cleared(data_dir: Path, name: str, version: str, overwrite: bool,
-                         what: str) -> ImageFolderSummary | None:
-    """The summary of an already prepared dataset (reused), or None after removing it when ``overwrite``."""
+                         what: str, record: dict) -> ImageFolderSummary | None:
+    """The summary of an already prepared dataset (reused) built from the same input (``record``, an error
+    otherwise), or None after removing it when ``overwrite``."""
     out_dir = data_dir / name / version
     if not (out_dir / "dataset_info.json").is_file():
         return None
     if overwrite:
         shutil.rmtree(out_dir)
         return None
+    _check_source(out_dir, record, name)
     d = describe_dataset(data_dir, f"{name}:{version}")
     log.info("%s dataset '%s' already prepared at %s; reusing it", what, name, out_dir)
     return ImageFolderSummary(name, str(data_dir), str(out_dir), d.splits, d.class_names, reused=True)
@@ -312,14 +351,16 @@ def build_image_folder(src_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     class named after the folder when it has none. Features: ``image`` (RGB), ``label`` (ClassLabel),
     ``file_name`` (path relative to ``src_dir``). Grey/RGBA/palette/CMYK/16-bit files are converted to RGB;
     unreadable files are skipped. Both are logged and listed in the returned summary. An existing dataset of
-    the same name and version is reused (``reused=True``, nothing rescanned) unless ``overwrite``.
+    the same name and version is reused (``reused=True``, nothing decoded again) unless ``overwrite``; reusing one
+    built from another folder, other files or other options is an error (:func:`source_record`).
     """
     src = Path(src_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder '{src}' does not exist or is not a directory")
     _check_build_args(name, heldout_fraction)
     data_dir = Path(data_dir)
-    prepared = _prepared_or_cleared(data_dir, name, version, overwrite, "image folder")
+    record = source_record([src], heldout_fraction=heldout_fraction, seed=seed)
+    prepared = _prepared_or_cleared(data_dir, name, version, overwrite, "image folder", record)
     if prepared is not None:
         return prepared
 
@@ -364,6 +405,7 @@ def build_image_folder(src_dir: str | os.PathLike, data_dir: str | os.PathLike, 
         name=name, version=version, features=features,
         split_datasets={s: generate(s) for s in splits}, data_dir=str(data_dir),
         description=f"Images of {src} (classes: {', '.join(classes)}).", file_format="array_record")
+    (Path(builder.data_dir) / SOURCE_RECORD).write_text(json.dumps(record))
     return ImageFolderSummary(name, str(data_dir), str(builder.data_dir), {s: len(v) for s, v in splits.items()},
                               classes, converted=converted, skipped=skipped)
 
@@ -472,7 +514,8 @@ def build_paired_folder(image_dir: str | os.PathLike, segmentation_dir: str | os
         raise ValueError(f"image and segmentation folders must differ, both are '{image_dir}'")
     _check_build_args(name, heldout_fraction)
     data_dir = Path(data_dir)
-    prepared = _prepared_or_cleared(data_dir, name, version, overwrite, "paired folder")
+    record = source_record([image_dir, seg_dir], heldout_fraction=heldout_fraction, seed=seed)
+    prepared = _prepared_or_cleared(data_dir, name, version, overwrite, "paired folder", record)
     if prepared is not None:
         return prepared
 
@@ -522,6 +565,7 @@ def build_paired_folder(image_dir: str | os.PathLike, segmentation_dir: str | os
         split_datasets={s: generate(s) for s in splits}, data_dir=str(data_dir),
         description=f"Images of {image_dir} with segmentation label maps of {seg_dir}.",
         file_format="array_record")
+    (Path(builder.data_dir) / SOURCE_RECORD).write_text(json.dumps(record))
     return ImageFolderSummary(name, str(data_dir), str(builder.data_dir), {s: len(v) for s, v in splits.items()},
                               None, converted=converted, skipped=skipped)
 

@@ -2,6 +2,8 @@
 import io
 import json
 import logging
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -102,7 +104,7 @@ def test_image_folder_contents_are_rgb(built, folder):
 
 def test_image_folder_reused(built, folder):
     summary, data_dir = built
-    again = datasets.build_image_folder(folder, data_dir, name="pets")
+    again = datasets.build_image_folder(folder, data_dir, name="pets", heldout_fraction=0.25, seed=0)
     assert again.reused and again.splits == summary.splits and again.class_names == summary.class_names
 
 
@@ -116,6 +118,25 @@ def test_single_class_folder(tmp_path):
     assert not s.skipped and not s.converted
     s2 = datasets.build_image_folder(src, tmp_path / "data", name="flowers", heldout_fraction=0.0, overwrite=True)
     assert not s2.reused and s2.splits == {"train": 3}
+    assert datasets.build_image_folder(src, tmp_path / "data", name="flowers", heldout_fraction=0.0).reused
+    # Reusing the prepared dataset for other input would train on stale or foreign data: each case is named.
+    at = tmp_path / "data" / "flowers" / "1.0.0"
+    with pytest.raises(ValueError, match=f"dataset 'flowers' at {at} was prepared from other input "
+                                         r"\(heldout_fraction: 0.0 then, 0.3 now\); pass overwrite=True"):
+        datasets.build_image_folder(src, tmp_path / "data", name="flowers", heldout_fraction=0.3)
+    other = tmp_path / "other" / "flowers"
+    shutil.copytree(src, other)
+    with pytest.raises(ValueError, match=f"folders: \\['{src}'\\] then, \\['{other}'\\] now"):
+        datasets.build_image_folder(other, tmp_path / "data", name="flowers", heldout_fraction=0.0)
+    Image.fromarray(np.full((6, 5, 3), 250, np.uint8)).save(src / "f0.png")          # same size, new pixels
+    os.utime(src / "f0.png", ns=(1, 1))
+    with pytest.raises(ValueError, match=r"\(the files' sizes or modification times\)"):
+        datasets.build_image_folder(src, tmp_path / "data", name="flowers", heldout_fraction=0.0)
+    Image.fromarray(np.full((6, 5, 3), 9, np.uint8)).save(src / "f3.png")
+    with pytest.raises(ValueError, match=r"\(files: 3 then, 4 now\)"):
+        datasets.build_image_folder(src, tmp_path / "data", name="flowers", heldout_fraction=0.0)
+    s3 = datasets.build_image_folder(src, tmp_path / "data", name="flowers", heldout_fraction=0.0, overwrite=True)
+    assert not s3.reused and s3.splits == {"train": 4}
 
 
 def test_image_folder_errors(tmp_path):
