@@ -83,7 +83,7 @@ def gpt_metrics(gpt_workdir: str) -> dict:
     config, state, _ = load_workdir(gpt_workdir)
     _, vq_vars, _ = load_vqgan(config.first_stage.workdir)
     data_dir, image_name = setup_run.resolve_dataset(config.data, gpt_workdir)
-    name = codes_dataset_name(image_name, int(config.data.image_size), params_fingerprint(vq_vars))
+    name = codes_dataset_name(data_dir, image_name, int(config.data.image_size), params_fingerprint(vq_vars))
     task = TransformerTask(config)
     st = GPTState(step=jnp.zeros((), jnp.int32), params=state["params"], opt_state=None)
     ev = jax.jit(task.eval_step)

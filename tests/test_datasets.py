@@ -135,8 +135,13 @@ def test_single_class_folder(tmp_path):
     Image.fromarray(np.full((6, 5, 3), 9, np.uint8)).save(src / "f3.png")
     with pytest.raises(ValueError, match=r"\(files: 3 then, 4 now\)"):
         datasets.build_image_folder(src, tmp_path / "data", name="flowers", heldout_fraction=0.0)
+    from transformer_jax.codes import codes_dataset_name
+    before = codes_dataset_name(str(tmp_path / "data"), "flowers", 32, "vq")
+    assert codes_dataset_name(str(tmp_path / "data"), "flowers", 32, "vq") == before
     s3 = datasets.build_image_folder(src, tmp_path / "data", name="flowers", heldout_fraction=0.0, overwrite=True)
     assert not s3.reused and s3.splits == {"train": 4}
+    # Codes pre-encoded from the old build are not taken for the rebuilt dataset of the same name.
+    assert codes_dataset_name(str(tmp_path / "data"), "flowers", 32, "vq") != before
 
 
 def test_image_folder_errors(tmp_path):

@@ -68,7 +68,7 @@ def test_training_beats_unigram_entropy_of_heldout_codes(trained):
     photos, vq_dir, res, seconds = trained
     _, vq_vars, _ = load_vqgan(vq_dir)
     image_name = datasets.builtin_photos_name(crop_size=32, crops_per_photo=64)
-    held = datasets.read_codes(photos, codes_dataset_name(image_name, 32, params_fingerprint(vq_vars)),
+    held = datasets.read_codes(photos, codes_dataset_name(photos, image_name, 32, params_fingerprint(vq_vars)),
                                "validation")
     codes = np.stack([held[i]["codes"] for i in range(len(held))])
     assert codes.shape == (160, 8, 8)

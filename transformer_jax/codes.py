@@ -19,9 +19,11 @@ from common_jax.metrics import progress_iter
 Encoders = Mapping[str, tuple[str, Callable[[np.ndarray], Any]]]   # out key -> (batch key, batch -> codes)
 
 
-def codes_dataset_name(image_dataset: str, image_size: int, stage_one_id: str) -> str:
-    """A name unique to (images, size, stage-one model), so a changed model never reuses stale codes."""
-    h = hashlib.sha1(f"{image_dataset}|{image_size}|{stage_one_id}".encode()).hexdigest()[:12]
+def codes_dataset_name(data_dir: str, image_dataset: str, image_size: int, stage_one_id: str) -> str:
+    """A name unique to (images, size, stage-one model), so a changed model or a dataset rebuilt under the same
+    name (:func:`common_jax.datasets.dataset_fingerprint`) never reuses stale codes."""
+    images = datasets.dataset_fingerprint(data_dir, image_dataset)
+    h = hashlib.sha1(f"{image_dataset}|{images}|{image_size}|{stage_one_id}".encode()).hexdigest()[:12]
     return f"codes_{h}"
 
 
@@ -75,7 +77,7 @@ def prepare_codes(data_dir: str, image_dataset: str, image_size: int,
     """
     encoders = dict(encode) if isinstance(encode, Mapping) else {"codes": ("image", encode)}
     inputs = tuple(dict.fromkeys(src for src, _ in encoders.values()))
-    name = codes_dataset_name(image_dataset, image_size, stage_one_id)
+    name = codes_dataset_name(data_dir, image_dataset, image_size, stage_one_id)
     n, i = jax.process_count(), jax.process_index()
     for split in splits:
         if _complete(data_dir, name, split):
