@@ -138,6 +138,18 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[st
     )
 
 
+def latest_config(workdir: str | os.PathLike) -> dict | None:
+    """The config saved with the newest checkpoint of ``workdir``; None when it has none."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    manager = make_manager(workdir, read_only=True, async_save=False)
+    try:
+        step = latest_step(manager)
+        return None if step is None else dict(read_meta(manager, step).get("config", {}))
+    finally:
+        manager.close()
+
+
 def latest_step(manager: ocp.CheckpointManager) -> int | None:
     """Newest complete (finalized) checkpoint step; tmp directories of interrupted saves are ignored."""
     manager.reload()

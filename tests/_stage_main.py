@@ -194,15 +194,15 @@ def write_stage_one_workdir(photos: str, workdir: str, step: int) -> None:
     save_fresh_stage_one(vqgan_config(photos), workdir, step)
 
 
-def save_fresh_stage_one(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
-    """A stage-one workdir holding checkpoint ``step`` of ``config``'s freshly initialised VQGAN."""
+def save_fresh_stage_one(config: ml_collections.ConfigDict, workdir: str, step: int, seed: int = 0) -> None:
+    """A stage-one workdir holding checkpoint ``step`` of ``config``'s freshly initialised VQGAN (init key ``seed``)."""
     import jax
 
     from common_jax import checkpoint as ckpt
     from common_jax.config_utils import config_to_dict
     from common_jax.training import jit_init
     from vqgan_jax.train import VQGANTask
-    state = jit_init(VQGANTask(config).init_state)(jax.random.key(0))
+    state = jit_init(VQGANTask(config).init_state)(jax.random.key(seed))
     manager = ckpt.make_manager(workdir, async_save=False)
     try:
         ckpt.save(manager, step, state, {"config": config_to_dict(config)}, None, force=True)

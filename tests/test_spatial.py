@@ -187,3 +187,20 @@ def test_missing_cond_stage_is_one_clear_error(runs, tmp_path):
     c.first_stage.workdir = str(runs["root"] / "vq")
     with pytest.raises(ValueError, match="a cond-stage model is needed: set cond_stage.workdir"):
         gpt_train.train(c, str(tmp_path / "gpt"))
+
+
+def test_other_stage_one_weights_are_refused(runs, tmp_path):
+    # A stage-one run that went on after stage two started (here: a VQGAN with other weights in its place) would
+    # decode the GPT's codes to wrong images, and on-the-fly training would go on over codes of another model.
+    from transformer_jax import train as gpt_train
+    from transformer_jax.sampler import Sampler
+    data_dir = str(runs["root"] / "data")
+    stage.save_fresh_stage_one(_short(vqgan_tiny.get_config(), data_dir), str(tmp_path / "vq2"), 1, seed=1)
+    with pytest.raises(ValueError, match=r"the stage-one weights loaded for .*gpt differ from those its GPT was "
+                                         r"trained on"):
+        Sampler.from_workdirs(str(runs["root"] / "gpt"), first_stage_workdir=str(tmp_path / "vq2"))
+    c = _short(transformer_spatial_tiny.get_config(), data_dir, steps=4)
+    c.data.pre_encoded = False
+    c.first_stage.workdir, c.cond_stage.workdir = str(tmp_path / "vq2"), str(runs["root"] / "seg")
+    with pytest.raises(ValueError, match=r"gpt_fly was trained on other stage-one weights than first_stage"):
+        gpt_train.train(c, str(runs["root"] / "gpt_fly"))

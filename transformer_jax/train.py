@@ -18,6 +18,7 @@ import optax
 from absl import logging
 from flax import struct
 
+from common_jax import checkpoint as ckpt
 from common_jax import data as data_lib
 from common_jax import run_setup, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
@@ -218,6 +219,16 @@ def stage_one_grid(config: Any, vq_model_cfg: Any, role: str = "first_stage") ->
     return grid
 
 
+def check_stage_one_unchanged(workdir: str, stage_one_id: str) -> None:
+    """Refuse to resume a stage-two run on other stage-one weights (e.g. the VQGAN run went on since): the codes
+    would change under the GPT, silently when encoding on the fly."""
+    saved = (ckpt.latest_config(workdir) or {}).get("stage_one_fingerprint")
+    if saved is not None and saved != stage_one_id:
+        raise ValueError(f"{workdir} was trained on other stage-one weights than first_stage (and cond_stage) give "
+                         "now (the stage-one run went on, or another one is named): resume with the weights it "
+                         "was trained on, or start a new workdir")
+
+
 def train(config, workdir: str) -> training.RunResult:
     from vqgan_jax.pretrained import load_vqgan
 
@@ -233,6 +244,9 @@ def train(config, workdir: str) -> training.RunResult:
         encoders["cond_codes"] = ("segmentation", make_encoder(cvq, cvars, int(ccfg.in_channels)))
         stage_one_id += codes_lib.params_fingerprint(cvars)
         features, code_features = ("image", "segmentation"), ("codes", "cond_codes")
+    check_stage_one_unchanged(workdir, stage_one_id)
+    with config.unlocked():
+        config.stage_one_fingerprint = stage_one_id     # saved with every checkpoint's config
     task = TransformerTask(config, cond_grid)
     d = config.data
     data_dir, image_name = run_setup.resolve_dataset(d, workdir)
