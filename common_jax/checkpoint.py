@@ -138,14 +138,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[st
     )
 
 
-def latest_config(workdir: str | os.PathLike) -> dict | None:
-    """The config saved with the newest checkpoint of ``workdir``; None when it has none."""
+def latest_meta(workdir: str | os.PathLike) -> dict | None:
+    """The meta item (``step``, ``config``, ...) of the newest checkpoint of ``workdir``; None when it has none."""
     if not os.path.isdir(checkpoint_dir(workdir)):
         return None
     manager = make_manager(workdir, read_only=True, async_save=False)
     try:
         step = latest_step(manager)
-        return None if step is None else dict(read_meta(manager, step).get("config", {}))
+        return None if step is None else read_meta(manager, step)
     finally:
         manager.close()
 

@@ -188,14 +188,7 @@ def describe_dataset(data_dir: str | os.PathLike, name: str) -> PreparedDataset:
 def dataset_fingerprint(data_dir: str | os.PathLike, name: str) -> str:
     """Identity of a prepared dataset's files (names, sizes, modification times): rebuilding it under the same
     name changes it, so data derived from it (pre-encoded codes) is not taken for current."""
-    import hashlib
-    _, path = dataset_path(data_dir, name)
-    h = hashlib.sha1()
-    for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        if entry.is_file():
-            st = entry.stat()
-            h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    return source_record([dataset_path(data_dir, name)[1]])["digest"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -92,11 +92,7 @@ def _dataset_chunks():
 
 def _checkpoint_step(workdir: str) -> int | None:
     from common_jax import checkpoint as ckpt
-    manager = ckpt.make_manager(workdir, read_only=True, async_save=False)
-    try:
-        return ckpt.latest_step(manager)
-    finally:
-        manager.close()
+    return (ckpt.latest_meta(workdir) or {}).get("step")
 
 
 def _signature(**extra) -> dict:

@@ -36,6 +36,12 @@ def params_fingerprint(variables: Any) -> str:
     return h.hexdigest()
 
 
+def stage_one_fingerprint(*variables: Any) -> str:
+    """Identity of the stage-one weights a stage-two run encodes with: the first stage's, then the cond stage's
+    (spatial conditioning). Training records it and the Sampler compares against it, so both build it here."""
+    return "".join(params_fingerprint(v) for v in variables)
+
+
 def encode_examples(loader: data_lib.Loader, encoders: Encoders, num_batches: int) -> Iterator[dict]:
     """Examples ``{'codes', 'label'[, 'cond_codes']}`` of the next ``num_batches`` of a finite (eval-mode,
     masked) loader; ``encoders`` maps each output key to (batch key, encoder). Datasets without labels

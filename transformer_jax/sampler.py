@@ -73,24 +73,24 @@ class Sampler:
                       cond_stage_workdir: str = "") -> "Sampler":
         """From a stage-two workdir; the stage-one (and cond-stage) models are the ones its config names
         unless overridden."""
-        from common_jax.pretrained import load_workdir
-        from transformer_jax.codes import params_fingerprint
+        from common_jax.pretrained import check_stage, load_workdir
+        from transformer_jax.codes import stage_one_fingerprint
         from transformer_jax.train import gpt_from_config
         from vqgan_jax.pretrained import load_vqgan
-        config, state, _ = load_workdir(transformer_workdir, stage="stage-two (transformer)")
+        config, state, _ = load_workdir(transformer_workdir)
+        check_stage(config, transformer_workdir, "stage-two (transformer)")
 
         def stage(role: str, override: str) -> tuple[Any, Any, Any]:
             src = dict(workdir=override, taming_ckpt="", taming_yaml="") if override else dict(config[role])
             return load_vqgan(**src, role=role)
 
         vq, vq_vars, _ = stage("first_stage", first_stage_workdir)
-        fingerprint = params_fingerprint(vq_vars)
         cond_stage = None
         if config.cond.kind == "spatial":
             cvq, cvars, ccfg = stage("cond_stage", cond_stage_workdir)
             cond_stage = (cvq, cvars, int(ccfg.in_channels))
-            fingerprint += params_fingerprint(cvars)
         # Other stage-one weights than the GPT was trained on decode its codes to wrong images, without an error.
+        fingerprint = stage_one_fingerprint(vq_vars, *([] if cond_stage is None else [cond_stage[1]]))
         if config.get("stage_one_fingerprint") not in (None, fingerprint):
             raise ValueError(f"the stage-one weights loaded for {transformer_workdir} differ from those its GPT was "
                              "trained on (the stage-one run went on since, or another one is named): pass the "

@@ -222,7 +222,7 @@ def stage_one_grid(config: Any, vq_model_cfg: Any, role: str = "first_stage") ->
 def check_stage_one_unchanged(workdir: str, stage_one_id: str) -> None:
     """Refuse to resume a stage-two run on other stage-one weights (e.g. the VQGAN run went on since): the codes
     would change under the GPT, silently when encoding on the fly."""
-    saved = (ckpt.latest_config(workdir) or {}).get("stage_one_fingerprint")
+    saved = (ckpt.latest_meta(workdir) or {}).get("config", {}).get("stage_one_fingerprint")
     if saved is not None and saved != stage_one_id:
         raise ValueError(f"{workdir} was trained on other stage-one weights than first_stage (and cond_stage) give "
                          "now (the stage-one run went on, or another one is named): resume with the weights it "
@@ -235,15 +235,16 @@ def train(config, workdir: str) -> training.RunResult:
     vq, vq_vars, vq_cfg = load_vqgan(**config.first_stage)
     stage_one_grid(config, vq_cfg)
     encoders: dict = {"codes": ("image", make_encoder(vq, vq_vars))}
-    stage_one_id = codes_lib.params_fingerprint(vq_vars)
+    stage_vars = [vq_vars]
     cond_grid, features, code_features = None, ("image", "label"), ("codes", "label")
     if config.cond.kind == "spatial":
         # The cond stage (taming's VQSegmentationModel) encodes the dataset's label maps to the prefix.
         cvq, cvars, ccfg = load_vqgan(**config.cond_stage, role="cond_stage")
         cond_grid = stage_one_grid(config, ccfg, "cond_stage")
         encoders["cond_codes"] = ("segmentation", make_encoder(cvq, cvars, int(ccfg.in_channels)))
-        stage_one_id += codes_lib.params_fingerprint(cvars)
+        stage_vars.append(cvars)
         features, code_features = ("image", "segmentation"), ("codes", "cond_codes")
+    stage_one_id = codes_lib.stage_one_fingerprint(*stage_vars)
     check_stage_one_unchanged(workdir, stage_one_id)
     with config.unlocked():
         config.stage_one_fingerprint = stage_one_id     # saved with every checkpoint's config
