@@ -76,6 +76,29 @@ class ChunkedStats:
         os.replace(tmp, self.path)      # atomic: a kill mid-write leaves the previous chunk's file
 
 
+def chunk_file(chunk_dir: str, chunk: int, process: int) -> str:
+    """Where process ``process`` keeps its per-image outputs of chunk ``chunk`` (Inception logits, images)."""
+    return os.path.join(chunk_dir, f"chunk_{chunk:05d}_p{process}.npz")
+
+
+def chunk_files(chunk_dir: str, n: int, chunk_size: int, process_count: int) -> list[str]:
+    """Every process's :func:`chunk_file` of an evaluation of ``n`` items, chunk by chunk, processes in order.
+
+    Chunk k's items are dealt to the processes round-robin, so process p has a file iff p < the chunk's size. A
+    missing file is an error naming it: what is read back from the files (the Inception Score, saved images) would
+    otherwise cover some of the images only, e.g. with a workdir that is not one shared path on every host.
+    """
+    paths = [chunk_file(chunk_dir, k, p) for k in range(-(-n // chunk_size))
+             for p in range(min(process_count, n - k * chunk_size, chunk_size))]
+    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(paths)} chunk files are missing from {chunk_dir} ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): every process writes its own, so the workdir must be one "
+            "shared path on all hosts, and the files must stay; evaluate into a fresh --workdir")
+    return paths
+
+
 def run_chunks(state: ChunkedStats, num_chunks: int, compute: Callable[[int], Mapping[str, np.ndarray]],
                on_chunk: Callable[[int, Any], None] | None = None, desc: str = "chunk") -> dict[str, FeatureStats]:
     """Call ``compute(k) -> {stream: this process's features (N, D)}`` for the chunks not done yet, adding them

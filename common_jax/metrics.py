@@ -132,9 +132,19 @@ def image_grid(images: Any, ncols: int, pad: int = 2, pad_value: int = 255) -> n
     return grid
 
 
-def to_uint8(images: Any, low: float = -1.0, high: float = 1.0) -> np.ndarray:
-    """Float images in [low, high] -> uint8 in [0, 255] (clipped)."""
-    x = (np.asarray(images, np.float32) - low) / (high - low)
+def to_uint8(images: Any, low: float = -1.0, high: float = 1.0, name: str | None = None) -> np.ndarray:
+    """Float images in [low, high] -> uint8 in [0, 255] (clipped).
+
+    With ``name``, NaN or infinite values are a ValueError naming it: as pixels they would turn black, so an
+    image of broken weights (a diverged run) would pass as a dark one, into a sample grid or an FID. Without it
+    (training's image summaries) they convert as numpy casts them, so a picture never stops a run.
+    """
+    x = np.asarray(images, np.float32)
+    if name is not None and not np.isfinite(x).all():
+        bad = int(x.size - np.isfinite(x).sum())
+        raise ValueError(f"{name} holds {bad} NaN or infinite values of {x.size} (shape {x.shape}): the weights "
+                         "that made them are broken, e.g. a run that diverged")
+    x = (x - low) / (high - low)
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 

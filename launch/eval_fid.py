@@ -122,7 +122,7 @@ def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str
 
 def eval_samples(workdir: str) -> dict:
     from common_jax.fid import frechet_distance, inception_score
-    from common_jax.fid_eval import ChunkedStats, run_chunks
+    from common_jax.fid_eval import ChunkedStats, chunk_file, chunk_files, run_chunks
     from transformer_jax.sampler import Sampler, sampling_options
     if not _TRANSFORMER.value:
         raise ValueError("--transformer_workdir is required in samples mode")
@@ -160,7 +160,7 @@ def eval_samples(workdir: str) -> dict:
             f, _, unbiased = features(images[s:s + _BATCH.value])
             feats.append(f)
             logits.append(unbiased if unbiased is not None else np.zeros((len(f), 0)))
-        np.savez(os.path.join(chunk_dir, f"chunk_{k:05d}_p{pi}.npz"), logits=np.concatenate(logits),
+        np.savez(chunk_file(chunk_dir, k, pi), logits=np.concatenate(logits),
                  **({"images": images, "labels": lab if lab is not None else np.zeros(0)} if _SAVE_IMAGES.value
                     else {}))
         return {"fake": np.concatenate(feats)}
@@ -169,12 +169,12 @@ def eval_samples(workdir: str) -> dict:
     mu, sigma = stats["fake"].mean_cov()
     result = {"mode": "samples", "fid": frechet_distance(mu, sigma, mu_r, sigma_r), "num_samples": stats["fake"].count,
               "reference": ref, "transformer_workdir": _TRANSFORMER.value, "sampling": opts}
-    files = sorted(f for f in os.listdir(chunk_dir) if f.endswith(".npz"))
-    logits = [np.load(os.path.join(chunk_dir, f))["logits"] for f in files]
+    files = chunk_files(chunk_dir, n, _CHUNK.value, pc)
+    logits = [np.load(f)["logits"] for f in files]
     if logits and logits[0].shape[1]:
         result["inception_score"], result["inception_score_std"] = inception_score(np.concatenate(logits))
     if _SAVE_IMAGES.value and pi == 0:
-        parts = [np.load(os.path.join(chunk_dir, f)) for f in files]
+        parts = [np.load(f) for f in files]
         np.savez(os.path.join(workdir, "samples_arr_0.npz"), arr_0=np.concatenate([p["images"] for p in parts]),
                  arr_1=np.concatenate([p["labels"] for p in parts]))
         result["images_npz"] = "samples_arr_0.npz"
@@ -199,7 +199,7 @@ def eval_reconstruction(workdir: str) -> dict:
     def compute(k):
         real, rec = [], []
         for x, m in chunk(k):
-            xr = to_uint8(recon(variables, to_float(x)))
+            xr = to_uint8(recon(variables, to_float(x)), name="the VQGAN's reconstructions")
             real.append(features(x)[0][m])
             rec.append(features(xr)[0][m])
         return {"real": np.concatenate(real), "recon": np.concatenate(rec)}

@@ -1,7 +1,7 @@
 """Run the toy task through common_jax.training.run in its own process (kill/resume, multi-process tests).
 
 usage: python _train_toy_main.py WORKDIR TOTAL_STEPS [--every N] [--sleep S] [--data D] [--fsdp F]
-           [--stop-after K] [--num-processes P --process-id I --coordinator HOST:PORT]
+           [--stop-after K] [--num-processes P --process-id I --coordinator HOST:PORT] [--per-process-workdir]
 Writes WORKDIR/final_state.npz and WORKDIR/done.json (step, preempted) when run() returns (process 0).
 With several processes the 8 devices are split evenly between them (CPU collectives over gloo).
 """
@@ -21,7 +21,10 @@ p.add_argument("--stop-after", type=int, default=None)
 p.add_argument("--num-processes", type=int, default=1)
 p.add_argument("--process-id", type=int, default=0)
 p.add_argument("--coordinator", default="localhost:12355")
+p.add_argument("--per-process-workdir", action="store_true", help="WORKDIR_p<id>: a workdir that is not shared")
 a = p.parse_args()
+if a.per_process_workdir:
+    a.workdir = f"{a.workdir}_p{a.process_id}"
 
 if a.num_processes > 1:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // a.num_processes}"
@@ -42,6 +45,7 @@ from absl import logging  # noqa: E402
 
 import toy_task  # noqa: E402
 from common_jax.metrics import to_host  # noqa: E402
+from common_jax.run_setup import check_workdir  # noqa: E402
 from common_jax.training import run  # noqa: E402
 
 
@@ -51,7 +55,7 @@ def main() -> None:
     task = toy_task.ToyTask(noise=0.1)
     loader = toy_task.ToyLoader(cfg.batch_size, seed=0, sleep=a.sleep,
                                 process_index=jax.process_index(), process_count=jax.process_count())
-    res = run(cfg, a.workdir, task, loader, tensorboard=False, stop_after=a.stop_after)
+    res = run(cfg, check_workdir(a.workdir), task, loader, tensorboard=False, stop_after=a.stop_after)
     flat = {jax.tree_util.keystr(k): to_host(v)
             for k, v in jax.tree_util.tree_flatten_with_path(res.state)[0]}
     if jax.process_index() == 0:

@@ -1,4 +1,6 @@
 """FID / IS / precision-recall / streaming statistics / statistics files (no Inception network here)."""
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -237,3 +239,18 @@ def test_chunked_stats_resume_only_the_same_evaluation(tmp_path):
     arrays["meta"] = np.asarray('{"names": ["fake"], "chunks_done": 3}')
     np.savez(tmp_path / "old.npz", **arrays)
     assert ChunkedStats(str(tmp_path / "old.npz"), ("fake",), dim=3, signature=sig).chunks_done == 3
+
+
+def test_chunk_files_are_every_process_share_and_a_missing_one_is_named(tmp_path):
+    from common_jax.fid_eval import chunk_file, chunk_files
+    # 7 images in chunks of 3 on 2 processes: chunks of 3, 3 and 1 images, the last one dealt to process 0 only.
+    expected = [chunk_file(str(tmp_path), k, p) for k, p in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0))]
+    for f in expected:
+        np.savez(f, logits=np.zeros((1, 2)))
+    assert chunk_files(str(tmp_path), 7, 3, 2) == expected
+    # What one host of a workdir that is not shared sees: the Inception Score read from it would cover part of the
+    # images only.
+    os.remove(expected[3])
+    with pytest.raises(FileNotFoundError, match=r"1 of the 5 chunk files are missing from .* \(chunk_00001_p1.npz\): "
+                                                r"every process writes its own, so the workdir must be one shared"):
+        chunk_files(str(tmp_path), 7, 3, 2)

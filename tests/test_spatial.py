@@ -2,11 +2,13 @@
 the segmentation VQ model trained by the stage-one loop (the image VQGAN is a fresh, untrained one) ->
 spatially conditioned GPT (pre-encoded and on the fly) -> Sampler and `launch.sample --segmentation`,
 including sliding-window sampling on a wider map."""
+import copy
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -86,6 +88,9 @@ def test_sampler_encodes_maps_and_samples_at_and_beyond_the_training_size(runs):
     assert sampler.cond_grid == (8, 8)
     with pytest.raises(ValueError, match=r"cond_codes must be \(1, 8, 8\) integer codes .* got int32 \(1, 4, 4\)"):
         sampler.sample_codes(jax.random.key(0), 1, cond_codes=cond[:, :4, :4])
+    # Sampler.sample checks the codes' dtype as sample_codes does (it cast them to int32 first: truncated codes).
+    with pytest.raises(ValueError, match=r"cond_codes must be \(2, 8, 8\) integer codes .* got float64 \(2, 8, 8\)"):
+        sampler.sample(jax.random.key(0), 2, batch_size=2, cond_codes=np.repeat(cond, 2, 0) + 0.5, progress=False)
     with pytest.raises(ValueError, match=r"max_batches=1 cannot hold n=4 images at batch_size=2 \(2 batches\)"):
         sampler.sample(jax.random.key(0), 4, batch_size=2, cond_codes=np.repeat(cond, 4, 0), max_batches=1)
     from launch.sample import parse_classes
@@ -121,6 +126,13 @@ def test_class_conditional_sampler_draws_codebook_ids_only(runs):
     with pytest.raises(ValueError, match=r"codes must be in \[0, 128\) \(the first-stage codebook\), found range "
                                          r"\[\d+, 137\]"):
         sampler.decode(np.where(codes == codes[0, 0, 0], 137, codes))
+    # A decoder with broken (NaN) weights is an error naming it, not black images.
+    broken = copy.copy(sampler)
+    broken.vq_vars = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating)
+                                  else x, vq_vars)
+    with pytest.raises(ValueError, match=r"the first-stage decoder's output holds 6144 NaN or infinite values of "
+                                         r"6144 \(shape \(2, 32, 32, 3\)\): the weights that made them are broken"):
+        broken.decode(codes)
     # Guidance: the sliding window has none (an error, not a dropped flag), and a model trained without condition
     # dropout has no unconditional branch.
     from launch.sample import write_large

@@ -190,6 +190,15 @@ def test_image_grid_and_png(tmp_path):
         mlib.save_png(tmp_path / "x.png", np.zeros((2, 2, 2), np.uint8))
 
 
+def test_to_uint8_names_non_finite_values_when_given_a_name():
+    x = np.array([[-1.0, 0.0], [1.0, np.nan]], np.float32)
+    with pytest.raises(ValueError, match=r"decoded images holds 1 NaN or infinite values of 4 \(shape \(2, 2\)\)"):
+        mlib.to_uint8(x, name="decoded images")
+    np.testing.assert_array_equal(mlib.to_uint8(x[:1], name="decoded images"), [[0, 128]])
+    with np.errstate(invalid="ignore"):   # training's summaries: converted as numpy casts, never an error
+        assert mlib.to_uint8(x).shape == (2, 2)
+
+
 def test_averager_and_progress():
     avg = mlib.MetricAverager()
     assert avg.result() == {}

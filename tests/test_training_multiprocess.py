@@ -22,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(workdir, *extra):
+def _two_processes(workdir, *extra, expect_rc=0):
     port = _free_port()
     logs = [open(f"{workdir}.{i}.log", "w+") for i in range(2)]  # files, not pipes: no pipe-full stalls
     procs = [subprocess.Popen(
@@ -42,8 +42,19 @@ def _two_processes(workdir, *extra):
         outs.append(f.read())
         f.close()
     for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+        assert p.returncode == expect_rc, out[-3000:]
     return outs
+
+
+def test_a_workdir_not_shared_by_the_processes_is_refused(tmp_path):
+    # Each process on a disk of its own: each would checkpoint a part of the state (and eval_fid read a part of
+    # the chunks). Both refuse before any training, naming the other one.
+    outs = _two_processes(tmp_path / "own", "--per-process-workdir", expect_rc=1)
+    for i, out in enumerate(outs):
+        assert (f"own_p{i} is not one shared path on all hosts: process {i} does not see the files of process "
+                f"{1 - i}") in out, out[-2000:]
+        assert not os.path.exists(tmp_path / f"own_p{i}" / "checkpoints")
+        assert os.listdir(tmp_path / f"own_p{i}") == []       # its probe file is removed
 
 
 def test_two_processes_stop_resume_match_one_process(tmp_path):

@@ -186,7 +186,8 @@ class Sampler:
         if codes.size and (codes.min() < 0 or codes.max() >= self.n_codes):
             raise ValueError(f"codes must be in [0, {self.n_codes}) (the first-stage codebook), found range "
                              f"[{codes.min()}, {codes.max()}]")
-        return to_uint8(self._decode(self.vq_vars, jnp.asarray(codes, jnp.int32)))
+        images = self._decode(self.vq_vars, jnp.asarray(codes, jnp.int32))
+        return to_uint8(images, name="the first-stage decoder's output")
 
     # -- images ----------------------------------------------------------------------------------
     def sample(self, rng: jax.Array, n: int, labels: np.ndarray | None = None, *, batch_size: int = 16,
@@ -211,7 +212,7 @@ class Sampler:
         if labels is not None and len(labels) != n:
             raise ValueError(f"got {len(labels)} labels for {n} samples")
         if cond_codes is not None:
-            cond_codes = np.asarray(cond_codes, np.int32)
+            cond_codes = np.asarray(cond_codes)  # its dtype is checked with its shape, per batch (not cast here)
             if len(cond_codes) != n:
                 raise ValueError(f"got {len(cond_codes)} cond_codes for {n} samples")
         need = -(-n // batch_size)
