@@ -153,6 +153,20 @@ def test_matmul_rowwise_for_few_rows_on_cpu():
                     np.testing.assert_array_equal(flat[i], np.asarray(f(jnp.asarray(row[None]), kernel))[0])
 
 
+def test_bf16_matmul_on_cpu_reads_the_bf16_kernel():
+    # A bf16 product is accumulated in float32 and rounded once, as before; but asked for a bf16 result, XLA:CPU
+    # widened the whole kernel to float32 first (every decode step: bf16 sampling of the 24-layer GPT ran slower
+    # than float32). With a float32 result and one rounding, the optimised program converts no kernel.
+    x = jax.random.normal(jax.random.key(0), (4, 256)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(1), (256, 1024)).astype(jnp.bfloat16)
+    y = jax.jit(matmul)(x, kernel)
+    assert y.dtype == jnp.bfloat16
+    want = (x.astype(jnp.float32) @ kernel.astype(jnp.float32)).astype(jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+    hlo = jax.jit(matmul).lower(x, kernel).compile().as_text()
+    assert "f32[256,1024]" not in hlo, [line for line in hlo.splitlines() if "f32[256,1024]" in line][:3]
+
+
 def test_kv_cache_matches_full_forward(gold, forward):
     _, _, data, model, variables = gold
     idx = jnp.asarray(data["input/idx"], jnp.int32)
