@@ -43,16 +43,16 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     if (1 < rows <= ROWWISE_MAX_ROWS and kernel.dtype == jnp.float32
             and kernel.size * kernel.dtype.itemsize <= ROWWISE_MAX_KERNEL_BYTES):
         flat = x.reshape(rows, x.shape[-1])
-        y = jnp.concatenate([_cpu_dot(flat[i:i + 1], kernel) for i in range(rows)], axis=0)
+        y = jnp.concatenate([flat[i:i + 1] @ kernel for i in range(rows)], axis=0)
         return y.reshape(*x.shape[:-1], kernel.shape[1])
     return _cpu_dot(x, kernel)
 
 
 def _cpu_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel`` accumulated in float32 and rounded to x's dtype once: what XLA:CPU computes for a bf16 dot
-    anyway, but asked for a bf16 result it first widened the whole bf16 kernel to float32 (in a decode loop,
-    every step), where with a float32 result its library reads the bf16 kernel directly (from 2 rows on; a
-    one-row product is still widened). The 24-layer GPT's bf16 decode at batch 4: 261 -> 194 ms per token."""
+    """``x @ kernel`` accumulated in float32 and rounded to the inputs' dtype once: what XLA:CPU computes for a
+    bf16 dot anyway, but asked for a bf16 result it first widened the whole bf16 kernel to float32 (in a decode
+    loop, every step), where with a float32 result its library reads the bf16 kernel directly (from 2 rows on;
+    a one-row product is still widened). The 24-layer GPT's bf16 decode at batch 4: 261 -> 194 ms per token."""
     if x.dtype == kernel.dtype == jnp.float32:
         return x @ kernel
     return jnp.matmul(x, kernel, preferred_element_type=jnp.float32).astype(jnp.result_type(x, kernel))
