@@ -76,20 +76,26 @@ class ChunkedStats:
         os.replace(tmp, self.path)      # atomic: a kill mid-write leaves the previous chunk's file
 
 
+def chunk_items(n: int, chunk_size: int, chunk: int, process: int, process_count: int) -> np.ndarray:
+    """Indices of the items of chunk ``chunk`` (of an evaluation of ``n``) that process ``process`` handles: the
+    chunk's items dealt round-robin over the processes."""
+    return np.arange(chunk * chunk_size, min(n, (chunk + 1) * chunk_size))[process::process_count]
+
+
 def chunk_file(chunk_dir: str, chunk: int, process: int) -> str:
     """Where process ``process`` keeps its per-image outputs of chunk ``chunk`` (Inception logits, images)."""
     return os.path.join(chunk_dir, f"chunk_{chunk:05d}_p{process}.npz")
 
 
 def chunk_files(chunk_dir: str, n: int, chunk_size: int, process_count: int) -> list[str]:
-    """Every process's :func:`chunk_file` of an evaluation of ``n`` items, chunk by chunk, processes in order.
+    """Every process's :func:`chunk_file` of an evaluation of ``n`` items, chunk by chunk, processes in order: one
+    per process with :func:`chunk_items` in the chunk.
 
-    Chunk k's items are dealt to the processes round-robin, so process p has a file iff p < the chunk's size. A
-    missing file is an error naming it: what is read back from the files (the Inception Score, saved images) would
-    otherwise cover some of the images only, e.g. with a workdir that is not one shared path on every host.
+    A missing file is an error naming it: what is read back from the files (the Inception Score, saved images)
+    would otherwise cover some of the images only, e.g. with a workdir that is not one shared path on every host.
     """
-    paths = [chunk_file(chunk_dir, k, p) for k in range(-(-n // chunk_size))
-             for p in range(min(process_count, n - k * chunk_size, chunk_size))]
+    paths = [chunk_file(chunk_dir, k, p) for k in range(-(-n // chunk_size)) for p in range(process_count)
+             if len(chunk_items(n, chunk_size, k, p, process_count))]
     missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(

@@ -140,8 +140,8 @@ def to_uint8(images: Any, low: float = -1.0, high: float = 1.0, name: str | None
     (training's image summaries) they convert as numpy casts them, so a picture never stops a run.
     """
     x = np.asarray(images, np.float32)
-    if name is not None and not np.isfinite(x).all():
-        bad = int(x.size - np.isfinite(x).sum())
+    bad = 0 if name is None else x.size - np.count_nonzero(np.isfinite(x))
+    if bad:
         raise ValueError(f"{name} holds {bad} NaN or infinite values of {x.size} (shape {x.shape}): the weights "
                          "that made them are broken, e.g. a run that diverged")
     x = (x - low) / (high - low)

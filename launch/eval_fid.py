@@ -122,7 +122,7 @@ def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str
 
 def eval_samples(workdir: str) -> dict:
     from common_jax.fid import frechet_distance, inception_score
-    from common_jax.fid_eval import ChunkedStats, chunk_file, chunk_files, run_chunks
+    from common_jax.fid_eval import ChunkedStats, chunk_file, chunk_files, chunk_items, run_chunks
     from transformer_jax.sampler import Sampler, sampling_options
     if not _TRANSFORMER.value:
         raise ValueError("--transformer_workdir is required in samples mode")
@@ -149,7 +149,7 @@ def eval_samples(workdir: str) -> dict:
     key = jax.random.key(_SEED.value)
 
     def compute(k):
-        idx = np.arange(k * _CHUNK.value, min(n, (k + 1) * _CHUNK.value))[pi::pc]
+        idx = chunk_items(n, _CHUNK.value, k, pi, pc)
         if not len(idx):
             return {"fake": np.zeros((0, 2048))}
         lab = None if labels is None else labels[idx]
