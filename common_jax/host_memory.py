@@ -24,7 +24,9 @@ def keep_freed_host_memory() -> bool:
     Call it first thing in a process, before importing numpy, jax, TensorFlow or grain: once another native
     thread has allocated, glibc has fixed its arena count and the setting helps only partly (called after
     the train entry point's imports, a GPT step still took 186k faults; before them, none). Process-wide
-    and permanent: the resident size stays at its peak. Returns whether it took effect fully: False off
+    and permanent: the resident size stays at its peak, which under concurrent load can exceed the working set
+    (small allocations take pieces of a freed large block, so the next one is placed after it: a loop of 64 MB
+    results on a busy 2-core host grew the heap to 160-600 MB). Returns whether it took effect fully: False off
     glibc, when ``TAMING_JAX_KEEP_HOST_MEMORY=0`` opts out, or when the process already had other threads.
     """
     global _kept

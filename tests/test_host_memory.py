@@ -21,7 +21,7 @@ x = jnp.ones((4096, 8), jnp.float32)
 for _ in range(2):
     f(x).block_until_ready()
 faults = []
-for _ in range(6):
+for _ in range(32):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = f(x).block_until_ready()
     del y
@@ -47,9 +47,11 @@ def test_results_reuse_memory_instead_of_faulting_it_in_again():
     kept, default = json.loads(_python(PROGRAM)), json.loads(_python(PROGRAM, opt_out=True))
     assert kept["kept"] and not default["kept"]
     assert min(default["faults"]) > 15000, default        # fresh pages for the 64 MB result on every call
-    # Reused. Not on every call: the previous result is freed asynchronously, so a call sometimes finds it
-    # still held and takes new pages (about a third of the calls here).
-    assert min(kept["faults"]) < 1000, kept
+    # Reused, though not on every call: the previous result is freed asynchronously, and while other work
+    # runs (the suite's other worker) small allocations can take a piece of the freed block first, so a call
+    # takes fresh pages again. On a loaded 2-core host up to 9 of 24 calls did, 6 of them in a row.
+    reused = sum(f < 1000 for f in kept["faults"])
+    assert reused >= len(kept["faults"]) // 2, kept
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
