@@ -165,6 +165,13 @@ def test_class_conditional_sampler_draws_codebook_ids_only(runs):
     no_dropout = Sampler(gpt, variables, vq, vq_vars, cond, (8, 8))
     with pytest.raises(ValueError, match=r"guidance_scale needs a model trained with condition dropout"):
         no_dropout.sample_codes(jax.random.key(0), 2, labels=np.arange(2), guidance_scale=2.0)
+    # A bf16 GPT samples through kernel copies made once (transformer_jax.gpt.prepare_decode_variables), not per batch.
+    from transformer_jax.gpt import DECODE_KERNELS
+    bf16 = Sampler(gpt.clone(dtype=jnp.bfloat16), variables, vq, vq_vars, c.cond, (8, 8))
+    assert DECODE_KERNELS in bf16.decode_variables() and bf16.decode_variables() is bf16.decode_variables()
+    codes = np.asarray(bf16.sample_codes(jax.random.key(0), 2, labels=np.arange(2)))
+    assert codes.shape == (2, 8, 8) and 0 <= codes.min() and codes.max() < 128
+    assert DECODE_KERNELS not in sampler.decode_variables()                  # float32: the parameters as they are
 
 
 def test_sample_launcher_with_a_label_map(runs, tmp_path):

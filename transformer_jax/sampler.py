@@ -9,6 +9,7 @@ import numpy as np
 
 from common_jax.metrics import Progress, to_uint8
 from transformer_jax import conditioning as cond_lib
+from transformer_jax.gpt import prepare_decode_variables
 from transformer_jax.sampling import sample
 from transformer_jax.sliding_window import sample_sliding_window
 
@@ -66,6 +67,7 @@ class Sampler:
         self.cond_grid = None if cond_stage is None else tuple(
             g * vqgan.downsample_factor // cond_stage[0].downsample_factor for g in self.grid)
         self._encode_cond: Callable[[np.ndarray], jax.Array] | None = None
+        self._decode_vars: Any = None
         self.last_accept_rate: float | None = None
 
     @classmethod
@@ -164,6 +166,13 @@ class Sampler:
                              f"this one has cond.cfg_dropout={self.cond.cfg_dropout}")
 
     # -- codes -----------------------------------------------------------------------------------
+    def decode_variables(self) -> Any:
+        """The GPT's variables as the samplers read them (:func:`transformer_jax.gpt.prepare_decode_variables`),
+        prepared on first use and kept, so each batch does not copy the kernels again."""
+        if self._decode_vars is None:
+            self._decode_vars = prepare_decode_variables(self.gpt, self.gpt_vars)
+        return self._decode_vars
+
     def sample_codes(self, rng: jax.Array, n: int, labels: np.ndarray | None = None,
                      cond_codes: np.ndarray | None = None, top_k: int | None = None,
                      top_p: float | None = None, temperature: float = 1.0,
@@ -175,7 +184,7 @@ class Sampler:
         if guidance_scale is not None:
             uncond = cond_lib.null_tokens(self.cond, prefix)
         steps = self.grid[0] * self.grid[1]
-        codes = sample(self.gpt, self.gpt_vars, prefix, steps, rng, top_k=top_k, top_p=top_p,
+        codes = sample(self.gpt, self.decode_variables(), prefix, steps, rng, top_k=top_k, top_p=top_p,
                        temperature=temperature, guidance_scale=guidance_scale, uncond_prefix=uncond,
                        vocab_limit=self.n_codes)
         return codes.reshape(n, *self.grid)
@@ -265,7 +274,7 @@ class Sampler:
             prefix, cond_grid = None, jnp.asarray(cond_codes, jnp.int32)
         else:
             prefix, cond_grid = self._prefix(n, labels, cond_codes), None
-        codes = sample_sliding_window(self.gpt, self.gpt_vars, (h, w), self.grid[0], rng, prefix=prefix,
-                                      cond_grid=cond_grid, top_k=top_k, top_p=top_p, temperature=temperature,
-                                      vocab_limit=self.n_codes)
+        codes = sample_sliding_window(self.gpt, self.decode_variables(), (h, w), self.grid[0], rng,
+                                      prefix=prefix, cond_grid=cond_grid, top_k=top_k, top_p=top_p,
+                                      temperature=temperature, vocab_limit=self.n_codes)
         return self.decode(codes)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from common_jax.quick_compile import quick_jit
-from transformer_jax.gpt import GPT, even_bounds, init_cache, kernels_in_compute_dtype
+from transformer_jax.gpt import GPT, even_bounds, init_cache, prepare_decode_variables
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -256,7 +256,7 @@ def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided:
     bounds = [1 + k for k in even_bounds(steps - 1, phases)]  # step ranges, from step 1
 
     def run(variables, prefix, uncond, u, temperature, top_p, scale):
-        variables = kernels_in_compute_dtype(model, variables)
+        variables = prepare_decode_variables(model, variables)
         b, p = prefix.shape
         tokens = jnp.concatenate([prefix, uncond], axis=0) if guided else prefix
         # Step t writes position p + t - 1, so steps [start, end) need p + end - 1 positions.

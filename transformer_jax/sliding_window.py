@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.gpt import GPT, init_cache, kernels_in_compute_dtype
+from transformer_jax.gpt import GPT, init_cache, prepare_decode_variables
 from transformer_jax.sampling import (_check_optional_positive_int, _check_options, _check_positive_int, _check_tokens,
                                       checked_vocab_limit, choose_with_uniform, row_chunks, run_row_chunks,
                                       step_uniforms)
@@ -70,7 +70,7 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
     w = window
 
     def run(variables, prefix, cond_grid, u, temperature, top_p):
-        variables = kernels_in_compute_dtype(model, variables)
+        variables = prepare_decode_variables(model, variables)
         b = prefix.shape[0]
         n_ctx = prefix.shape[1] + (w * w if cond_grid.shape[1] else 0)
         tp = top_p if use_top_p else None
@@ -113,7 +113,7 @@ def _cached_sampler(model: GPT, height: int, width: int, window: int, top_k: int
     w = window
 
     def run(variables, prefix, cond_grid, u, temperature, top_p):
-        variables = kernels_in_compute_dtype(model, variables)
+        variables = prepare_decode_variables(model, variables)
         b = prefix.shape[0]
         n_ctx = prefix.shape[1] + (w * w if cond_grid.shape[1] else 0)
         length = n_ctx + w * w - 1          # input positions a window ever needs
