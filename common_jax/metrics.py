@@ -55,9 +55,10 @@ class LoggingOnlyWriter:
 def create_writer(workdir: str | os.PathLike | None, *, tensorboard: bool = True) -> Any:
     """TensorBoard + logging writer on process 0, logging only elsewhere (or when ``tensorboard=False``).
 
-    clu's writers import TensorFlow (seconds); ``tensorboard=False`` skips that import entirely.
+    clu's writers import TensorFlow (seconds, and its memory on every host); the logging-only writers here skip
+    that import, so only process 0 of a TensorBoard run pays it.
     """
-    if not tensorboard or workdir is None:
+    if not tensorboard or workdir is None or jax.process_index() > 0:
         return LoggingOnlyWriter()
     from clu import metric_writers  # lazy: pulls in TensorFlow
     return metric_writers.create_default_writer(os.fspath(workdir), just_logging=jax.process_index() > 0)

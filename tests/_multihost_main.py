@@ -229,7 +229,8 @@ def main() -> None:
         else:
             from transformer_jax.train import train
             result = train(gpt_config(), workdir)
-        logging.info("stage %s: step %d in %.1f s", stage, result.step, time.monotonic() - t0)
+        logging.info("stage %s: step %d in %.1f s (tensorflow imported: %s)", stage, result.step,
+                     time.monotonic() - t0, "tensorflow" in sys.modules)
         dump(workdir, result)
 
 

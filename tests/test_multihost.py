@@ -231,6 +231,9 @@ def test_eval_and_images_ran_across_processes(runs):
     assert (runs["root"] / "vq" / "images" / "reconstructions_00000004.png").is_file()
     assert not list((runs["root"] / "vq").glob("events.out.tfevents*"))
     assert list((runs["root"] / "gpt").glob("events.out.tfevents*"))
+    # Only process 0 imports TensorFlow for its TensorBoard writer; the others log through a writer that needs none.
+    for i, out in enumerate(runs["logs_third"]):
+        assert f"(tensorflow imported: {i == 0})" in out, (i, out[-2000:])
 
 
 def test_checkpoint_holds_each_process_data_position(runs):
