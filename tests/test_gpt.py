@@ -13,7 +13,7 @@ from common_jax.mesh import LOGICAL_AXIS_RULES, logical_to_sharding, make_mesh
 from seeded_weights import golden, suggested_atol
 from transformer_jax.convert import from_mingpt, to_mingpt
 from transformer_jax.gpt import (DECODE_KERNELS, GPT, ROWWISE_MAX_KERNEL_BYTES, ROWWISE_MAX_ROWS, abstract_variables,
-                                 attention_mask, causal_attention, causal_query_blocks, init_cache,
+                                 attention_mask, causal_attention, causal_query_blocks, init_cache, init_variables,
                                  kernels_in_compute_dtype, logical_partition_specs, matmul, matmul_transposed,
                                  prepare_decode_variables, softmax_attention, use_explicit_attention)
 
@@ -188,7 +188,7 @@ def test_transposed_bf16_product_contracts_the_kernels_minor_axis():
 def test_decode_variables_of_a_bf16_model_hold_out_in_kernels(gold):
     _, _, data, _, variables = gold
     model = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, dtype=jnp.bfloat16)
-    assert DECODE_KERNELS not in nn.meta.unbox(init_variables_of(model))   # init makes no copies
+    assert DECODE_KERNELS not in init_variables(model, jax.random.key(0))     # init makes no copies
     prepared = prepare_decode_variables(model, variables)
     assert prepare_decode_variables(model, prepared) is prepared             # prepared once, not again
     shapes = {jax.tree_util.keystr(p): (x.shape, x.dtype) for p, x in
@@ -210,10 +210,6 @@ def test_decode_variables_of_a_bf16_model_hold_out_in_kernels(gold):
     # Float32 models keep their (in, out) parameters, the faster float32 form.
     f32 = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64)
     assert prepare_decode_variables(f32, variables) is variables
-
-
-def init_variables_of(model: GPT):
-    return model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
 
 
 def test_kv_cache_matches_full_forward(gold, forward):
