@@ -9,7 +9,7 @@ import pytest
 
 from seeded_weights import golden
 from transformer_jax.convert import from_mingpt
-from transformer_jax.gpt import GPT
+from transformer_jax.gpt import DECODE_KERNELS, GPT, prepare_decode_variables
 from transformer_jax.sampling import (_sampler, choose_tokens, decode_phases, decode_threads, filter_logits, row_chunks,
                                       sample)
 
@@ -122,6 +122,19 @@ def test_greedy_equals_full_model_loop(gpt, forward):
     out = sample(model, variables, prefix, 40, jax.random.key(0), top_k=1)
     assert out.shape == (4, 40) and out.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(out), _full_model_loop(forward, variables, prefix, 40))
+
+
+def test_bf16_samples_the_same_from_prepared_or_plain_variables(gpt):
+    # On CPU a bf16 model decodes through (out, in) kernel copies; sample() makes them when not given them, once
+    # for all row chunks, so prepared variables (what the Sampler keeps) draw the same tokens.
+    model, variables, prefix = gpt
+    bf16 = model.clone(dtype=jnp.bfloat16)
+    prepared = prepare_decode_variables(bf16, variables)
+    assert DECODE_KERNELS in prepared
+    key, opts = jax.random.key(3), dict(top_k=40, temperature=0.9)
+    out = np.asarray(sample(bf16, variables, prefix, 12, key, **opts))
+    np.testing.assert_array_equal(out, np.asarray(sample(bf16, prepared, prefix, 12, key, **opts)))
+    assert out.shape == (4, 12) and len(np.unique(out)) > 5
 
 
 def test_step_t_draws_with_fold_in_t(gpt, forward):

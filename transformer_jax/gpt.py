@@ -442,9 +442,15 @@ def prepare_decode_variables(model: GPT, variables: Any) -> Any:
     """
     if DECODE_KERNELS in variables:
         return variables
-    if jax.default_backend() != "cpu" or jnp.dtype(model.dtype) == jnp.float32:
+    if not uses_decode_kernels(model):
         return kernels_in_compute_dtype(model, variables)
     return {**variables, DECODE_KERNELS: _decode_kernels(model, variables)}
+
+
+def uses_decode_kernels(model: GPT) -> bool:
+    """Whether :func:`prepare_decode_variables` makes (out, in) kernel copies for ``model``: on CPU, for a
+    non-float32 compute dtype."""
+    return jax.default_backend() == "cpu" and jnp.dtype(model.dtype) != jnp.float32
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from common_jax.quick_compile import quick_jit
-from transformer_jax.gpt import GPT, even_bounds, init_cache, prepare_decode_variables
+from transformer_jax.gpt import GPT, even_bounds, init_cache, prepare_decode_variables, uses_decode_kernels
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -350,6 +350,8 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     else:
         uncond_prefix = jnp.zeros((0, p), jnp.int32)
     _check_optional_positive_int("cache_phases", cache_phases)
+    if uses_decode_kernels(model):  # once for all row chunks, outside their programs (variables may be prepared)
+        variables = prepare_decode_variables(model, variables)
     rows = row_chunks(model, b, threads, variables, prefix, uncond_prefix, rng, temperature, top_p, guidance_scale)
     if cache_phases is None:
         cache_phases = decode_phases(model, (rows[0][1] - rows[0][0]) * (2 if guided else 1), p + steps - 1, steps)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.gpt import GPT, init_cache, prepare_decode_variables
+from transformer_jax.gpt import GPT, init_cache, prepare_decode_variables, uses_decode_kernels
 from transformer_jax.sampling import (_check_optional_positive_int, _check_options, _check_positive_int, _check_tokens,
                                       checked_vocab_limit, choose_with_uniform, row_chunks, run_row_chunks,
                                       step_uniforms)
@@ -247,6 +247,8 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
                              return_logits, vocab_limit)
     else:
         fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits, vocab_limit)
+    if uses_decode_kernels(model):  # once for all row chunks, outside their programs (variables may be prepared)
+        variables = prepare_decode_variables(model, variables)
     rows = row_chunks(model, batch, threads, variables, prefix, cond_grid, rng, temperature, top_p)
     u = step_uniforms(rng, h * wd, batch)  # position p draws u[p], the numbers fold_in(rng, p) gives
     scalars = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
