@@ -90,6 +90,23 @@ def check_shared_workdir(workdir: str, timeout_s: float = 2.0) -> None:
                          "mount the same NFS / Lustre / gcsfuse path on every host")
 
 
+def check_same_on_all_processes(value: str, what: str, remedy: str) -> None:
+    """Raise on every process unless all processes hold the same ``value`` (e.g. a fingerprint of weights each
+    one loaded from its own disk): replicated arrays built from differing host copies would silently mix them."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+    differ = [p for p in range(1, len(digests)) if not np.array_equal(digests[p], digests[0])]
+    if differ:
+        raise ValueError(f"{what} differ between processes: process{'es' if len(differ) > 1 else ''} "
+                         f"{', '.join(map(str, differ))} loaded other ones than process 0; {remedy}")
+
+
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -2,6 +2,7 @@
 
 usage: python _train_toy_main.py WORKDIR TOTAL_STEPS [--every N] [--sleep S] [--data D] [--fsdp F]
            [--stop-after K] [--num-processes P --process-id I --coordinator HOST:PORT] [--per-process-workdir]
+           [--per-process-weights]
 Writes WORKDIR/final_state.npz and WORKDIR/done.json (step, preempted) when run() returns (process 0).
 With several processes the 8 devices are split evenly between them (CPU collectives over gloo).
 """
@@ -22,6 +23,7 @@ p.add_argument("--num-processes", type=int, default=1)
 p.add_argument("--process-id", type=int, default=0)
 p.add_argument("--coordinator", default="localhost:12355")
 p.add_argument("--per-process-workdir", action="store_true", help="WORKDIR_p<id>: a workdir that is not shared")
+p.add_argument("--per-process-weights", action="store_true", help="each process states other loaded weights")
 a = p.parse_args()
 if a.per_process_workdir:
     a.workdir = f"{a.workdir}_p{a.process_id}"
@@ -45,7 +47,7 @@ from absl import logging  # noqa: E402
 
 import toy_task  # noqa: E402
 from common_jax.metrics import to_host  # noqa: E402
-from common_jax.run_setup import check_workdir  # noqa: E402
+from common_jax.run_setup import check_same_on_all_processes, check_workdir  # noqa: E402
 from common_jax.training import run  # noqa: E402
 
 
@@ -55,7 +57,11 @@ def main() -> None:
     task = toy_task.ToyTask(noise=0.1)
     loader = toy_task.ToyLoader(cfg.batch_size, seed=0, sleep=a.sleep,
                                 process_index=jax.process_index(), process_count=jax.process_count())
-    res = run(cfg, check_workdir(a.workdir), task, loader, tensorboard=False, stop_after=a.stop_after)
+    workdir = check_workdir(a.workdir)
+    # What a stage-two run checks of the stage-one weights each process loaded (same in every other run here).
+    check_same_on_all_processes(f"weights of process {a.process_id}" if a.per_process_weights else "weights",
+                                "the toy weights", "load them from one place")
+    res = run(cfg, workdir, task, loader, tensorboard=False, stop_after=a.stop_after)
     flat = {jax.tree_util.keystr(k): to_host(v)
             for k, v in jax.tree_util.tree_flatten_with_path(res.state)[0]}
     if jax.process_index() == 0:

@@ -57,6 +57,16 @@ def test_a_workdir_not_shared_by_the_processes_is_refused(tmp_path):
         assert os.listdir(tmp_path / f"own_p{i}") == []       # its probe file is removed
 
 
+def test_weights_that_differ_between_the_processes_are_refused(tmp_path):
+    # Stage two checks the stage-one weights each host loaded (from its own disk, possibly another copy): every
+    # process refuses before any training, naming the processes that differ from process 0.
+    outs = _two_processes(tmp_path / "w", "--per-process-weights", expect_rc=1)
+    for out in outs:
+        assert ("the toy weights differ between processes: process 1 loaded other ones than process 0; load them "
+                "from one place") in out, out[-2000:]
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
 def test_two_processes_stop_resume_match_one_process(tmp_path):
     workdir = tmp_path / "mp"
     _two_processes(workdir, "--stop-after", "3")

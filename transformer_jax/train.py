@@ -245,6 +245,9 @@ def train(config, workdir: str) -> training.RunResult:
         stage_vars.append(cvars)
         features, code_features = ("image", "segmentation"), ("codes", "cond_codes")
     stage_one_id = codes_lib.stage_one_fingerprint(*stage_vars)
+    run_setup.check_same_on_all_processes(
+        stage_one_id, "the stage-one weights (first_stage, cond_stage)",
+        "give every host the same checkpoint, e.g. one shared first_stage.workdir")
     check_stage_one_unchanged(workdir, stage_one_id)
     with config.unlocked():
         config.stage_one_fingerprint = stage_one_id     # saved with every checkpoint's config
