@@ -61,7 +61,7 @@ def create_writer(workdir: str | os.PathLike | None, *, tensorboard: bool = True
     if not tensorboard or workdir is None or jax.process_index() > 0:
         return LoggingOnlyWriter()
     from clu import metric_writers  # lazy: pulls in TensorFlow
-    return metric_writers.create_default_writer(os.fspath(workdir), just_logging=jax.process_index() > 0)
+    return metric_writers.create_default_writer(os.fspath(workdir))
 
 
 # ----------------------------------------------------------------------------------------- host fetching

@@ -23,7 +23,7 @@ p.add_argument("--num-processes", type=int, default=1)
 p.add_argument("--process-id", type=int, default=0)
 p.add_argument("--coordinator", default="localhost:12355")
 p.add_argument("--per-process-workdir", action="store_true", help="WORKDIR_p<id>: a workdir that is not shared")
-p.add_argument("--per-process-weights", action="store_true", help="each process states other loaded weights")
+p.add_argument("--per-process-weights", action="store_true", help="each process reports other loaded weights")
 a = p.parse_args()
 if a.per_process_workdir:
     a.workdir = f"{a.workdir}_p{a.process_id}"
