@@ -1,11 +1,14 @@
 """Read a finished (or running) workdir of this project for inference: its config and trained weights."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from common_jax import checkpoint as ckpt
@@ -52,3 +55,12 @@ def load_workdir(workdir: str | os.PathLike, step: int | None = None) -> tuple[m
     if "config" not in meta:
         raise ValueError(f"{workdir}: checkpoint {step} has no config in its meta item")
     return ml_collections.ConfigDict(meta["config"]), restored["state"], step
+
+
+def params_fingerprint(variables: Any) -> str:
+    """Cheap identity of a set of weights: shapes plus a few summary statistics of every leaf."""
+    h = hashlib.sha1()
+    for leaf in jax.tree.leaves(variables):
+        a = np.asarray(leaf, np.float64)
+        h.update(json.dumps([list(a.shape), float(a.sum()), float(np.abs(a).sum())]).encode())
+    return h.hexdigest()

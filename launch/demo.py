@@ -76,8 +76,8 @@ def vqgan_metrics(vq_workdir: str, vq_config) -> dict:
 
 def gpt_metrics(gpt_workdir: str) -> dict:
     """Held-out NLL (bits per token) against the unigram entropy of the held-out codes."""
-    from common_jax.pretrained import load_workdir
-    from transformer_jax.codes import codes_dataset_name, params_fingerprint
+    from common_jax.pretrained import load_workdir, params_fingerprint
+    from transformer_jax.codes import codes_dataset_name
     from transformer_jax.train import GPTState, TransformerTask, unigram_entropy_bits
     from vqgan_jax.pretrained import load_vqgan
     config, state, _ = load_workdir(gpt_workdir)

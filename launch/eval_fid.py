@@ -10,6 +10,7 @@ of a multi-host job takes its share of each chunk. The result is ``<workdir>/fid
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -47,10 +48,18 @@ _SEED = flags.DEFINE_integer("seed", 0, "")
 _SAVE_IMAGES = flags.DEFINE_bool("save_images", False, "also write the samples as an ADM-style arr_0 .npz")
 
 
+def _check_same_everywhere(what: str, fingerprint: str) -> None:
+    """Every process reads its inputs from its own disk: host copies that differ would mix models or features in
+    one result without an error, so all processes refuse before any work."""
+    run_setup.check_same_on_all_processes(fingerprint, what, "give every host identical copies (or one shared path)")
+
+
 def _inception(path: str):
     """images uint8 -> (pool3 features, logits, unbiased logits); logits are None without the fc layer."""
     from common_jax.inception import load_inception
+    from common_jax.pretrained import params_fingerprint
     model, variables = load_inception(path)
+    _check_same_everywhere("the weights of --inception_weights", params_fingerprint(variables))
     if model.num_classes:
         fn = jax.jit(lambda v, x: model.apply(v, x, method="features_and_logits"))
     else:
@@ -111,6 +120,8 @@ def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str
     from common_jax.fid_stats import load_stats
     if _REF_STATS.value:
         mu, sigma = load_stats(_REF_STATS.value, feature_fn=lambda x: features(x)[0])
+        _check_same_everywhere("the statistics of --ref_stats",
+                               hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest())
         return mu, sigma, _REF_STATS.value
     num_chunks, chunk = _dataset_chunks()
     state = ChunkedStats(os.path.join(workdir, "ref_stats_state.npz"), ("real",), signature=_dataset_signature())
@@ -128,6 +139,7 @@ def eval_samples(workdir: str) -> dict:
         raise ValueError("--transformer_workdir is required in samples mode")
     opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
     sampler = Sampler.from_workdirs(_TRANSFORMER.value)
+    _check_same_everywhere("the weights of --transformer_workdir", sampler.weights_fingerprint())
     # Everything that can be refused is checked before the reference statistics, not after them.
     if sampler.cond.kind == "spatial":
         raise ValueError("--mode=samples draws unconditional or class-conditional models; this one is spatially "
@@ -186,8 +198,11 @@ def eval_reconstruction(workdir: str) -> dict:
     from common_jax.fid_eval import ChunkedStats, run_chunks
     from common_jax.data import to_float
     from common_jax.metrics import to_uint8
+    from common_jax.pretrained import params_fingerprint
     from vqgan_jax.pretrained import load_vqgan
     model, variables, _ = load_vqgan(_VQGAN.value, _TAMING_CKPT.value, _TAMING_YAML.value)
+    _check_same_everywhere(f"the weights of --{'vqgan_workdir' if _VQGAN.value else 'taming_ckpt'}",
+                           params_fingerprint(variables))
     source = (dict(vqgan_workdir=os.path.abspath(_VQGAN.value), step=_checkpoint_step(_VQGAN.value)) if _VQGAN.value
               else dict(taming_ckpt=os.path.abspath(_TAMING_CKPT.value)))
     state = ChunkedStats(os.path.join(workdir, "reconstruction_state.npz"), ("real", "recon"),

@@ -189,6 +189,7 @@ def load_state_on_one_device(workdir: str):
 def encode_alone() -> str:
     """Pre-encode the photos in one process into ROOT/codes (images linked from DATA); the dataset name."""
     from common_jax.datasets import builtin_photos_name
+    from common_jax.pretrained import params_fingerprint
     from transformer_jax import codes as codes_lib
     from transformer_jax.train import make_encoder
     from vqgan_jax.pretrained import load_vqgan
@@ -208,7 +209,7 @@ def encode_alone() -> str:
         vq = model_from_config(config)
         variables = {"params": state["ema_params"] or state["params"]}
     return codes_lib.prepare_codes(out, builtin_photos_name(32, CROPS), 32, make_encoder(vq, variables),
-                                   codes_lib.params_fingerprint(variables), BATCH)
+                                   params_fingerprint(variables), BATCH)
 
 
 def main() -> None:

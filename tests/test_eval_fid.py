@@ -1,6 +1,7 @@
 """launch.eval_fid end to end: both modes on tiny models and real photographs, JSON result, resume by chunk."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -22,10 +23,10 @@ from vqgan_jax.train import VQGANTask
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_workdir(task, config, path):
+def write_workdir(task, config, path, seed=0):
     """A workdir holding an (untrained) initial state, as a finished run would leave it."""
     manager = ckpt.make_manager(path, async_save=False)
-    ckpt.save(manager, 1, jit_init(task.init_state)(jax.random.key(0)), {"config": config_to_dict(config)}, None,
+    ckpt.save(manager, 1, jit_init(task.init_state)(jax.random.key(seed)), {"config": config_to_dict(config)}, None,
               force=True)
     manager.wait_until_finished()
     manager.close()
@@ -86,14 +87,99 @@ def test_samples_mode_writes_json_and_resumes(setup):
     assert (tmp / "fid_s" / "samples_state.npz").read_bytes() == saved
 
 
-def test_reconstruction_mode(setup):
+def reconstruction_args(tmp, name, workdir, inception="inception.npz"):
+    return ["--mode=reconstruction", f"--workdir={workdir}", f"--vqgan_workdir={tmp}/vq",
+            f"--inception_weights={tmp}/{inception}", f"--data_dir={tmp}/data", f"--dataset={name}",
+            "--image_size=32", "--chunk_size=8", "--batch_size=8", "--max_examples=12"]
+
+
+def two_processes(per_process_args, tmp):
+    """Run launch.eval_fid as two JAX processes on loopback (gloo), one argument list each; (rc, output) each."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs, logs = [], []
+    for i, args in enumerate(per_process_args):
+        env = dict(cache_env(str(tmp / "jax_cache")), XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        logs.append(open(tmp / f"eval_fid_p{i}.log", "w+"))     # files, not pipes: no pipe-full stalls
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch.eval_fid", *args], cwd=ROOT, env=env,
+                                      stdout=logs[-1], stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out = []
+    for p, log in zip(procs, logs):
+        log.seek(0)
+        out.append((p.returncode, log.read()))
+        log.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reconstruction(setup):
     tmp, name = setup
-    run(["--mode=reconstruction", f"--workdir={tmp}/fid_r", f"--vqgan_workdir={tmp}/vq",
-         f"--inception_weights={tmp}/inception.npz", f"--data_dir={tmp}/data", f"--dataset={name}",
-         "--image_size=32", "--chunk_size=8", "--batch_size=8", "--max_examples=12"], tmp)
-    result = json.loads((tmp / "fid_r" / "fid_reconstruction.json").read_text())
+    run(reconstruction_args(tmp, name, tmp / "fid_r"), tmp)
+    return json.loads((tmp / "fid_r" / "fid_reconstruction.json").read_text())
+
+
+def test_reconstruction_mode(reconstruction):
     # 12 of the 20 held-out images, rounded up to whole batches of 8 (the samples test reads all 20).
-    assert result["num_images"] == 16 and np.isfinite(result["rfid"]) and result["rfid"] > 0
+    assert reconstruction["num_images"] == 16 and np.isfinite(reconstruction["rfid"]) and reconstruction["rfid"] > 0
+
+
+def test_two_processes_share_the_images_and_match_one_process(setup, reconstruction):
+    tmp, name = setup
+    results = two_processes([reconstruction_args(tmp, name, tmp / "fid_r2")] * 2, tmp)
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
+    two = json.loads((tmp / "fid_r2" / "fid_reconstruction.json").read_text())
+    # One global batch of 16 (8 a process) holds the same 16 images as the one process's two batches of 8.
+    assert two["num_images"] == reconstruction["num_images"] == 16
+    one_state, two_state = (np.load(tmp / d / "reconstruction_state.npz") for d in ("fid_r", "fid_r2"))
+    for k in ("real/sum", "real/outer", "recon/sum", "recon/outer"):
+        np.testing.assert_allclose(two_state[k], one_state[k], rtol=1e-5, atol=1e-8, err_msg=k)
+    np.testing.assert_allclose(two["rfid"], reconstruction["rfid"], rtol=1e-4)
+
+
+def test_processes_that_loaded_other_inception_weights_refuse(setup):
+    # Each host reads --inception_weights from its own disk: a copy that differs would mix two networks'
+    # features in one FID. Both processes refuse before any work, naming the one that differs.
+    tmp, name = setup
+    weights = dict(np.load(tmp / "inception.npz"))
+    first = next(k for k, v in weights.items() if v.dtype.kind == "f")
+    weights[first] = weights[first] * 1.01
+    np.savez(tmp / "inception_other.npz", **weights)
+    results = two_processes([reconstruction_args(tmp, name, tmp / "fid_refused"),
+                             reconstruction_args(tmp, name, tmp / "fid_refused", "inception_other.npz")], tmp)
+    for rc, out in results:
+        assert rc == 1, out[-3000:]
+        assert ("the weights of --inception_weights differ between processes: process 1 loaded other ones than "
+                "process 0; give every host identical copies") in out, out[-3000:]
+    assert not (tmp / "fid_refused" / "reconstruction_state.npz").exists()
+
+
+def test_processes_that_loaded_another_transformer_refuse(setup):
+    # The same for the models: a host copy of --transformer_workdir holding other weights.
+    tmp, name = setup
+    gpt = transformer_tiny.get_config()
+    gpt.first_stage.workdir = str(tmp / "vq")
+    write_workdir(TransformerTask(gpt), gpt, str(tmp / "gpt_other"), seed=1)
+
+    def args(gpt_dir):
+        return ["--mode=samples", f"--workdir={tmp}/fid_refused_s", f"--transformer_workdir={gpt_dir}",
+                f"--inception_weights={tmp}/inception.npz", f"--data_dir={tmp}/data", f"--dataset={name}",
+                "--image_size=32", "--per_class=1"]
+    results = two_processes([args(tmp / "gpt"), args(tmp / "gpt_other")], tmp)
+    for rc, out in results:
+        assert rc == 1, out[-3000:]
+        assert ("the weights of --transformer_workdir differ between processes: process 1 loaded other ones than "
+                "process 0") in out, out[-3000:]
+    assert not (tmp / "fid_refused_s" / "samples_state.npz").exists()
 
 
 def test_missing_inception_weights_is_one_line(setup, tmp_path):

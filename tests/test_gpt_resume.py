@@ -8,7 +8,8 @@ import pytest
 
 import _stage_main as stage
 from common_jax import datasets
-from transformer_jax.codes import codes_dataset_name, params_fingerprint
+from common_jax.pretrained import params_fingerprint
+from transformer_jax.codes import codes_dataset_name
 from transformer_jax.train import train, unigram_entropy_bits
 from vqgan_jax.pretrained import load_vqgan
 

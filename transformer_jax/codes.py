@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 from typing import Any, Callable, Iterator, Mapping
 
@@ -14,6 +13,7 @@ from absl import logging
 from common_jax import data as data_lib
 from common_jax import datasets
 from common_jax.metrics import progress_iter
+from common_jax.pretrained import params_fingerprint
 
 
 Encoders = Mapping[str, tuple[str, Callable[[np.ndarray], Any]]]   # out key -> (batch key, batch -> codes)
@@ -25,15 +25,6 @@ def codes_dataset_name(data_dir: str, image_dataset: str, image_size: int, stage
     images = datasets.dataset_fingerprint(data_dir, image_dataset)
     h = hashlib.sha1(f"{image_dataset}|{images}|{image_size}|{stage_one_id}".encode()).hexdigest()[:12]
     return f"codes_{h}"
-
-
-def params_fingerprint(variables: Any) -> str:
-    """Cheap identity of a set of weights: shapes plus a few summary statistics of every leaf."""
-    h = hashlib.sha1()
-    for leaf in jax.tree.leaves(variables):
-        a = np.asarray(leaf, np.float64)
-        h.update(json.dumps([list(a.shape), float(a.sum()), float(np.abs(a).sum())]).encode())
-    return h.hexdigest()
 
 
 def stage_one_fingerprint(*variables: Any) -> str:

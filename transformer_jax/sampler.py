@@ -165,6 +165,14 @@ class Sampler:
             raise ValueError("guidance_scale needs a model trained with condition dropout (cond.cfg_dropout > 0); "
                              f"this one has cond.cfg_dropout={self.cond.cfg_dropout}")
 
+    def weights_fingerprint(self) -> str:
+        """Identity of every weight this sampler uses (GPT, first stage, cond stage), e.g. to check that the
+        processes of a job loaded the same ones."""
+        from common_jax.pretrained import params_fingerprint
+        from transformer_jax.codes import stage_one_fingerprint
+        stages = [self.vq_vars] + ([] if self.cond_stage is None else [self.cond_stage[1]])
+        return params_fingerprint(self.gpt_vars) + stage_one_fingerprint(*stages)
+
     # -- codes -----------------------------------------------------------------------------------
     def decode_variables(self) -> Any:
         """The GPT's variables as the samplers read them (:func:`transformer_jax.gpt.prepare_decode_variables`),
