@@ -124,7 +124,27 @@ def resolve_dataset(data_cfg: Any, workdir: str) -> tuple[str, str]:
             datasets.prepare_builtin_photos(data_dir, **kwargs)
         _barrier("prepare_builtin_photos")
         name = datasets.builtin_photos_name(**kwargs)
+    check_dataset_on_all_processes(data_dir, name)
     return data_dir, name
+
+
+def check_dataset_on_all_processes(data_dir: str, name: str) -> None:
+    """Raise on every process unless all processes see the same files of dataset ``name`` (names, sizes,
+    modification times: :func:`common_jax.datasets.dataset_fingerprint`). Each process reads its slice of every
+    global batch by index, so host copies that differ would give batches from two datasets, an eval loop of
+    another length on some hosts (a hang at the next collective), or pre-encoded codes under another name."""
+    if jax.process_count() == 1:
+        return
+    try:
+        value = datasets.dataset_fingerprint(data_dir, name)
+        missing = None
+    except datasets.DatasetNotPreparedError as e:
+        value, missing = "missing", e        # every process still takes part in the comparison
+    check_same_on_all_processes(value, f"the files of dataset '{name}' in data_dir {data_dir}",
+                                "data_dir must be one shared path on all hosts (NFS, Lustre, a gcsfuse mount); "
+                                "copies made at other times differ at least in modification times")
+    if missing is not None:
+        raise missing
 
 
 def image_loaders(config: Any, workdir: str, features: Sequence[str] | None = None

@@ -71,6 +71,7 @@ def _image_loader(batch_size: int):
     from common_jax import data as data_lib
     if not _DATASET.value or not _DATA_DIR.value:
         raise ValueError("--dataset and --data_dir are required for dataset images")
+    run_setup.check_dataset_on_all_processes(os.path.expanduser(_DATA_DIR.value), _DATASET.value)
     return data_lib.make_loader(os.path.expanduser(_DATA_DIR.value), _DATASET.value, _SPLIT.value,
                                 batch_size * jax.process_count(), train=False, image_size=_IMAGE_SIZE.value,
                                 seed=0, num_epochs=1)

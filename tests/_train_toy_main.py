@@ -2,8 +2,10 @@
 
 usage: python _train_toy_main.py WORKDIR TOTAL_STEPS [--every N] [--sleep S] [--data D] [--fsdp F]
            [--stop-after K] [--num-processes P --process-id I --coordinator HOST:PORT] [--per-process-workdir]
-           [--per-process-weights]
+           [--per-process-weights] [--data-dir DIR --dataset NAME]
 Writes WORKDIR/final_state.npz and WORKDIR/done.json (step, preempted) when run() returns (process 0).
+With --data-dir (``{p}`` is replaced by the process id) it only resolves that prepared dataset as the stages
+do before training (checked across processes), prints "dataset resolved" and exits.
 With several processes the 8 devices are split evenly between them (CPU collectives over gloo).
 """
 import argparse
@@ -24,6 +26,8 @@ p.add_argument("--process-id", type=int, default=0)
 p.add_argument("--coordinator", default="localhost:12355")
 p.add_argument("--per-process-workdir", action="store_true", help="WORKDIR_p<id>: a workdir that is not shared")
 p.add_argument("--per-process-weights", action="store_true", help="each process reports other loaded weights")
+p.add_argument("--data-dir", default="", help="resolve this prepared dataset ({p}: the process id) and exit")
+p.add_argument("--dataset", default="")
 a = p.parse_args()
 if a.per_process_workdir:
     a.workdir = f"{a.workdir}_p{a.process_id}"
@@ -47,7 +51,7 @@ from absl import logging  # noqa: E402
 
 import toy_task  # noqa: E402
 from common_jax.metrics import to_host  # noqa: E402
-from common_jax.run_setup import check_same_on_all_processes, check_workdir  # noqa: E402
+from common_jax.run_setup import check_same_on_all_processes, check_workdir, resolve_dataset  # noqa: E402
 from common_jax.training import run  # noqa: E402
 
 
@@ -58,6 +62,12 @@ def main() -> None:
     loader = toy_task.ToyLoader(cfg.batch_size, seed=0, sleep=a.sleep,
                                 process_index=jax.process_index(), process_count=jax.process_count())
     workdir = check_workdir(a.workdir)
+    if a.data_dir:
+        import ml_collections
+        resolve_dataset(ml_collections.ConfigDict(dict(data_dir=a.data_dir.format(p=a.process_id),
+                                                       name=a.dataset)), workdir)
+        print("dataset resolved", flush=True)
+        return
     # What a stage-two run checks of the stage-one weights each process loaded (same in every other run here).
     check_same_on_all_processes(f"weights of process {a.process_id}" if a.per_process_weights else "weights",
                                 "the toy weights", "load them from one place")

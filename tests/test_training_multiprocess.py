@@ -2,6 +2,7 @@
 data-iterator states are gathered into one checkpoint item, and the result matches one process."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,6 +66,25 @@ def test_weights_that_differ_between_the_processes_are_refused(tmp_path):
         assert ("the toy weights differ between processes: process 1 loaded other ones than process 0; load them "
                 "from one place") in out, out[-2000:]
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_dataset_copies_that_differ_between_the_processes_are_refused(tmp_path):
+    # Data must be one shared path: each process reads its slice of every global batch by index from its own
+    # view of data_dir. A faithful copy (same names, sizes and modification times) passes; the same dataset
+    # prepared again on another host (another modification time) is refused by both processes at start.
+    from common_jax.datasets import prepare_builtin_photos
+    name = prepare_builtin_photos(tmp_path / "d0", crop_size=16, crops_per_photo=2).name
+    shutil.copytree(tmp_path / "d0", tmp_path / "d1")               # copy2: modification times kept
+    outs = _two_processes(tmp_path / "ok", "--data-dir", str(tmp_path / "d{p}"), "--dataset", name)
+    assert all("dataset resolved" in out for out in outs), outs[0][-2000:]
+    prepare_builtin_photos(tmp_path / "d2", crop_size=16, crops_per_photo=2)
+    shutil.rmtree(tmp_path / "d1")
+    os.rename(tmp_path / "d2", tmp_path / "d1")
+    outs = _two_processes(tmp_path / "bad", "--data-dir", str(tmp_path / "d{p}"), "--dataset", name, expect_rc=1)
+    for i, out in enumerate(outs):
+        assert (f"the files of dataset '{name}' in data_dir {tmp_path}/d{i} differ between processes: process 1 "
+                "loaded other ones than process 0; data_dir must be one shared path on all hosts") in out, out[-2000:]
+        assert "dataset resolved" not in out
 
 
 def test_two_processes_stop_resume_match_one_process(tmp_path):
