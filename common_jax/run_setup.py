@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -69,7 +70,6 @@ def check_shared_workdir(workdir: str, timeout_s: float = 2.0) -> None:
     entries on NFS) and looks for every other process's probe, for up to ``timeout_s`` seconds.
     """
     import secrets
-    import time
 
     import numpy as np
     from jax.experimental import multihost_utils
@@ -93,18 +93,24 @@ def check_shared_workdir(workdir: str, timeout_s: float = 2.0) -> None:
 def check_same_on_all_processes(value: str, what: str, remedy: str) -> None:
     """Raise on every process unless all processes hold the same ``value`` (e.g. a fingerprint of weights each
     one loaded from its own disk): replicated arrays built from differing host copies would silently mix them."""
+    differ = _processes_differing_from_0(value)
+    if differ:
+        raise ValueError(f"{what} differ between processes: process{'es' if len(differ) > 1 else ''} "
+                         f"{', '.join(map(str, differ))} loaded other ones than process 0; {remedy}")
+
+
+def _processes_differing_from_0(value: str) -> list[int]:
+    """The processes whose ``value`` differs from process 0's (a digest gathered from all; the same list on every
+    process)."""
     if jax.process_count() == 1:
-        return
+        return []
     import hashlib
 
     import numpy as np
     from jax.experimental import multihost_utils
     digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
     digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
-    differ = [p for p in range(1, len(digests)) if not np.array_equal(digests[p], digests[0])]
-    if differ:
-        raise ValueError(f"{what} differ between processes: process{'es' if len(differ) > 1 else ''} "
-                         f"{', '.join(map(str, differ))} loaded other ones than process 0; {remedy}")
+    return [p for p in range(1, len(digests)) if not np.array_equal(digests[p], digests[0])]
 
 
 def _barrier(name: str) -> None:
@@ -128,21 +134,33 @@ def resolve_dataset(data_cfg: Any, workdir: str) -> tuple[str, str]:
     return data_dir, name
 
 
-def check_dataset_on_all_processes(data_dir: str, name: str) -> None:
+def check_dataset_on_all_processes(data_dir: str, name: str, attempts: int = 4, wait_s: float = 2.0) -> None:
     """Raise on every process unless all processes see the same files of dataset ``name`` (names, sizes,
     modification times: :func:`common_jax.datasets.dataset_fingerprint`). Each process reads its slice of every
     global batch by index, so host copies that differ would give batches from two datasets, an eval loop of
-    another length on some hosts (a hang at the next collective), or pre-encoded codes under another name."""
+    another length on some hosts (a hang at the next collective), or pre-encoded codes under another name.
+
+    Files that other hosts have just written (the built-in photos, pre-encoded shards) may reach a network file
+    system's attribute cache late, so a difference is looked at again ``attempts`` times, ``wait_s`` apart.
+    """
     if jax.process_count() == 1:
         return
-    try:
-        value = datasets.dataset_fingerprint(data_dir, name)
-        missing = None
-    except datasets.DatasetNotPreparedError as e:
-        value, missing = "missing", e        # every process still takes part in the comparison
-    check_same_on_all_processes(value, f"the files of dataset '{name}' in data_dir {data_dir}",
-                                "data_dir must be one shared path on all hosts (NFS, Lustre, a gcsfuse mount); "
-                                "copies made at other times differ at least in modification times")
+    for attempt in range(attempts):
+        try:
+            value, missing = datasets.dataset_fingerprint(data_dir, name), None
+        except datasets.DatasetNotPreparedError as e:
+            value, missing = "missing", e        # every process still takes part in the comparison
+        differ = _processes_differing_from_0(value)
+        if not differ:
+            break
+        if attempt + 1 < attempts:
+            time.sleep(wait_s)
+    else:
+        raise ValueError(f"the files of dataset '{name}' in data_dir {data_dir} differ between processes: "
+                         f"process{'es' if len(differ) > 1 else ''} {', '.join(map(str, differ))} "
+                         f"see{'' if len(differ) > 1 else 's'} other ones than process 0; data_dir must be one shared "
+                         "path on all hosts (NFS, Lustre, a gcsfuse mount); copies made at other times differ at "
+                         "least in modification times")
     if missing is not None:
         raise missing
 

@@ -83,7 +83,7 @@ def test_dataset_copies_that_differ_between_the_processes_are_refused(tmp_path):
     outs = _two_processes(tmp_path / "bad", "--data-dir", str(tmp_path / "d{p}"), "--dataset", name, expect_rc=1)
     for i, out in enumerate(outs):
         assert (f"the files of dataset '{name}' in data_dir {tmp_path}/d{i} differ between processes: process 1 "
-                "loaded other ones than process 0; data_dir must be one shared path on all hosts") in out, out[-2000:]
+                "sees other ones than process 0; data_dir must be one shared path on all hosts") in out, out[-2000:]
         assert "dataset resolved" not in out
 
 
