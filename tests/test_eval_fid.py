@@ -1,7 +1,6 @@
 """launch.eval_fid end to end: both modes on tiny models and real photographs, JSON result, resume by chunk."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from common_jax.training import jit_init
 from configs import transformer_tiny, vqgan_tiny
 from launch.convert_inception import convert_state_dict
 from _stage_main import cache_env
+from processes import free_port, run_all
 from seeded_weights import golden, seeded_array
 from transformer_jax.train import TransformerTask
 from vqgan_jax.train import VQGANTask
@@ -95,29 +95,12 @@ def reconstruction_args(tmp, name, workdir, inception="inception.npz"):
 
 def two_processes(per_process_args, tmp):
     """Run launch.eval_fid as two JAX processes on loopback (gloo), one argument list each; (rc, output) each."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs, logs = [], []
-    for i, args in enumerate(per_process_args):
-        env = dict(cache_env(str(tmp / "jax_cache")), XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        logs.append(open(tmp / f"eval_fid_p{i}.log", "w+"))     # files, not pipes: no pipe-full stalls
-        procs.append(subprocess.Popen([sys.executable, "-m", "launch.eval_fid", *args], cwd=ROOT, env=env,
-                                      stdout=logs[-1], stderr=subprocess.STDOUT))
-    try:
-        for p in procs:
-            p.wait(timeout=600)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    out = []
-    for p, log in zip(procs, logs):
-        log.seek(0)
-        out.append((p.returncode, log.read()))
-        log.close()
-    return out
+    port = free_port()
+    env = dict(cache_env(str(tmp / "jax_cache")), XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+    return run_all([([sys.executable, "-m", "launch.eval_fid", *args], dict(env, JAX_PROCESS_ID=str(i)))
+                    for i, args in enumerate(per_process_args)],
+                   [tmp / f"eval_fid_p{i}.log" for i in range(2)], timeout=600, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

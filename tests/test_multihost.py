@@ -24,13 +24,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+
+from processes import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -39,12 +40,6 @@ TIMEOUT = 480      # seconds per launch (generous: other jobs may load the machi
 RTOL = 1e-5        # float reductions may group differently across processes
 NOISE_FACTOR = 4   # allowed multiple of the 4-device vs 1-device reference difference
 GLOBAL_RTOL = 1e-4  # all parameters together
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Launch:
@@ -62,7 +57,7 @@ class Launch:
 
     def __init__(self, tag: str, root, n: int, *args: str, devices: int = 4, cache=None):
         self.logs = [f"{root}.{tag}.{i}.log" for i in range(n)]
-        port = _free_port()
+        port = free_port()
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)
         if n > 1 and cache is not None:

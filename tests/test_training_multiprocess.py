@@ -3,48 +3,28 @@ data-iterator states are gathered into one checkpoint item, and the result match
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
 
 import toy_task
+from processes import free_port, run_all
 from common_jax.training import run
 
 MAIN = os.path.join(os.path.dirname(__file__), "_train_toy_main.py")
 TOTAL = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(workdir, *extra, expect_rc=0):
-    port = _free_port()
-    logs = [open(f"{workdir}.{i}.log", "w+") for i in range(2)]  # files, not pipes: no pipe-full stalls
-    procs = [subprocess.Popen(
-        [sys.executable, MAIN, str(workdir), str(TOTAL), "--data", "4", "--fsdp", "2", "--every", "100",
-         "--num-processes", "2", "--process-id", str(i), "--coordinator", f"localhost:{port}", *extra],
-        stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
-    try:
-        for p in procs:
-            p.wait(timeout=180)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    outs = []
-    for f in logs:
-        f.seek(0)
-        outs.append(f.read())
-        f.close()
-    for p, out in zip(procs, outs):
-        assert p.returncode == expect_rc, out[-3000:]
-    return outs
+    port = free_port()
+    results = run_all(
+        [[sys.executable, MAIN, str(workdir), str(TOTAL), "--data", "4", "--fsdp", "2", "--every", "100",
+          "--num-processes", "2", "--process-id", str(i), "--coordinator", f"localhost:{port}", *extra]
+         for i in range(2)], [f"{workdir}.{i}.log" for i in range(2)], timeout=180)
+    for rc, out in results:
+        assert rc == expect_rc, out[-3000:]
+    return [out for _, out in results]
 
 
 def test_a_workdir_not_shared_by_the_processes_is_refused(tmp_path):

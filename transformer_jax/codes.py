@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
