@@ -86,8 +86,7 @@ def check_shared_workdir(workdir: str, timeout_s: float = 2.0) -> None:
     os.remove(probe(me))
     if missing:
         raise ValueError(f"workdir {workdir} is not one shared path on all hosts: process {me} does not see the "
-                         f"files of process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))}; "
-                         "mount the same NFS / Lustre / gcsfuse path on every host")
+                         f"files of {_processes(missing)}; mount the same NFS / Lustre / gcsfuse path on every host")
 
 
 def check_same_on_all_processes(value: str, what: str, remedy: str) -> None:
@@ -95,8 +94,13 @@ def check_same_on_all_processes(value: str, what: str, remedy: str) -> None:
     one loaded from its own disk): replicated arrays built from differing host copies would silently mix them."""
     differ = _processes_differing_from_0(value)
     if differ:
-        raise ValueError(f"{what} differ between processes: process{'es' if len(differ) > 1 else ''} "
-                         f"{', '.join(map(str, differ))} loaded other ones than process 0; {remedy}")
+        raise ValueError(f"{what} differ between processes: {_processes(differ)} loaded other ones than process 0; "
+                         f"{remedy}")
+
+
+def _processes(ids: list[int]) -> str:
+    """'process 1' / 'processes 1, 3' for error messages."""
+    return f"process{'es' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
 
 
 def _processes_differing_from_0(value: str) -> list[int]:
@@ -157,10 +161,9 @@ def check_dataset_on_all_processes(data_dir: str, name: str, attempts: int = 4, 
             time.sleep(wait_s)
     else:
         raise ValueError(f"the files of dataset '{name}' in data_dir {data_dir} differ between processes: "
-                         f"process{'es' if len(differ) > 1 else ''} {', '.join(map(str, differ))} "
-                         f"see{'' if len(differ) > 1 else 's'} other ones than process 0; data_dir must be one shared "
-                         "path on all hosts (NFS, Lustre, a gcsfuse mount); copies made at other times differ at "
-                         "least in modification times")
+                         f"{_processes(differ)} see{'' if len(differ) > 1 else 's'} other ones than process 0; "
+                         "data_dir must be one shared path on all hosts (NFS, Lustre, a gcsfuse mount); copies made "
+                         "at other times differ at least in modification times")
     if missing is not None:
         raise missing
 

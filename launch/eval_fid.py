@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -48,10 +49,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "")
 _SAVE_IMAGES = flags.DEFINE_bool("save_images", False, "also write the samples as an ADM-style arr_0 .npz")
 
 
-def _check_same_everywhere(what: str, fingerprint: str) -> None:
+def _check_same_everywhere(what: str, fingerprint: Callable[[], str]) -> None:
     """Every process reads its inputs from its own disk: host copies that differ would mix models or features in
-    one result without an error, so all processes refuse before any work."""
-    run_setup.check_same_on_all_processes(fingerprint, what, "give every host identical copies (or one shared path)")
+    one result without an error, so all processes refuse before any work. ``fingerprint`` (a pass over all the
+    weights) is computed only when there are several processes."""
+    if jax.process_count() > 1:
+        run_setup.check_same_on_all_processes(fingerprint(), what,
+                                              "give every host identical copies (or one shared path)")
 
 
 def _inception(path: str):
@@ -59,7 +63,7 @@ def _inception(path: str):
     from common_jax.inception import load_inception
     from common_jax.pretrained import params_fingerprint
     model, variables = load_inception(path)
-    _check_same_everywhere("the weights of --inception_weights", params_fingerprint(variables))
+    _check_same_everywhere("the weights of --inception_weights", lambda: params_fingerprint(variables))
     if model.num_classes:
         fn = jax.jit(lambda v, x: model.apply(v, x, method="features_and_logits"))
     else:
@@ -122,7 +126,7 @@ def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str
     if _REF_STATS.value:
         mu, sigma = load_stats(_REF_STATS.value, feature_fn=lambda x: features(x)[0])
         _check_same_everywhere("the statistics of --ref_stats",
-                               hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest())
+                               lambda: hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest())
         return mu, sigma, _REF_STATS.value
     num_chunks, chunk = _dataset_chunks()
     state = ChunkedStats(os.path.join(workdir, "ref_stats_state.npz"), ("real",), signature=_dataset_signature())
@@ -140,7 +144,7 @@ def eval_samples(workdir: str) -> dict:
         raise ValueError("--transformer_workdir is required in samples mode")
     opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
     sampler = Sampler.from_workdirs(_TRANSFORMER.value)
-    _check_same_everywhere("the weights of --transformer_workdir", sampler.weights_fingerprint())
+    _check_same_everywhere("the weights of --transformer_workdir", sampler.weights_fingerprint)
     # Everything that can be refused is checked before the reference statistics, not after them.
     if sampler.cond.kind == "spatial":
         raise ValueError("--mode=samples draws unconditional or class-conditional models; this one is spatially "
@@ -203,7 +207,7 @@ def eval_reconstruction(workdir: str) -> dict:
     from vqgan_jax.pretrained import load_vqgan
     model, variables, _ = load_vqgan(_VQGAN.value, _TAMING_CKPT.value, _TAMING_YAML.value)
     _check_same_everywhere(f"the weights of --{'vqgan_workdir' if _VQGAN.value else 'taming_ckpt'}",
-                           params_fingerprint(variables))
+                           lambda: params_fingerprint(variables))
     source = (dict(vqgan_workdir=os.path.abspath(_VQGAN.value), step=_checkpoint_step(_VQGAN.value)) if _VQGAN.value
               else dict(taming_ckpt=os.path.abspath(_TAMING_CKPT.value)))
     state = ChunkedStats(os.path.join(workdir, "reconstruction_state.npz"), ("real", "recon"),
