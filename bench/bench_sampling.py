@@ -181,19 +181,24 @@ def case_sliding(repeats: int, ref, bf16: bool) -> None:
 
 def case_train(repeats: int, ref, bf16: bool) -> None:
     batch, t = 16, 256
-    model, v = _init(SMALL, jnp.bfloat16 if bf16 else jnp.float32)
     opt = optax.adamw(3e-4, weight_decay=0.01)
     rng = np.random.default_rng(0)
     data = jnp.asarray(rng.integers(0, SMALL["vocab_size"], (batch, t + 1)), jnp.int32)
 
-    compiled, flops = compile_train_step(model, opt, v["params"], data)
-    state = {"p": v["params"], "o": opt.init(v["params"])}
+    def jax_step(dtype):
+        model, v = _init(SMALL, dtype)
+        compiled, flops = compile_train_step(model, opt, v["params"], data)
+        state = {"p": v["params"], "o": opt.init(v["params"])}
 
-    def run_jax():
-        state["p"], state["o"], loss = compiled(state["p"], state["o"], data)
-        loss.block_until_ready()
+        def run():
+            state["p"], state["o"], loss = compiled(state["p"], state["o"], data)
+            loss.block_until_ready()
+        return run, flops, v
 
+    run_jax, flops, v = jax_step(jnp.bfloat16 if bf16 else jnp.float32)
     fns = {"jax": run_jax}
+    if bf16:  # the float32 step beside it: what bf16 compute gains within JAX
+        fns["jax float32"] = jax_step(jnp.float32)[0]
     if ref is not None:
         torch, _ = ref
         tm = _torch_model(ref, SMALL, v).train()
@@ -201,16 +206,22 @@ def case_train(repeats: int, ref, bf16: bool) -> None:
         tx = torch.from_numpy(np.asarray(data)).long()
         tin, tgt = tx[:, :-1].contiguous(), tx[:, 1:].contiguous()  # minGPT views the targets
 
-        def run_torch():
-            logits, loss = tm(tin, targets=tgt)
-            topt.zero_grad(set_to_none=True)
-            loss.backward()
-            topt.step()
-        fns["torch AdamW step"] = run_torch
+        def torch_step(autocast: bool) -> Callable[[], None]:
+            def run():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    logits, loss = tm(tin, targets=tgt)
+                topt.zero_grad(set_to_none=True)
+                loss.backward()
+                topt.step()
+            return run
+        fns["torch AdamW step"] = torch_step(False)
+        if bf16:  # torch's own mixed precision on CPU (oneDNN bf16), the like-for-like reference
+            fns["torch bf16 autocast"] = torch_step(True)
     med = _alternate(fns, repeats)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(v["params"]))
     analytic = 6 * n_params * batch * t + 12 * SMALL["n_layer"] * batch * t * t * SMALL["n_embd"]
-    _report(f"(d) GPT train step (AdamW), batch {batch} x {t} tokens, small GPT ({n_params / 1e6:.1f} M params)",
+    _report(f"(d) GPT train step (AdamW), batch {batch} x {t} tokens, small GPT ({n_params / 1e6:.1f} M params)"
+            f"{', bf16 compute' if bf16 else ''}",
             med, {"XLA flops / step": f"{flops / 1e9:.2f} GFLOP -> {flops / med['jax'] / 1e9:.1f} GFLOP/s",
                   "6N*tokens + attn": f"{analytic / 1e9:.2f} GFLOP -> {analytic / med['jax'] / 1e9:.1f} GFLOP/s"})
 

@@ -1,6 +1,7 @@
 """GPT (minGPT-compatible): golden logits, converter round trip and errors, KV cache, dtype, remat,
 logical axis names and sharded forward."""
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -15,7 +16,8 @@ from transformer_jax.convert import from_mingpt, to_mingpt
 from transformer_jax.gpt import (DECODE_KERNELS, GPT, ROWWISE_MAX_KERNEL_BYTES, ROWWISE_MAX_ROWS, abstract_variables,
                                  attention_mask, causal_attention, causal_query_blocks, init_cache, init_variables,
                                  kernels_in_compute_dtype, logical_partition_specs, matmul, matmul_transposed,
-                                 prepare_decode_variables, softmax_attention, use_explicit_attention)
+                                 mixed_dense, mixed_einsum, prepare_decode_variables, softmax_attention,
+                                 use_explicit_attention)
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +254,75 @@ def test_bf16_compute_keeps_f32_params(gold, forward):
     assert out.dtype == jnp.float32
     err = np.abs(np.asarray(out) - ref).max()
     assert 0 < err < 0.03 * np.abs(ref).max()  # bf16 rounding is visible but small
+
+
+def _bf16_close(got, want, tol=2e-2):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.abs(got - want).max() <= tol * np.abs(want).max(), np.abs(got - want).max()
+
+
+def test_mixed_dense_and_einsum_match_float32_autodiff():
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (2, 16, 64)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(keys[1], (64, 96)) * 0.1
+    bias = jax.random.normal(keys[2], (96,))
+    weight = jax.random.normal(keys[3], (2, 16, 96))          # makes every output element's gradient differ
+    # Forward: bf16 operands, float32 accumulation and bias, one rounding.
+    y = jax.jit(mixed_dense)(x, kernel, bias)
+    assert y.dtype == jnp.bfloat16
+    want = (x.astype(jnp.float32) @ kernel.astype(jnp.bfloat16).astype(jnp.float32) + bias).astype(jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
+    # Backward: the float32 gradients of the same function, within bf16 rounding; kernel and bias grads float32.
+    got = jax.jit(jax.grad(lambda x, k, b: jnp.sum(mixed_dense(x, k, b) * weight), argnums=(0, 1, 2)))(
+        x, kernel, bias)
+    ref = jax.grad(lambda x, k, b: jnp.sum((x @ k + b) * weight), argnums=(0, 1, 2))(
+        x.astype(jnp.float32), kernel, bias)
+    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    for g, r in zip(got, ref):
+        _bf16_close(g, r)
+    assert jax.grad(lambda k: jnp.sum(mixed_dense(x, k, None)))(kernel).dtype == jnp.float32   # no bias
+
+    q, k = (jax.random.normal(kk, (2, 3, 8, 16)).astype(jnp.bfloat16) for kk in keys[4:])
+    s = mixed_einsum("bhqd,bhkd->bhqk", q, k)
+    assert s.dtype == jnp.float32
+    w = jnp.arange(s.size, dtype=jnp.float32).reshape(s.shape) / s.size
+    got = jax.grad(lambda q, k: jnp.sum(mixed_einsum("bhqd,bhkd->bhqk", q, k) * w), argnums=(0, 1))(q, k)
+    ref = jax.grad(lambda q, k: jnp.sum(jnp.einsum("bhqd,bhkd->bhqk", q, k) * w), argnums=(0, 1))(
+        q.astype(jnp.float32), k.astype(jnp.float32))
+    for g, r in zip(got, ref):
+        assert g.dtype == jnp.bfloat16
+        _bf16_close(g, r)
+    with pytest.raises(ValueError, match="at least two terms"):
+        mixed_einsum("bq,bk->b", q[0, 0], k[0, 0])
+
+
+def test_bf16_training_gradients_multiply_bf16_operands(gold):
+    # On CPU, autodiff of a bf16 model's products (float32 accumulation) had widened the cotangent and the kernel
+    # to float32 for the backward products; XLA:CPU multiplies bf16 operands (AMX on Sapphire Rapids) about 4x
+    # faster. mixed_dense / mixed_einsum keep them bf16: the gradient program's products with bf16 operands
+    # are then at least the forward's 13 dense products and their input gradients (before: 15 of 63).
+    _, _, data, f32_model, variables = gold
+    model = GPT(vocab_size=138, block_size=65, n_layer=2, n_head=4, n_embd=64, dtype=jnp.bfloat16)
+    idx = jnp.asarray(data["input/idx"], jnp.int32)
+
+    def loss_fn(m):
+        return lambda p: jnp.mean(jax.nn.log_softmax(m.apply({"params": p}, idx))[..., 0])
+
+    grad = jax.jit(jax.grad(loss_fn(model)))
+    hlo = grad.lower(variables["params"]).compile().as_text()
+    decl = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    operands = [(decl.get(a), decl.get(b)) for a, b in re.findall(r"\bdot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+    n_dense = 6 * model.n_layer + 1
+    assert sum(o == ("bf16", "bf16") for o in operands) >= 2 * n_dense, operands
+    # The gradients are the float32 model's within bf16 rounding, all float32.
+    # (The key biases' gradient is zero in exact arithmetic, hence the floor relative to the largest gradient.)
+    got = grad(variables["params"])
+    ref = dict(jax.tree_util.tree_leaves_with_path(jax.jit(jax.grad(loss_fn(f32_model)))(variables["params"])))
+    largest = max(np.abs(np.asarray(r)).max() for r in ref.values())
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        r = np.asarray(ref[path])
+        assert g.dtype == jnp.float32, path
+        assert np.abs(np.asarray(g) - r).max() <= max(0.05 * np.abs(r).max(), 1e-3 * largest), path
 
 
 def test_kernels_cast_once_for_decoding_are_bit_identical(gold):
