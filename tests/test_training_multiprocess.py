@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import toy_task
 from processes import free_port, run_all
@@ -65,6 +66,43 @@ def test_dataset_copies_that_differ_between_the_processes_are_refused(tmp_path):
         assert (f"the files of dataset '{name}' in data_dir {tmp_path}/d{i} differ between processes: process 1 "
                 "sees other ones than process 0; data_dir must be one shared path on all hosts") in out, out[-2000:]
         assert "dataset resolved" not in out
+
+
+def test_a_dataset_difference_is_looked_at_again_before_refusing(monkeypatch, tmp_path):
+    # The retries of the comparison, in one process with the gathering stubbed: a difference that is gone on a
+    # later look (another host's files reaching an NFS attribute cache late) passes; one that stays through all
+    # attempts is refused; a dataset missing everywhere, once all agree, raises its own "not prepared" error.
+    from common_jax import datasets, run_setup
+    looks, sleeps = [], []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(run_setup.time, "sleep", sleeps.append)
+    monkeypatch.setattr(datasets, "dataset_fingerprint", lambda data_dir, name: f"files of {name}")
+
+    def differing(answers):
+        def gather(value):
+            looks.append(value)
+            return answers[len(looks) - 1]
+        return gather
+
+    monkeypatch.setattr(run_setup, "_processes_differing_from_0", differing([[1], [1], []]))
+    run_setup.check_dataset_on_all_processes(str(tmp_path), "photos", attempts=4, wait_s=0.5)
+    assert looks == ["files of photos"] * 3 and sleeps == [0.5, 0.5]
+
+    looks.clear()
+    sleeps.clear()
+    monkeypatch.setattr(run_setup, "_processes_differing_from_0", differing([[1, 3]] * 3))
+    with pytest.raises(ValueError, match="processes 1, 3 see other ones than process 0"):
+        run_setup.check_dataset_on_all_processes(str(tmp_path), "photos", attempts=3, wait_s=0.5)
+    assert len(looks) == 3 and sleeps == [0.5, 0.5]                  # no wait after the last look
+
+    def missing(data_dir, name):
+        raise datasets.DatasetNotPreparedError(f"dataset {name} not prepared in {data_dir}")
+    looks.clear()
+    monkeypatch.setattr(datasets, "dataset_fingerprint", missing)
+    monkeypatch.setattr(run_setup, "_processes_differing_from_0", differing([[]]))
+    with pytest.raises(datasets.DatasetNotPreparedError, match="not prepared"):
+        run_setup.check_dataset_on_all_processes(str(tmp_path), "photos")
+    assert looks == ["missing"]
 
 
 def test_two_processes_stop_resume_match_one_process(tmp_path):
