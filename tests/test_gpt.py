@@ -166,8 +166,10 @@ def test_bf16_matmul_on_cpu_reads_the_bf16_kernel():
     assert y.dtype == jnp.bfloat16
     want = (x.astype(jnp.float32) @ kernel.astype(jnp.float32)).astype(jnp.bfloat16)
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
-    hlo = jax.jit(matmul).lower(x, kernel).compile().as_text()
-    assert "f32[256,1024]" not in hlo, [line for line in hlo.splitlines() if "f32[256,1024]" in line][:3]
+    # The same for the product a bf16 model's layers make on CPU (mixed_dense), here with a kernel already in bf16.
+    for fn in (matmul, lambda x, k: mixed_dense(x, k, None)):
+        hlo = jax.jit(fn).lower(x, kernel).compile().as_text()
+        assert "f32[256,1024]" not in hlo, [line for line in hlo.splitlines() if "f32[256,1024]" in line][:3]
 
 
 def test_transposed_bf16_product_contracts_the_kernels_minor_axis():

@@ -40,21 +40,21 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     if jax.default_backend() != "cpu":
         return x @ kernel
     rows = math.prod(x.shape[:-1])
-    # Not for bf16: XLA:CPU's one-row bf16 product widens the kernel to float32 (see _cpu_dot).
+    # Not for bf16: XLA:CPU's one-row bf16 product widens the kernel to float32 (see _f32_dot).
     if (1 < rows <= ROWWISE_MAX_ROWS and kernel.dtype == jnp.float32
             and kernel.size * kernel.dtype.itemsize <= ROWWISE_MAX_KERNEL_BYTES):
         flat = x.reshape(rows, x.shape[-1])
         y = jnp.concatenate([flat[i:i + 1] @ kernel for i in range(rows)], axis=0)
         return y.reshape(*x.shape[:-1], kernel.shape[1])
-    return _cpu_dot(x, kernel)
+    return _f32_dot(x, kernel).astype(jnp.result_type(x, kernel))
 
 
-def _cpu_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel`` accumulated in float32 and rounded to the inputs' dtype once: what XLA:CPU computes for a
+def _f32_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` accumulated and returned in float32, for callers to round once: what XLA:CPU computes for a
     bf16 dot anyway, but asked for a bf16 result it first widened the whole bf16 kernel to float32 (in a decode
     loop, every step), where with a float32 result its library reads the bf16 kernel directly (from 2 rows on;
     a one-row product is still widened). The 24-layer GPT's bf16 decode at batch 4: 261 -> 194 ms per token."""
-    return jnp.matmul(x, kernel, preferred_element_type=jnp.float32).astype(jnp.result_type(x, kernel))
+    return jnp.matmul(x, kernel, preferred_element_type=jnp.float32)
 
 
 def matmul_transposed(x: jax.Array, kernel_t: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -91,7 +91,7 @@ def mixed_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.
 
 
 def _mixed_dense_fwd(x, kernel, bias):
-    y = jnp.matmul(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = _f32_dot(x, kernel.astype(x.dtype))
     if bias is not None:
         y = y + bias
     return y.astype(x.dtype), (x, kernel, bias)
@@ -100,7 +100,7 @@ def _mixed_dense_fwd(x, kernel, bias):
 def _mixed_dense_bwd(res, g):
     x, kernel, bias = res
     g = g.astype(x.dtype)
-    dx = jnp.matmul(g, kernel.astype(x.dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dx = _f32_dot(g, kernel.astype(x.dtype).T).astype(x.dtype)
     rows = math.prod(x.shape[:-1])
     g2 = g.reshape(rows, g.shape[-1])
     dk = lax.dot_general(x.reshape(rows, x.shape[-1]), g2, (((0,), (0,)), ((), ())),
