@@ -58,5 +58,17 @@ def weights_sha256(sd: dict[str, np.ndarray], manifest: dict) -> str:
     return h.hexdigest()
 
 
+EPS32 = float(np.finfo(np.float32).eps)
+POLICY_ULPS = 4
+
+
 def suggested_atol(manifest: dict, output: str) -> float:
-    return float(manifest["outputs"][output]["suggested_atol"])
+    """The golden README's suggested atol (about 10x the reference's own float32 error), raised to the floor of
+    the tolerance policy in tests/README.md: POLICY_ULPS float32 ulps of the largest reference magnitude, so that
+    a comparison does not depend on XLA reproducing torch's rounding bit for bit. Outputs the reference marks as
+    exact (a float32 and a float64 run identical: gathers) stay exact."""
+    entry = manifest["outputs"][output]
+    if float(entry["suggested_atol"]) == 0.0 and float(entry.get("fp32_error", 0.0)) == 0.0:
+        return 0.0
+    return max(float(entry["suggested_atol"]), float(entry.get("fp32_error", 0.0)),
+               POLICY_ULPS * EPS32 * float(entry["max_abs_fp64"]))
