@@ -12,7 +12,6 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6",          # TFDS imports it without declaring it
     "grain>=0.2.18,<0.3",
     "array_record>=0.8,<0.9",
-    "einops>=0.8,<0.9",
     "clu>=0.0.12,<0.1",
     # clu's metric writers and TFDS dataset preparation import TensorFlow; the CPU wheel is enough.
     "tensorflow-cpu>=2.21,<2.22",
@@ -23,7 +22,6 @@ INSTALL_REQUIRES = [
     "scikit-image>=0.24,<0.27",       # ships the real photographs of the built-in demo dataset
     "scikit-learn>=1.5,<2",            # ships two more (china, flower)
     "absl-py>=2.1",
-    "tqdm>=4.66",
     "PyYAML>=6",
 ]
 

@@ -285,8 +285,3 @@ class Conv(nn.Module):
 def torch_conv_to_flax(w) -> Any:
     """OIHW (PyTorch) -> HWIO (flax/lax)."""
     return w.transpose(2, 3, 1, 0)
-
-
-def flax_conv_to_torch(w) -> Any:
-    """HWIO -> OIHW."""
-    return w.transpose(3, 2, 0, 1)
