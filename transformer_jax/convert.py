@@ -74,9 +74,11 @@ def from_mingpt(state_dict: Mapping[str, Any], vocab_size: int, block_size: int,
             problems.append(f"shape mismatch for {prefix + k!r}: expected {expected[k]}, found {a.shape}")
         arrays[k] = a.astype(np.float32)
     if problems:
+        # One line (entry points print one error line); a wholly different file would list hundreds.
+        more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
         raise ValueError(f"from_mingpt: state_dict does not match GPT(vocab_size={vocab_size}, "
-                         f"block_size={block_size}, n_layer={n_layer}, n_embd={n_embd}):\n  "
-                         + "\n  ".join(problems))
+                         f"block_size={block_size}, n_layer={n_layer}, n_embd={n_embd}) ({len(problems)} problems): "
+                         + "; ".join(problems[:6]) + more)
 
     c, h = n_embd, n_head
     d = c // h

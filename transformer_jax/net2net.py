@@ -56,6 +56,21 @@ def _split(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+def _stage(state_dict: Mapping[str, Any], params: Mapping[str, Any], role: str) -> tuple[Any, Any, Any]:
+    """(model, variables, config) of the first or cond stage; errors name the state-dict prefix and config key."""
+    if not isinstance(params.get(f"{role}_config"), Mapping):
+        raise ValueError(f"model.params.{role}_config is missing or not a model config")
+    try:
+        cfg = vq_convert.config_from_taming(params[f"{role}_config"])
+    except ValueError as e:
+        raise ValueError(f"model.params.{role}_config: {e}") from None
+    try:
+        model, variables = vq_convert.from_taming(_split(state_dict, f"{role}_model."), cfg)
+    except ValueError as e:
+        raise ValueError(f"{role}_model.* keys: {e}") from None
+    return model, variables, cfg
+
+
 def from_taming_transformer(state_dict: Mapping[str, Any], yaml_cfg: Mapping[str, Any]) -> TamingTransformer:
     """A Net2NetTransformer state dict (``transformer.*``, ``first_stage_model.*``, ``cond_stage_model.*``)
     and its YAML (whole file or ``model`` section) -> this project's objects."""
@@ -73,15 +88,15 @@ def from_taming_transformer(state_dict: Mapping[str, Any], yaml_cfg: Mapping[str
     missing = [k for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd") if k not in tp]
     if missing:
         raise ValueError(f"transformer_config.params lacks {missing}")
-    gpt, gpt_vars = from_mingpt(_split(state_dict, "transformer."), int(tp["vocab_size"]), int(tp["block_size"]),
-                                int(tp["n_layer"]), int(tp["n_head"]), int(tp["n_embd"]))
-    fs_cfg = vq_convert.config_from_taming(params["first_stage_config"])
-    fs, fs_vars = vq_convert.from_taming(_split(state_dict, "first_stage_model."), fs_cfg)
+    extra = {k: float(tp[k]) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop") if k in tp}
+    gpt, gpt_vars = from_mingpt(state_dict, int(tp["vocab_size"]), int(tp["block_size"]), int(tp["n_layer"]),
+                                int(tp["n_head"]), int(tp["n_embd"]), prefix="transformer.",
+                                n_unmasked=int(tp.get("n_unmasked", 0)), **extra)
+    fs, fs_vars, fs_cfg = _stage(state_dict, params, "first_stage")
     cond = _cond_config(params, gpt.vocab_size)
     cs = cs_vars = None
     if cond.kind == "spatial":
-        cs_cfg = vq_convert.config_from_taming(params["cond_stage_config"])
-        cs, cs_vars = vq_convert.from_taming(_split(state_dict, "cond_stage_model."), cs_cfg)
+        cs, cs_vars, _ = _stage(state_dict, params, "cond_stage")
     side = int(fs_cfg.model.resolution) // 2 ** (len(fs_cfg.model.ch_mult) - 1)
     return TamingTransformer(gpt, gpt_vars, fs, fs_vars, cs, cs_vars, cond, (side, side))
 

@@ -29,6 +29,7 @@ _LOSS_KEYS = ("disc_start", "codebook_weight", "pixelloss_weight", "disc_num_lay
               "disc_ndf", "disc_loss")
 # loss.* = LPIPS + discriminator; colorize = the segmentation model's random visualisation projection.
 _IGNORED_PREFIXES = ("loss.", "colorize")
+_SHOWN = 6      # problems named in a key-mismatch error
 
 
 def config_from_taming(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -130,8 +131,10 @@ def _check_keys(state_dict: Mapping[str, Any], table: Mapping[str, tuple], what:
         if k not in table and not k.startswith(_IGNORED_PREFIXES):
             problems.append(f"  unexpected key {k!r} (shape {tuple(np.shape(state_dict[k]))})")
     if problems:
-        raise ValueError(f"{what}: state dict does not match the config ({len(problems)} problems):\n"
-                         + "\n".join(problems))
+        # One line (entry points print one error line); a wholly different file would list hundreds.
+        shown = "; ".join(p.strip() for p in problems[:_SHOWN])
+        more = f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
+        raise ValueError(f"{what}: state dict does not match the config ({len(problems)} problems): {shown}{more}")
 
 
 def from_taming(state_dict: Mapping[str, np.ndarray], config: Any) -> tuple[VQGAN, dict]:
@@ -179,16 +182,27 @@ def to_taming(variables: Mapping[str, Any], config: Any) -> dict[str, np.ndarray
 
 
 def read_yaml(yaml_path: str) -> dict:
+    """A taming YAML config as a dict; one error naming the file when it is missing or not such a file."""
     import yaml
     if not os.path.isfile(yaml_path):
         raise FileNotFoundError(f"config file not found: {yaml_path}")
     with open(yaml_path) as f:
-        return yaml.safe_load(f)
+        try:
+            cfg = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{yaml_path}: not a readable YAML file: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{yaml_path}: expected a taming config (a mapping with 'model'), got {type(cfg).__name__}")
+    return cfg
 
 
 def load_taming_checkpoint(ckpt_path: str, yaml_path: str) -> tuple[VQGAN, dict]:
     """Official taming VQGAN (``last.ckpt`` + ``*-project.yaml``) -> (model, variables)."""
-    config = config_from_taming(read_yaml(yaml_path))
+    yaml_cfg = read_yaml(yaml_path)
+    try:
+        config = config_from_taming(yaml_cfg)
+    except ValueError as e:
+        raise ValueError(f"{yaml_path}: {e}") from None
     sd = read_torch_state_dict(ckpt_path)
     try:
         return from_taming(sd, config)
