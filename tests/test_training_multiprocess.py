@@ -1,5 +1,7 @@
 """Two JAX processes (4 CPU devices each, gloo collectives) run the loop, stop, and resume: per-process
-data-iterator states are gathered into one checkpoint item, and the result matches one process."""
+data-iterator states are gathered into one checkpoint item, and the result matches one process. A workdir that
+is not shared is refused by two real processes; the other refusals (weights, dataset copies that differ) run
+in-process with the gathering across processes stubbed."""
 import json
 import os
 import shutil
@@ -39,33 +41,80 @@ def test_a_workdir_not_shared_by_the_processes_is_refused(tmp_path):
         assert os.listdir(tmp_path / f"own_p{i}") == []       # its probe file is removed
 
 
-def test_weights_that_differ_between_the_processes_are_refused(tmp_path):
+def _as_process(monkeypatch, index, count=2):
+    """This process pretends to be ``index`` of ``count``: the refusal logic runs in-process, with the gathering
+    across processes stubbed (one real two-process refusal above covers the collectives themselves)."""
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+
+
+def _gathering(monkeypatch, views):
+    """``process_allgather`` stubbed: it returns the digests of ``views`` (the value each process holds), as the
+    real one would on every process; the digests each caller sent are recorded."""
+    import hashlib
+
+    from jax.experimental import multihost_utils
+    digests = np.stack([np.frombuffer(hashlib.sha256(v.encode()).digest(), np.uint8) for v in views])
+    sent = []
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: sent.append(np.asarray(x)) or digests)
+    return digests, sent
+
+
+def test_gathered_digests_name_the_processes_that_differ_from_process_0(monkeypatch):
+    # Every process receives the same gathered digests and derives the same list of processes that differ
+    # from process 0.
+    from common_jax import run_setup
+    views = ["a", "b", "a", "c"]
+    digests, sent = _gathering(monkeypatch, views)
+    for me in range(4):
+        _as_process(monkeypatch, me, count=4)
+        assert run_setup._processes_differing_from_0(views[me]) == [1, 3]
+    np.testing.assert_array_equal(np.stack(sent), digests)       # each process sent the digest of its own view
+    _gathering(monkeypatch, ["a"] * 4)
+    assert run_setup._processes_differing_from_0("a") == []
+
+
+def test_weights_that_differ_between_the_processes_are_refused(monkeypatch):
     # Stage two checks the stage-one weights each host loaded (from its own disk, possibly another copy): every
     # process refuses before any training, naming the processes that differ from process 0.
-    outs = _two_processes(tmp_path / "w", "--per-process-weights", expect_rc=1)
-    for out in outs:
-        assert ("the toy weights differ between processes: process 1 loaded other ones than process 0; load them "
-                "from one place") in out, out[-2000:]
-    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+    from common_jax import run_setup
+    views = ["weights of process 0", "weights of process 1"]
+    _gathering(monkeypatch, views)
+    for me in range(2):
+        _as_process(monkeypatch, me)
+        with pytest.raises(ValueError) as e:
+            run_setup.check_same_on_all_processes(views[me], "the toy weights", "load them from one place")
+        assert str(e.value) == ("the toy weights differ between processes: process 1 loaded other ones than "
+                                "process 0; load them from one place")
+    _gathering(monkeypatch, ["weights"] * 2)
+    run_setup.check_same_on_all_processes("weights", "the toy weights", "load them from one place")
 
 
-def test_dataset_copies_that_differ_between_the_processes_are_refused(tmp_path):
+def test_dataset_copies_that_differ_between_the_processes_are_refused(monkeypatch, tmp_path):
     # Data must be one shared path: each process reads its slice of every global batch by index from its own
     # view of data_dir. A faithful copy (same names, sizes and modification times) passes; the same dataset
-    # prepared again on another host (another modification time) is refused by both processes at start.
+    # prepared again on another host (another modification time) is refused, after every attempt. Process 1's
+    # view of the dataset (``other``) reaches process 0 through the stubbed gathering.
+    from common_jax import datasets, run_setup
     from common_jax.datasets import prepare_builtin_photos
     name = prepare_builtin_photos(tmp_path / "d0", crop_size=16, crops_per_photo=2).name
-    shutil.copytree(tmp_path / "d0", tmp_path / "d1")               # copy2: modification times kept
-    outs = _two_processes(tmp_path / "ok", "--data-dir", str(tmp_path / "d{p}"), "--dataset", name)
-    assert all("dataset resolved" in out for out in outs), outs[0][-2000:]
-    prepare_builtin_photos(tmp_path / "d2", crop_size=16, crops_per_photo=2)
-    shutil.rmtree(tmp_path / "d1")
-    os.rename(tmp_path / "d2", tmp_path / "d1")
-    outs = _two_processes(tmp_path / "bad", "--data-dir", str(tmp_path / "d{p}"), "--dataset", name, expect_rc=1)
-    for i, out in enumerate(outs):
-        assert (f"the files of dataset '{name}' in data_dir {tmp_path}/d{i} differ between processes: process 1 "
-                "sees other ones than process 0; data_dir must be one shared path on all hosts") in out, out[-2000:]
-        assert "dataset resolved" not in out
+    shutil.copytree(tmp_path / "d0", tmp_path / "copy")              # copy2: modification times kept
+    prepare_builtin_photos(tmp_path / "again", crop_size=16, crops_per_photo=2)
+    sleeps = []
+    monkeypatch.setattr(run_setup.time, "sleep", sleeps.append)
+    _as_process(monkeypatch, 0)
+    mine = datasets.dataset_fingerprint(str(tmp_path / "d0"), name)
+    digests, sent = _gathering(monkeypatch, [mine, datasets.dataset_fingerprint(str(tmp_path / "copy"), name)])
+    run_setup.check_dataset_on_all_processes(str(tmp_path / "d0"), name)
+    assert len(sent) == 1 and not sleeps
+    np.testing.assert_array_equal(sent[0], digests[0])              # process 0 sent its own view of d0
+    _gathering(monkeypatch, [mine, datasets.dataset_fingerprint(str(tmp_path / "again"), name)])
+    with pytest.raises(ValueError) as e:
+        run_setup.check_dataset_on_all_processes(str(tmp_path / "d0"), name)
+    assert str(e.value).startswith(
+        f"the files of dataset '{name}' in data_dir {tmp_path}/d0 differ between processes: process 1 "
+        "sees other ones than process 0; data_dir must be one shared path on all hosts"), str(e.value)
+    assert len(sleeps) == 3                                          # looked at 4 times before refusing
 
 
 def test_a_dataset_difference_is_looked_at_again_before_refusing(monkeypatch, tmp_path):
