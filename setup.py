@@ -27,7 +27,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
-    # The PyTorch originals for side-by-side benchmarks and golden regeneration (see shared reference notes).
+    # Only for running the PyTorch originals side by side (benchmarks, regenerating goldens and test
+    # fixtures). Converting weights (taming, LPIPS, InceptionV3) needs none of it: common_jax.torch_io
+    # reads .pth/.ckpt files without PyTorch.
     "reference": [
         "torch==2.14.1",
         "torchvision==0.29.1",

@@ -404,7 +404,7 @@ def load_state_dict_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"InceptionV3 weights file {os.fspath(path)!r} not found. Download {FID_WEIGHTS_URL} and convert "
-            f"it (needs torch, `pip install -e \".[reference]\"`): {CONVERT_COMMAND}")
+            f"it (no PyTorch needed): {CONVERT_COMMAND}")
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 

@@ -5,7 +5,7 @@
 The .pth is pytorch-fid's FID checkpoint (the TF 2015-12-05 Inception graph ported to PyTorch):
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 A state dict of pytorch_fid.inception.InceptionV3 (``blocks.0.0.conv.weight``...) is accepted too; the
-output always uses the released names. Reading .pth files needs PyTorch: ``pip install -e ".[reference]"``.
+output always uses the released names. The .pth is read without PyTorch (common_jax.torch_io).
 """
 from __future__ import annotations
 
@@ -28,11 +28,16 @@ def convert_state_dict(state_dict: dict[str, Any], out_path: str) -> dict[str, n
     return sd
 
 
+def convert(pth_path: str, out_path: str) -> dict[str, np.ndarray]:
+    """Read the .pth (no PyTorch needed), check it loads, write ``out_path``; returns the state dict."""
+    return convert_state_dict(read_torch_state_dict(pth_path), out_path)
+
+
 def main(argv: list[str]) -> None:
     del argv
     if not FLAGS.pth:
         raise app.UsageError("--pth is required (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
-    sd = convert_state_dict(read_torch_state_dict(FLAGS.pth), FLAGS.out)
+    sd = convert(FLAGS.pth, FLAGS.out)
     print(f"wrote {FLAGS.out} ({len(sd)} arrays, {'with' if 'fc.weight' in sd else 'without'} the fc layer)")
 
 

@@ -4,7 +4,7 @@
 
 ``vgg16-397923af.pth``: https://download.pytorch.org/models/vgg16-397923af.pth (torchvision's ImageNet
 VGG16). ``vgg.pth``: ``lpips/weights/v0.1/vgg.pth`` inside the lpips package (pip install lpips==0.1.4).
-Reading .pth files needs PyTorch: ``pip install -e ".[reference]"``.
+Both .pth files are read without PyTorch (common_jax.torch_io).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ FLAGS = flags.FLAGS
 
 
 def convert(vgg16_path: str, lin_path: str, out_path: str) -> dict[str, np.ndarray]:
-    """Read both .pth files, check the result loads, write ``out_path``; returns the state dict."""
+    """Read both .pth files (no PyTorch needed), check the result loads, write ``out_path``; returns the
+    state dict."""
     sd = state_dict_from_torchvision(read_torch_state_dict(vgg16_path), read_torch_state_dict(lin_path))
     from_lpips(sd)  # fail here, not at training time, if anything is off
     np.savez(out_path, **sd)

@@ -6,7 +6,8 @@ Run in the reference environment (PyTorch + pytorch-lightning 1.8.6 + omegaconf)
 
 Every file exists in both serialisations: ``*_zip.*`` (torch >= 1.6 archive) and ``*_legacy.*``
 (``_use_new_zipfile_serialization=False``, the single-stream format of torch < 1.6). ``expected.npz``
-holds the values the reader must return (bfloat16 stored as its exact float32 value).
+holds the values the reader must return (bfloat16 stored as its exact float32 value). It also checks
+tests/torch_files_writer.py against torch (see ``_check_writer``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import argparse
 import json
 import os
 import pathlib
+import pickle
+import sys
 import tempfile
 
 import numpy as np
@@ -22,6 +25,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
 
 OUT = pathlib.Path(__file__).resolve().parent / "torch_files"
+sys.path.insert(0, str(OUT.parent))
 MARKER = "torch_io_marker"  # created in the cwd if the payload ever runs
 
 
@@ -109,6 +113,56 @@ def _check_payload_runs() -> None:
                 os.chdir(cwd)
 
 
+def _check_writer() -> None:
+    """tests/torch_files_writer.py (used where the tests need full-size published files) against torch:
+    it reproduces lpips' shipped vgg.pth byte for byte, and torch.load reads every layout it writes."""
+    import collections
+    import io
+    import lpips
+    from torch_files_writer import write_legacy_state_dict
+
+    real = pathlib.Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+    sd = torch.load(real, map_location="cpu", weights_only=False)
+    keys = []
+
+    class KeyOrder(pickle.Unpickler):
+        def find_class(self, module, name):
+            return lambda *a, **k: _Inert()
+
+        def persistent_load(self, pid):
+            keys.append(pid[2].decode() if isinstance(pid[2], bytes) else pid[2])
+
+    with open(real, "rb") as f:
+        for _ in range(3):
+            pickle.load(f)
+        KeyOrder(f, encoding="bytes").load()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = pathlib.Path(tmp) / "vgg.pth"
+        write_legacy_state_dict(str(copy), collections.OrderedDict((k, v.numpy()) for k, v in sd.items()),
+                                python2=True, metadata={k: dict(v) for k, v in sd._metadata.items()},
+                                location="cuda:0", storage_keys=keys)
+        assert copy.read_bytes() == real.read_bytes(), "writer no longer reproduces lpips' vgg.pth"
+        arrays = {"w": np.random.rand(3, 4).astype(np.float32), "h": np.arange(5, dtype=np.float16),
+                  "i": np.arange(3), "u": np.arange(4, dtype=np.uint8), "b": np.array([True, False])}
+        for python2, v1 in ((True, False), (False, False), (True, True)):
+            write_legacy_state_dict(str(copy), arrays, python2=python2, rebuild_v1=v1,
+                                    metadata=None if v1 else {"": {"version": 1}})
+            for weights_only in ((False,) if v1 else (False, True)):
+                t = torch.load(copy, weights_only=weights_only)
+                assert list(t) == list(arrays), (python2, v1)
+                for k, v in arrays.items():
+                    assert t[k].numpy().dtype == v.dtype and np.array_equal(t[k].numpy(), v), (python2, v1, k)
+    print("torch_files_writer: reproduces lpips vgg.pth byte for byte; torch.load reads all its layouts")
+
+
+class _Inert:
+    def __setstate__(self, state):
+        pass
+
+    def append(self, item):
+        pass
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     sd = _state_dict()
@@ -128,6 +182,7 @@ def main() -> None:
     expected["ckpt/best_model_score"] = np_value(ckpt["callbacks"][ModelCheckpoint]["best_model_score"])
     np.savez(OUT / "expected.npz", **expected)
     (OUT / "expected_metadata.json").write_text(json.dumps(sd._metadata))
+    _check_writer()
     for p in sorted(OUT.iterdir()):
         print(f"{p.name:28s} {p.stat().st_size:7d} bytes")
 

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 from seeded_weights import golden, suggested_atol
+from torch_files_writer import write_legacy_state_dict
 
 from common_jax.fid import frechet_distance_from_features
 from common_jax.inception import (CONVERT_COMMAND, feature_extractor, from_pytorch_fid, load_inception,
                                   param_shardings, preprocess, to_torchvision_names, to_wrapper_names)
 from common_jax.mesh import make_mesh
-from launch.convert_inception import convert_state_dict, read_torch_state_dict
+from launch import convert_inception
 
 SETS = ("images64", "fid_set_a", "fid_set_b")
 
@@ -165,14 +166,26 @@ def test_bad_images_shape(ref):
         preprocess(jnp.zeros((2, 32, 32, 1), jnp.uint8))
 
 
-def test_npz_weights_round_trip_and_missing_file(ref, tmp_path):
+def test_convert_published_pth_end_to_end(ref, tmp_path):
+    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth as published: torch's legacy serialisation of an
+    # OrderedDict under the released names, fc layer included. Written and converted with no PyTorch.
     sd, _, _, _, variables = ref
+    w, b = _seeded_fc()
+    released = dict(to_torchvision_names(sd), **{"fc.weight": w, "fc.bias": b})
+    pth = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    write_legacy_state_dict(str(pth), released, python2=False, metadata={"": {"version": 1}})
     path = tmp_path / "inception.npz"
-    convert_state_dict(sd, str(path))  # what `python -m launch.convert_inception` writes
+    convert_inception.convert(str(pth), str(path))  # what `python -m launch.convert_inception` runs
     with np.load(path) as z:
-        assert "Mixed_7c.branch_pool.conv.weight" in z.files  # stored under the released names
+        assert sorted(z.files) == sorted(released)  # stored under the released names, fc kept
+        for k in z.files:
+            np.testing.assert_array_equal(z[k], released[k], err_msg=k)
     _, loaded = load_inception(path)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, variables)
+    without_fc = {k: v for k, v in loaded["params"].items() if k != "fc"}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, dict(loaded, params=without_fc), variables)
+
+
+def test_missing_or_wrong_npz(tmp_path):
     missing = tmp_path / "no_such_weights.npz"
     with pytest.raises(FileNotFoundError) as e:
         load_inception(missing)
@@ -183,16 +196,15 @@ def test_npz_weights_round_trip_and_missing_file(ref, tmp_path):
         load_inception(bad)
 
 
-def test_converter_reads_pth_only_with_torch(tmp_path):
+def test_converter_bad_pth_one_error_nothing_written(tmp_path):
+    out = tmp_path / "out.npz"
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        read_torch_state_dict(str(tmp_path / "missing.pth"))
+        convert_inception.convert(str(tmp_path / "missing.pth"), str(out))
     pth = tmp_path / "weights.pth"
     pth.write_bytes(b"not a checkpoint")
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r'weights.pth.*pip install -e "\.\[reference\]"'):
-            read_torch_state_dict(str(pth))
-    else:
-        with pytest.raises(Exception):
-            read_torch_state_dict(str(pth))
+    with pytest.raises(ValueError, match=r"weights.pth is not a PyTorch file"):
+        convert_inception.convert(str(pth), str(out))
+    write_legacy_state_dict(str(pth), {"lin0.model.1.weight": np.zeros((1, 64, 1, 1), np.float32)})
+    with pytest.raises(ValueError, match="missing"):  # a torch file, but not InceptionV3's
+        convert_inception.convert(str(pth), str(out))
+    assert not out.exists()

@@ -1,6 +1,4 @@
 """LPIPS(vgg): goldens (seeded and shipped lin weights), converters, loading errors, frozen gradients."""
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +7,7 @@ import pytest
 from common_jax import lpips as lp
 from common_jax.layers import CONV_KERNEL_AXES
 from seeded_weights import golden, suggested_atol
+from torch_files_writer import write_legacy_state_dict
 
 
 def _nhwc(a):
@@ -47,22 +46,42 @@ def test_golden_seeded_lins(small, apply_fns):
     _check_golden("lpips_vgg_small", variables, data, manifest, apply_fns)
 
 
-def test_golden_shipped_lins_via_torchvision_npz(tmp_path, apply_fns):
-    # The route users take: torchvision vgg16 keys + lpips vgg.pth keys -> npz -> load_lpips.
-    sd, manifest, data = golden("lpips_vgg_shipped_lin")
+def _write_published_files(sd, folder):
+    """The two files users convert, in the format they are published in (torch's legacy serialisation):
+    torchvision's vgg16-397923af.pth (2017: tensors through ``_rebuild_tensor``, no _metadata) and lpips'
+    vgg.pth (Python 2 / torch 0.4 layout, with _metadata). Written without PyTorch."""
     vgg = {}
     for k, convs in enumerate(lp.VGG16_SLICES):
         for idx, _ in convs:
             for p in ("weight", "bias"):
                 vgg[f"features.{idx}.{p}"] = sd[f"net.slice{k + 1}.{idx}.{p}"]
-    vgg["classifier.0.weight"] = np.zeros((2, 2), np.float32)  # ignored
+    for idx in (0, 3, 6):  # the converter ignores the classifier; stand-ins far smaller than 4096 x 25088
+        vgg[f"classifier.{idx}.weight"] = np.full((2, 2), idx, np.float32)
+        vgg[f"classifier.{idx}.bias"] = np.zeros(2, np.float32)
+    write_legacy_state_dict(str(folder / "vgg16-397923af.pth"), vgg, python2=True, rebuild_v1=True)
+    return str(folder / "vgg16-397923af.pth"), _write_lin_file(sd, folder)
+
+
+def _write_lin_file(sd, folder):
     lin = {f"lin{k}.model.1.weight": sd[f"lin{k}.model.1.weight"] for k in range(5)}
-    converted = lp.state_dict_from_torchvision(vgg, lin)
-    # The converter's constants are the reference buffers bit for bit.
-    np.testing.assert_array_equal(converted["scaling_layer.shift"], sd["scaling_layer.shift"])
-    np.testing.assert_array_equal(converted["scaling_layer.scale"], sd["scaling_layer.scale"])
+    meta = {name: {"version": 1} for k in range(5) for name in (f"lin{k}", f"lin{k}.model", f"lin{k}.model.0",
+                                                                 f"lin{k}.model.1")}
+    write_legacy_state_dict(str(folder / "vgg.pth"), lin, python2=True, location="cuda:0",
+                            metadata={"": {"version": 1}, **meta})
+    return str(folder / "vgg.pth")
+
+
+def test_convert_published_files_end_to_end(tmp_path, apply_fns):
+    # The route users take, with no PyTorch: both published .pth files -> convert_lpips -> npz -> load_lpips.
+    from launch import convert_lpips
+    sd, manifest, data = golden("lpips_vgg_shipped_lin")
+    vgg_path, lin_path = _write_published_files(sd, tmp_path)
     path = tmp_path / "lpips_vgg.npz"
-    np.savez(path, **converted)
+    converted = convert_lpips.convert(vgg_path, lin_path, str(path))
+    # The arrays come through the files bit for bit; the converter's constants are the reference buffers.
+    assert sorted(converted) == sorted(k for k in sd if not k.startswith("lins."))
+    for k, v in converted.items():
+        np.testing.assert_array_equal(v, sd[k], err_msg=k)
     _, variables = lp.load_lpips(path)
     _check_golden("lpips_vgg_shipped_lin", variables, data, manifest, apply_fns)
 
@@ -153,12 +172,15 @@ def test_wrong_image_shapes_rejected(small):
         model.apply(variables, jnp.zeros((1, 32, 32, 3)), jnp.zeros((2, 32, 32, 3)))
 
 
-def test_convert_without_torch_says_how_to_install(tmp_path, monkeypatch):
+def test_convert_bad_files_one_error_nothing_written(tmp_path, small):
     from launch import convert_lpips
-    for name in ("a.pth", "b.pth"):
-        (tmp_path / name).write_bytes(b"x")
-    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-    with pytest.raises(ImportError, match=r'pip install -e "\.\[reference\]"'):
-        convert_lpips.convert(str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), str(tmp_path / "o.npz"))
+    lin_path = _write_lin_file(small[0], tmp_path)
+    out = tmp_path / "o.npz"
+    (tmp_path / "a.pth").write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match=r"a.pth is not a PyTorch file"):
+        convert_lpips.convert(str(tmp_path / "a.pth"), lin_path, str(out))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        convert_lpips.convert(str(tmp_path / "missing.pth"), str(tmp_path / "b.pth"), str(tmp_path / "o.npz"))
+        convert_lpips.convert(str(tmp_path / "missing.pth"), lin_path, str(out))
+    with pytest.raises(ValueError, match=r"VGG16 state dict lacks \['features.0.weight'"):
+        convert_lpips.convert(lin_path, lin_path, str(out))  # the lin file given as the VGG16 one
+    assert not out.exists()

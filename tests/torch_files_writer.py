@@ -11,7 +11,6 @@ lpips' own storage keys and metadata it reproduces ``lpips/weights/v0.1/vgg.pth`
 from __future__ import annotations
 
 import collections
-import io
 import pickle
 import struct
 from typing import Any
@@ -54,11 +53,13 @@ class Storage:
 
 
 class Tensor:
-    def __init__(self, storage: Storage, shape: tuple[int, ...], python2: bool):
-        self.storage, self.shape, self.python2 = storage, shape, python2
+    def __init__(self, storage: Storage, shape: tuple[int, ...], python2: bool, rebuild_v1: bool = False):
+        self.storage, self.shape, self.python2, self.rebuild_v1 = storage, shape, python2, rebuild_v1
 
     def __reduce__(self):
         stride = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
+        if self.rebuild_v1:  # torch < 0.4: no requires_grad, no hooks
+            return _global("torch._utils", "_rebuild_tensor"), (self.storage, 0, tuple(self.shape), stride)
         hooks = None if self.python2 else collections.OrderedDict()
         return (_global("torch._utils", "_rebuild_tensor_v2"),
                 (self.storage, 0, tuple(self.shape), stride, False, hooks))
@@ -146,15 +147,16 @@ def _dump(f: Any, obj: Any, python2: bool) -> None:
 
 def write_legacy_state_dict(path: str, state_dict: dict[str, np.ndarray], *, python2: bool = True,
                             metadata: dict[str, dict] | None = None, location: str = "cpu",
-                            storage_keys: list[str] | None = None) -> None:
+                            storage_keys: list[str] | None = None, rebuild_v1: bool = False) -> None:
     """Write ``state_dict`` (float32/float64/float16/int/uint8/bool arrays) as torch's legacy format does.
 
     ``metadata`` becomes the state dict's ``_metadata`` (module name -> {"version": n}); ``storage_keys``
-    names each tensor's storage (torch used its C pointer), default "0", "1", ...
+    names each tensor's storage (torch used its C pointer), default "0", "1", ...; ``rebuild_v1`` pickles
+    tensors through ``torch._utils._rebuild_tensor`` as torch < 0.4 did (torchvision's 2017 VGG16 file).
     """
     keys = storage_keys or [str(i) for i in range(len(state_dict))]
     storages = [Storage(k, np.asarray(v), location) for k, v in zip(keys, state_dict.values())]
-    tensors = [Tensor(s, tuple(np.shape(v)), python2) for s, v in zip(storages, state_dict.values())]
+    tensors = [Tensor(s, tuple(np.shape(v)), python2, rebuild_v1) for s, v in zip(storages, state_dict.values())]
     version = "version"  # one string object, so repeats are memo references as in the real files
     meta = None
     if metadata is not None:
@@ -170,17 +172,15 @@ def write_legacy_state_dict(path: str, state_dict: dict[str, np.ndarray], *, pyt
 def write_legacy_file(path: str, top: Any, storages: list[Storage], *, python2: bool = True) -> None:
     """The legacy layout around any object ``top``: magic, protocol, system info, ``top``, storage keys,
     then each storage's int64 element count and bytes. ``storages`` are those ``top`` refers to."""
-    out = io.BytesIO()
     sys_info = {"protocol_version": PROTOCOL, "type_sizes": {"int": 4, "short": 2, "long": 4},
                 "little_endian": True}
     if not python2:
         sys_info = {"protocol_version": PROTOCOL, "little_endian": True,
                     "type_sizes": {"short": 2, "int": 4, "long": 8}}
-    for obj in (MAGIC, PROTOCOL, sys_info, top):
-        _dump(out, obj, python2)
-    _dump(out, sorted(s.key for s in storages), python2)
-    for s in sorted(storages, key=lambda s: s.key):
-        out.write(struct.pack("<q", s.array.size))
-        out.write(s.array.astype(s.array.dtype.newbyteorder("<"), copy=False).tobytes())
-    with open(path, "wb") as f:
-        f.write(out.getvalue())
+    with open(path, "wb") as out:
+        for obj in (MAGIC, PROTOCOL, sys_info, top):
+            _dump(out, obj, python2)
+        _dump(out, sorted(s.key for s in storages), python2)
+        for s in sorted(storages, key=lambda s: s.key):
+            out.write(struct.pack("<q", s.array.size))
+            out.write(s.array.astype(s.array.dtype.newbyteorder("<"), copy=False).tobytes())
