@@ -116,17 +116,32 @@ class VectorQuantizer(nn.Module):
         return QuantizerOutput(zq, indices, loss, perplexity, usage)
 
     def _ema_update(self, z_flat: jax.Array, idx: jax.Array) -> None:
-        onehot = jax.nn.one_hot(idx, self.n_embed, dtype=jnp.float32)
-        count = onehot.sum(0)
-        total = jnp.matmul(onehot.T, jax.lax.stop_gradient(z_flat), precision=HIGHEST)
-        dcy = self.ema_decay
-        self.ema_count.value = dcy * self.ema_count.value + (1 - dcy) * count
-        self.ema_sum.value = dcy * self.ema_sum.value + (1 - dcy) * total
+        stats = ema_batch_statistics(z_flat, idx, self.n_embed)
+        # Also exposed (collection "ema_batch"), so that gradient accumulation can add the micro-batches'
+        # statistics and apply one update per optimizer step.
+        self.sow("ema_batch", "stats", stats, reduce_fn=lambda _prev, new: new, init_fn=dict)
+        new = ema_apply({"count": self.ema_count.value, "sum": self.ema_sum.value}, stats, self.ema_decay)
+        self.ema_count.value, self.ema_sum.value = new["count"], new["sum"]
 
     def embed_code(self, indices: jax.Array) -> jax.Array:
         """Codes (B, h, w) -> quantized vectors (B, h, w, embed_dim), as ``get_codebook_entry``."""
         zq = jnp.take(self.codebook(), indices, axis=0)
         return self.project_out(zq) if self.codebook_dim else zq
+
+
+def ema_batch_statistics(z_flat: jax.Array, idx: jax.Array, n_embed: int) -> dict:
+    """One batch's EMA statistics: per-code counts (n_embed,) and sums of assigned inputs (n_embed, dim).
+
+    Both are sums over the batch, so the statistics of micro-batches add up to those of the whole batch.
+    """
+    onehot = jax.nn.one_hot(idx, n_embed, dtype=jnp.float32)
+    return {"count": onehot.sum(0),
+            "sum": jnp.matmul(onehot.T, jax.lax.stop_gradient(z_flat), precision=HIGHEST)}
+
+
+def ema_apply(ema_vars: dict, stats: dict, decay: float) -> dict:
+    """One EMA step of the codebook statistics ``{"count", "sum"}`` towards a batch's ``stats``."""
+    return {k: decay * ema_vars[k] + (1 - decay) * stats[k] for k in ("count", "sum")}
 
 
 def ema_codebook(ema_vars: dict, eps: float = 1e-5) -> jax.Array:

@@ -19,7 +19,7 @@ from common_jax import run_setup, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from vqgan_jax import losses
 from vqgan_jax.model import VQGAN
-from vqgan_jax.quantize import ema_codebook, restart_dead_codes
+from vqgan_jax.quantize import ema_apply, ema_codebook, restart_dead_codes
 
 LpipsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -46,6 +46,21 @@ def model_from_config(config: Any) -> VQGAN:
     return VQGAN.from_config(m)
 
 
+def check_quantizer_options(config: Any) -> None:
+    """Refuse quantizer options that the chosen quantizer would silently ignore in training."""
+    m = config.model
+    thr = float(config.loss.get("dead_code_threshold", 0.0) or 0.0)
+    if m.get("quantizer", "vq") == "gumbel":
+        on = [f"model.{k}" for k in ("l2_normalize", "codebook_dim", "use_ema", "entropy_weight") if m.get(k)]
+        on += ["loss.dead_code_threshold"] if thr > 0 else []
+        if on:
+            raise ValueError(f"model.quantizer='gumbel' does not use {', '.join(on)} (options of the 'vq' "
+                             "quantizer): turn them off or set model.quantizer='vq'")
+    elif thr > 0 and m.get("codebook_dim"):
+        raise ValueError("loss.dead_code_threshold > 0 with model.codebook_dim: the restart re-seeds codes from "
+                         "encoder outputs, which live in embed_dim, not codebook_dim; set one of them to 0")
+
+
 def learning_rate(config: Any) -> float:
     """taming's rule: base_lr x global batch size x gradient-accumulation steps."""
     o = config.optim
@@ -68,6 +83,7 @@ class VQGANTask:
         if self.loss_cfg.use_actnorm:
             raise ValueError("loss.use_actnorm=True: ActNorm's data-dependent init is not supported in "
                              "training; use BatchNorm (use_actnorm=False)")
+        check_quantizer_options(config)
         self.model = model_from_config(config)
         self.disc = losses.build_discriminator(self.loss_cfg)
         if float(self.loss_cfg.perceptual_weight) > 0 and lpips is None:
@@ -132,7 +148,7 @@ class VQGANTask:
         mutable = []
         if state.codebook_ema:
             variables["codebook_ema"] = state.codebook_ema
-            mutable = ["codebook_ema"]
+            mutable = ["codebook_ema", "ema_batch"]
 
         temperature = self._temperature(state.step)
 
@@ -149,7 +165,8 @@ class VQGANTask:
             self._lpips_fn(state.lpips))
         xrec = jax.lax.stop_gradient(losses.reconstruct(h, params["decoder"]["conv_out"]))
         aux = {"metrics": metrics, "xrec": xrec, "usage": enc.usage, "perplexity": enc.perplexity,
-               "z": jax.lax.stop_gradient(enc.z), "codebook_ema": mut.get("codebook_ema")}
+               "z": jax.lax.stop_gradient(enc.z), "codebook_ema": mut.get("codebook_ema"),
+               "ema_batch": mut["ema_batch"]["quantize"]["stats"] if "ema_batch" in mut else None}
         return loss, aux
 
     # -- the step --------------------------------------------------------------------------------
@@ -164,14 +181,30 @@ class VQGANTask:
         if self.grad_accum == 1:
             (g_loss, aux), g_grads = gen_loss_and_grad(state.params, {"image": x}, k_gen)
         else:
-            # Accumulate only the generator; D runs once on the full batch's reconstructions.
+            # Accumulate only the generator; D runs once on the full batch's reconstructions. The EMA
+            # codebook's batch statistics are sums, so the micro-batches' add up to the whole batch's (the
+            # mean that accumulate_gradients returns is scaled back) and one EMA update is applied below.
+            n = self.grad_accum
+
             def lg(params, micro, key):
                 (l, a), g = gen_loss_and_grad(params, micro, key)
-                return (l, {"metrics": a["metrics"], "usage": a["usage"], "perplexity": a["perplexity"]}), g
-            (g_loss, aux), g_grads = accumulate_gradients(lg, state.params, {"image": x},
-                                                          self.grad_accum, k_gen)
-            xrec = self.model.apply({"params": state.params}, x)[0]
-            aux = dict(aux, xrec=jax.lax.stop_gradient(xrec), z=None, codebook_ema=None)
+                kept = {"metrics": a["metrics"], "usage": a["usage"], "perplexity": a["perplexity"]}
+                if a["ema_batch"] is not None:
+                    kept["ema_batch"] = jax.tree.map(lambda v: v * n, a["ema_batch"])
+                return (l, kept), g
+            (g_loss, aux), g_grads = accumulate_gradients(lg, state.params, {"image": x}, n, k_gen)
+            # The restart's candidates come from this full-batch forward (same parameters as every
+            # micro-batch): the encoder outputs of the whole batch, as in the one-step path.
+            full_vars = {"params": state.params}
+            if state.codebook_ema:
+                full_vars["codebook_ema"] = state.codebook_ema
+            xrec, enc = self.model.apply(full_vars, x)
+            codebook_ema = None
+            if state.codebook_ema:
+                codebook_ema = {"quantize": ema_apply(state.codebook_ema["quantize"], aux["ema_batch"],
+                                                      float(self.model.ema_decay))}
+            aux = dict(aux, xrec=jax.lax.stop_gradient(xrec), z=jax.lax.stop_gradient(enc.z),
+                       codebook_ema=codebook_ema)
         upd, opt_g = self.tx_g.update(g_grads, state.opt_g, state.params)
         params = optax.apply_updates(state.params, upd)
 
@@ -194,7 +227,7 @@ class VQGANTask:
             params = _set_codebook(params, ema_codebook(codebook_ema["quantize"]))
         restarted = jnp.float32(0.0)
         thr = float(self.loss_cfg.get("dead_code_threshold", 0.0) or 0.0)
-        if thr > 0 and aux["z"] is not None and self.model.quantizer == "vq" and not self.model.codebook_dim:
+        if thr > 0 and self.model.quantizer == "vq" and not self.model.codebook_dim:
             z_flat = aux["z"].reshape(-1, aux["z"].shape[-1])
             new_cb, restarted = restart_dead_codes(params["quantize"]["embedding"], code_usage, z_flat,
                                                    k_restart, thr)
