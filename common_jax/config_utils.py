@@ -1,4 +1,4 @@
-"""Config helpers: JSON round trip, flat views, and the resume-compatibility check."""
+"""Config helpers: JSON round trip, flat views, required fields, and the resume-compatibility check."""
 from __future__ import annotations
 
 import json
@@ -37,51 +37,86 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def check_config_compatible(saved: Mapping[str, Any], requested: Any,
-                            keys_prefixes: Iterable[str] = ("model",),
-                            source: str = "checkpoint") -> None:
-    """Raise ConfigMismatchError if a shape-defining field differs between ``saved`` and ``requested``.
+def _covered(key: str, entries: Iterable[str]) -> bool:
+    return any(key == e or key.startswith(e + ".") for e in entries)
 
-    Only keys under ``keys_prefixes`` (dotted, e.g. ``'model'`` or ``'model.n_embed'``) are compared:
-    those define parameter shapes, so a checkpoint cannot be restored under a different value. Keys
-    present on one side only are reported too (a renamed field is as fatal as a changed one).
-    The message is one line: ``--config.model.n_embed=512 disagrees with checkpoint in <dir>: 128``.
+
+def check_config_compatible(saved: Mapping[str, Any], requested: Any,
+                            shape_keys: Iterable[str] = ("model",),
+                            source: str = "checkpoint") -> list[str]:
+    """Refuse a resume whose config changes a shape-defining key; describe every other change in those sections.
+
+    ``shape_keys`` are dotted keys (``'gpt.n_layer'``) or whole sections (``'model'``: every key under it)
+    that define the train state's shapes or the meaning of its weights; a task declares them
+    (``Task.shape_keys``). A checkpoint cannot be restored under another value of one of them, so a
+    difference, or such a key present on one side only, raises :class:`ConfigMismatchError` with one line:
+    ``--config.gpt.n_layer=3 disagrees with checkpoint in <dir>: 2``.
+
+    Any other key of the same sections (``gpt.remat``, ``gpt.dtype``, a dropout rate, ``cond.cfg_dropout``)
+    may change: the return value has one line per such change, ``resuming with gpt.remat changed: false ->
+    true``, for the caller to log. Keys outside those sections (``total_steps``, ``checkpoint.every``) are
+    not looked at.
     """
     if not isinstance(saved, Mapping):
         raise TypeError(f"check_config_compatible: saved config must be a dict, got {type(saved).__name__}")
-    flat_saved = flatten(saved)
-    prefixes = tuple(keys_prefixes)
-
-    def selected(key: str) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in prefixes)
-
+    entries = tuple(shape_keys)
+    if not entries:
+        raise ValueError("check_config_compatible: no shape-defining keys given")
+    sections = sorted({e.split(".")[0] for e in entries})
     requested_dict = config_to_dict(requested)
-    for section in sorted({p.split(".")[0] for p in prefixes}):
+    for section in sections:
         if section in requested_dict and section not in saved:
             # Not an older layout: a run of another kind, e.g. the other stage's workdir.
             raise ConfigMismatchError(
                 f"{source} has no '{section}' config section (its sections: {sorted(saved)}): a run of "
                 f"another kind, such as the other stage; use a fresh workdir")
-    flat_req = flatten(requested_dict)
+    flat_saved, flat_req = flatten(saved), flatten(requested_dict)
     missing = object()
-    for key in sorted(k for k in set(flat_saved) | set(flat_req) if selected(k)):
+    notes: list[str] = []
+    for key in sorted(k for k in set(flat_saved) | set(flat_req) if _covered(k, sections)):
         want = flat_req.get(key, missing)
         have = flat_saved.get(key, missing)
-        if want is missing:
+        if want is not missing and have is not missing and _normalise(want) == _normalise(have):
+            continue
+        if not _covered(key, entries):
+            if have is missing:
+                notes.append(f"resuming with {key} added: {json.dumps(_normalise(want))}")
+            elif want is missing:
+                notes.append(f"resuming with {key} removed (was {json.dumps(_normalise(have))})")
+            else:
+                notes.append(f"resuming with {key} changed: {json.dumps(_normalise(have))} -> "
+                             f"{json.dumps(_normalise(want))}")
+        elif want is missing:
             raise ConfigMismatchError(
                 f"--config.{key} is missing from the requested config but {source} has {have!r}")
-        if have is missing:
+        elif have is missing:
             raise ConfigMismatchError(
                 f"--config.{key}={json.dumps(want)} is not in the config of {source} (written by an older "
                 f"config layout); start a new workdir or remove the field")
-        if _normalise(want) != _normalise(have):
+        else:
             raise ConfigMismatchError(
                 f"--config.{key}={json.dumps(_normalise(want))} disagrees with {source}: "
                 f"{json.dumps(_normalise(have))}")
+    return notes
+
+
+_ABSENT = object()
+
+
+def require(config: Any, dotted: str, user: str = "run") -> Any:
+    """The value of a nested field that ``user`` has no default for; one line naming it when it is absent.
+
+    The defaults live in the configs (``configs/loop.py`` for the training loop's fields), not in the code
+    that reads them."""
+    value = get(config, dotted, _ABSENT)
+    if value is _ABSENT:
+        raise ValueError(f"{user}: config.{dotted} is missing; the base configs define it (the loop's fields "
+                         f"come from configs.loop.loop_config())")
+    return value
 
 
 def get(config: Any, dotted: str, default: Any = None) -> Any:
-    """``get(cfg, 'checkpoint.every', 1000)``: a nested field or the default when any level is absent."""
+    """``get(cfg, 'data.worker_count', 0)``: a nested field or the default when any level is absent."""
     node = config
     for part in dotted.split("."):
         if isinstance(node, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):

@@ -6,10 +6,11 @@ step jitted once (state donated, batch split over ('data', 'fsdp')) -> periodic 
 summaries and checkpoints -> a final checkpoint. SIGTERM (single process) or JAX's preemption sync
 point (multi-host) make it save and return early with ``preempted=True``.
 
-Config fields read (defaults in brackets): ``seed`` [0], ``total_steps`` (required), ``log_every``
-[100], ``eval_every`` [0: only at the end, when an eval loader is given], ``eval_steps`` [0: whole eval
-loader], ``image_every`` [0: only at the end], ``checkpoint.every`` [1000], ``checkpoint.keep`` [3],
-``checkpoint.async_save`` [True], ``mesh.data/fsdp/model``.
+Config fields read, all required (the loop has no defaults: ``configs/loop.py`` writes them once for every
+base config): ``seed``, ``total_steps``, ``log_every``, ``eval_every`` (0: only at the end, when an eval
+loader is given), ``eval_steps`` (0: the whole eval loader), ``image_every`` (0: only at the end),
+``checkpoint.every``, ``checkpoint.keep``, ``checkpoint.async_save``, ``tensorboard`` (unless a writer or
+``tensorboard=`` is given), ``mesh.data/fsdp/model``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from absl import logging
 
 from common_jax import checkpoint as ckpt
 from common_jax import metrics as mlib
-from common_jax.config_utils import check_config_compatible, config_to_dict, get
+from common_jax.config_utils import check_config_compatible, config_to_dict, get, require
 from common_jax.mesh import (LOGICAL_AXIS_RULES, batch_sharding, fit_to_shapes, mesh_from_config, replicated,
                              shard_batch)
 from common_jax.quick_compile import quick_jit
@@ -50,7 +51,12 @@ class Task(Protocol):
         examples, e.g. ``mask.sum()``) makes the loop divide the other sums by the total count, otherwise
         they are averaged over eval batches.
       ``summaries(state, batch) -> dict[str, uint8 NHWC]`` images written as grids (TensorBoard + PNG).
+    ``shape_keys``: the dotted config keys (or whole sections) that define the state's shapes or the
+    meaning of its weights. A resume refuses a change of one of them and logs a change of any other key of
+    their sections (:func:`common_jax.config_utils.check_config_compatible`).
     """
+
+    shape_keys: Sequence[str]
 
     def init_state(self, rng: jax.Array) -> PyTree:
         """A fresh train state; called under jax.eval_shape and jax.jit."""
@@ -218,6 +224,11 @@ def _check_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, step: int) -
                              f"{mesh.shape['data']}*{mesh.shape['fsdp']} over {jax.process_count()} process(es)")
 
 
+def _log_lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        logging.info("%s", line)
+
+
 def _grid_cols(n: int) -> int:
     return max(1, int(math.ceil(math.sqrt(n))))
 
@@ -225,14 +236,13 @@ def _grid_cols(n: int) -> int:
 def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Iterable,
         eval_loader_factory: Callable[[], Iterable] | None = None, *,
         writer: Any = None, tensorboard: bool | None = None,
-        compat_prefixes: Sequence[str] = ("model",),
         mesh: jax.sharding.Mesh | None = None,
         stop_after: int | None = None, quiet_orbax: bool = True) -> RunResult:
     """Train ``task`` until ``config.total_steps`` (resuming from ``workdir`` if it holds a checkpoint).
 
     ``writer``: a clu-style metric writer (default: TensorBoard + logging on process 0, or logging only
-    with ``tensorboard=False``; ``tensorboard`` defaults to ``config.tensorboard``, else True).
-    ``compat_prefixes``: config keys that must match the checkpoint's config to resume. ``stop_after``:
+    with ``tensorboard=False``; ``tensorboard`` defaults to ``config.tensorboard``).
+    Resuming compares the config keys of ``task.shape_keys`` with the checkpoint's config. ``stop_after``:
     return after this many steps in this call (tests, debugging), saving a checkpoint there.
     ``quiet_orbax``: hide orbax's INFO logs during the run.
     Returns the final state (on the mesh) and the last metrics.
@@ -241,14 +251,18 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
     if total is None:
         raise ValueError("run: config.total_steps is required (number of optimisation steps)")
     total = int(total)
-    seed = int(get(config, "seed", 0))
-    log_every = max(1, int(get(config, "log_every", 100)))
-    eval_every = int(get(config, "eval_every", 0) or 0)
-    eval_steps = int(get(config, "eval_steps", 0) or 0)
-    image_every = int(get(config, "image_every", 0) or 0)
-    ckpt_every = int(get(config, "checkpoint.every", 1000))
-    keep = get(config, "checkpoint.keep", 3)
-    async_save = bool(get(config, "checkpoint.async_save", True))
+    seed = int(require(config, "seed"))
+    log_every = max(1, int(require(config, "log_every")))
+    eval_every = int(require(config, "eval_every") or 0)
+    eval_steps = int(require(config, "eval_steps") or 0)
+    image_every = int(require(config, "image_every") or 0)
+    ckpt_every = int(require(config, "checkpoint.every"))
+    keep = require(config, "checkpoint.keep")
+    async_save = bool(require(config, "checkpoint.async_save"))
+    shape_keys = tuple(getattr(task, "shape_keys", ()))
+    if not shape_keys:
+        raise ValueError(f"run: task {type(task).__name__} declares no shape_keys (the config keys that define "
+                         "its state's shapes, compared with a checkpoint's config on resume)")
 
     workdir = os.path.abspath(os.fspath(workdir))
     is_main = jax.process_index() == 0
@@ -258,7 +272,7 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
     own_writer = writer is None
     if own_writer:
         if tensorboard is None:
-            tensorboard = bool(get(config, "tensorboard", True))
+            tensorboard = bool(require(config, "tensorboard"))
         writer = mlib.create_writer(workdir, tensorboard=tensorboard)
     train_loader = _require_loader_api(train_loader)
 
@@ -281,7 +295,7 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
             if start is not None:
                 where = f"checkpoint in {workdir}"
                 meta = ckpt.read_meta(manager, start)
-                check_config_compatible(meta.get("config", {}), config, compat_prefixes, source=where)
+                _log_lines(check_config_compatible(meta.get("config", {}), config, shape_keys, source=where))
                 state, meta, data_item = ckpt.restore(manager, start, abstract, shardings)
                 if hasattr(train_loader, "set_state") and data_item:
                     local = ckpt.local_process_state(data_item, where)

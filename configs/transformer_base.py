@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs.loop import loop_config
+
 
 def base_config(**gpt) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = loop_config()   # seed, mesh and the loop cadence (configs/loop.py)
     c.gpt = ml_collections.ConfigDict(dict(
         vocab_size=1024, block_size=256, n_layer=24, n_head=16, n_embd=1536, embd_pdrop=0.0,
         resid_pdrop=0.0, attn_pdrop=0.0, n_unmasked=0, dtype="", remat=False))
@@ -26,13 +27,5 @@ def base_config(**gpt) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir="", image_size=256, code_grid=(16, 16), global_batch_size=8,
         eval_batch_size=8, eval_examples=512, pre_encoded=True, worker_count=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
-    c.total_steps = 1_000_000
-    c.log_every = 100
-    c.tensorboard = True        # False: console logs only (no TensorFlow import, about 6 s of CPU per process)
-    c.eval_every = 5000
-    c.eval_steps = 0
-    c.image_every = 0
-    c.checkpoint = ml_collections.ConfigDict(dict(every=5000, keep=3, async_save=True))
     c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0))
     return c

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs.loop import loop_config
+
 
 def vqgan_model(**overrides) -> ml_collections.ConfigDict:
     """taming's ddconfig fields + embed_dim/n_embed + quantizer options (defaults: ImageNet f16-1024)."""
@@ -19,8 +21,7 @@ def vqgan_model(**overrides) -> ml_collections.ConfigDict:
 
 
 def base_config(model: ml_collections.ConfigDict, **loss_overrides) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = loop_config()   # seed, mesh and the loop cadence (configs/loop.py)
     c.task = "vqgan"              # or "segmentation" (taming's VQSegmentationModel: label maps, BCE loss)
     c.model = model
     c.loss = ml_collections.ConfigDict(dict(
@@ -37,13 +38,5 @@ def base_config(model: ml_collections.ConfigDict, **loss_overrides) -> ml_collec
     c.data = ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir="", image_size=256, global_batch_size=8, eval_batch_size=8,
         eval_examples=512, worker_count=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
-    # loop cadence (read by common_jax.training.run)
-    c.total_steps = 1_000_000
-    c.log_every = 100
-    c.tensorboard = True        # False: console logs only (no TensorFlow import, about 6 s of CPU per process)
-    c.eval_every = 5000
-    c.eval_steps = 0            # 0: the whole held-out split (capped by data.eval_examples)
-    c.image_every = 1000
-    c.checkpoint = ml_collections.ConfigDict(dict(every=5000, keep=3, async_save=True))
+    c.image_every = 1000        # loop_config's default: only at the end
     return c

@@ -164,7 +164,7 @@ def ref_gpt(config, workdir: str):
     assert len(names) == 1, names
     loader = data_lib.make_loader(DATA, names[0], "train", BATCH, train=True, image_size=None,
                                   seed=int(config.seed))
-    return training.run(config, workdir, TransformerTask(config), loader, compat_prefixes=("gpt", "cond"))
+    return training.run(config, workdir, TransformerTask(config), loader)
 
 
 def load_state_on_one_device(workdir: str):

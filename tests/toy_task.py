@@ -14,6 +14,7 @@ import optax
 from flax import struct
 
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
+from configs.loop import loop_config
 
 D_IN, D_HID, D_OUT = 8, 16, 8
 
@@ -39,6 +40,8 @@ class ToyState:
 
 
 class ToyTask:
+    shape_keys = ("model.d_in", "model.d_hid", "model.d_out")
+
     def __init__(self, lr: float = 1e-2, num_micro: int = 1, noise: float = 0.0):
         self.model = MLP()
         self.tx = optax.adam(lr)
@@ -132,14 +135,11 @@ def eval_batches(batch_size: int = 16, n: int = 2):
 
 
 def toy_config(total_steps: int = 6, data: int = -1, fsdp: int = 1, every: int = 3, **kw) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict({
-        "seed": 0,
-        "total_steps": total_steps,
-        "log_every": 2,
-        "eval_every": 0,
-        "image_every": 0,
-        "checkpoint": {"every": every, "keep": 2, "async_save": True},
-        "mesh": {"data": data, "fsdp": fsdp, "model": 1},
+    # The loop's fields come from the configs' one definition of them (the loop has no defaults).
+    cfg = loop_config(total_steps=total_steps, log_every=2, eval_every=0, image_every=0)
+    cfg.checkpoint.update({"every": every, "keep": 2})
+    cfg.mesh.update({"data": data, "fsdp": fsdp})
+    cfg.update({
         "model": {"d_in": D_IN, "d_hid": D_HID, "d_out": D_OUT},
         "batch_size": 16,
     })

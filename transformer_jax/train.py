@@ -75,6 +75,13 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
 class TransformerTask:
     """Next-token training of ``[cond | image codes]`` with pkeep corruption and CFG condition dropout."""
 
+    # What a resume may not change: the GPT's shapes and architecture, and the token layout of the condition
+    # prefix (which tokens the weights learnt). Any other gpt/cond key (remat, dtype, attention_impl, dropout
+    # rates, pkeep, cfg_dropout) may change and is logged.
+    shape_keys = tuple(f"gpt.{k}" for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
+                                            "n_unmasked")) + tuple(
+        f"cond.{k}" for k in ("kind", "n_classes", "class_offset", "sos_token", "null_token"))
+
     def __init__(self, config: Any, cond_grid: tuple[int, int] | None = None):
         self.config = config
         self.model = gpt_from_config(config.gpt)
@@ -270,4 +277,4 @@ def train(config, workdir: str) -> training.RunResult:
         eval_loader = lambda: EncodingLoader(eval_images(), encoders)
     logging.info("stage two (%s conditioning) on %s codes (%s), global batch %d", config.cond.kind, image_name,
                  "pre-encoded" if d.pre_encoded else "on the fly", d.global_batch_size)
-    return training.run(config, workdir, task, train_loader, eval_loader, compat_prefixes=("gpt", "cond"))
+    return training.run(config, workdir, task, train_loader, eval_loader)

@@ -16,6 +16,7 @@ from flax import struct
 
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from vqgan_jax.model import VQGAN
+from vqgan_jax.train import MODEL_SHAPE_KEYS
 
 
 def one_hot_segmentation(labels: jax.Array, n_labels: int) -> jax.Array:
@@ -46,6 +47,8 @@ class SegState:
 
 class SegmentationVQTask:
     """Train step for the segmentation VQ model (batches hold ``segmentation``: (B, H, W) int labels)."""
+
+    shape_keys = MODEL_SHAPE_KEYS  # the stage-one model's; this task has no discriminator
 
     def __init__(self, config: Any):
         m = dict(config.model)

@@ -73,8 +73,20 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
     return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
 
 
+# The config keys that define the autoencoder's and codebook's parameter shapes: a resume refuses a change of
+# one of them and logs a change of any other model key (dropout, dtype, remat, beta, ...). The segmentation
+# task trains the same model and declares the same keys.
+MODEL_SHAPE_KEYS = tuple(f"model.{k}" for k in (
+    "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution", "in_channels", "out_ch",
+    "double_z", "embed_dim", "n_embed", "quantizer", "codebook_dim", "use_ema"))
+
+
 class VQGANTask:
     """Generator: L1 (+LPIPS) + adaptive-weight hinge GAN + codebook terms; discriminator: hinge/vanilla."""
+
+    # ... and the discriminator's.
+    shape_keys = MODEL_SHAPE_KEYS + ("loss.disc_in_channels", "loss.disc_num_layers", "loss.disc_ndf",
+                                     "loss.use_actnorm")
 
     def __init__(self, config: Any, lpips: tuple[Any, Any] | None = None):
         self.config = config
