@@ -304,10 +304,16 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                     else:
                         train_loader.set_state(local)
                 logging.info("resumed from step %d of %s", start, manager.directory)
+                if get(config, "init_from", ""):
+                    logging.info("init_from=%s is ignored: the run resumes from its own checkpoint",
+                                 get(config, "init_from"))
             else:
                 state = jit_init(task.init_state, shardings)(init_key)
                 start = 0
                 logging.info("initialised a fresh state (no checkpoint in %s)", manager.directory)
+                if get(config, "init_from", ""):     # fine-tuning: weights from another workdir
+                    from common_jax.init_from import init_from_workdir
+                    state = init_from_workdir(state, get(config, "init_from"), config)
             if is_main:
                 with open(os.path.join(workdir, "config.json"), "w") as f:
                     json.dump(config_to_dict(config), f, indent=2, sort_keys=True)

@@ -21,6 +21,7 @@ def base_config(**gpt) -> ml_collections.ConfigDict:
     # The frozen stage-one model: a stage-one workdir of this project, or a taming checkpoint + yaml.
     c.first_stage = ml_collections.ConfigDict(dict(workdir="", taming_ckpt="", taming_yaml=""))
     c.cond_stage = ml_collections.ConfigDict(dict(workdir="", taming_ckpt="", taming_yaml=""))
+    c.init_from = ""             # fine-tuning: a stage-two workdir whose GPT weights start a fresh run (step 0)
     c.optim = ml_collections.ConfigDict(dict(
         base_learning_rate=4.5e-6, scale_lr_by_batch=True, b1=0.9, b2=0.95, weight_decay=0.01,
         warmup_steps=0, min_lr_ratio=0.1, grad_clip=0.0, grad_accum_steps=1))

@@ -32,6 +32,7 @@ def base_config(model: ml_collections.ConfigDict, **loss_overrides) -> ml_collec
         dead_code_threshold=0.0, generator_ema=0.0))
     c.loss.update(loss_overrides)
     c.lpips_weights = ""          # path to the converted LPIPS .npz (launch/convert_lpips.py)
+    c.init_from = ""              # fine-tuning: a stage-one workdir whose weights start a fresh run (step 0)
     c.optim = ml_collections.ConfigDict(dict(
         base_learning_rate=4.5e-6,  # taming: lr = base_lr * global batch size (x accumulation steps)
         b1=0.5, b2=0.9, grad_accum_steps=1))
