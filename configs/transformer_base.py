@@ -10,7 +10,10 @@ def base_config(**gpt) -> ml_collections.ConfigDict:
     c = loop_config()   # seed, mesh and the loop cadence (configs/loop.py)
     c.gpt = ml_collections.ConfigDict(dict(
         vocab_size=1024, block_size=256, n_layer=24, n_head=16, n_embd=1536, embd_pdrop=0.0,
-        resid_pdrop=0.0, attn_pdrop=0.0, n_unmasked=0, dtype="", remat=False))
+        resid_pdrop=0.0, attn_pdrop=0.0, n_unmasked=0, dtype="", remat=False,
+        # "" = explicit softmax attention on CPU, jax's default elsewhere; "cudnn": fused flash attention on
+        # NVIDIA GPUs (with dtype="bfloat16"); "xla" or "explicit" force one path.
+        attention_impl=""))
     c.gpt.update(gpt)
     c.cond = ml_collections.ConfigDict(dict(
         kind="class",            # unconditional | class | spatial

@@ -196,3 +196,28 @@ def test_gpt_resume_allows_remat_and_refuses_n_layer(tmp_path):
     with pytest.raises(ConfigMismatchError) as e:
         _gpt_run(tmp_path, 1, n_layer=2)
     assert str(e.value) == f"--config.gpt.n_layer=2 disagrees with checkpoint in {tmp_path}: 1"
+
+
+# ------------------------------------------------------------------------ documented switches exist
+def test_every_config_switch_the_docs_name_is_in_a_config():
+    """``--config.gpt.remat=True`` or ```gpt.attention_impl=cudnn``` in a README must name a key that some config
+    has: ml_collections refuses an override of a key the config lacks."""
+    import glob
+    import importlib
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    keys = set()
+    for path in glob.glob(os.path.join(root, "configs", "*.py")):
+        module = importlib.import_module(f"configs.{os.path.basename(path)[:-3]}")
+        if hasattr(module, "get_config"):
+            keys |= set(flatten(config_to_dict(module.get_config())))
+    sections = "|".join(sorted({k.split(".")[0] for k in keys}))
+    switch = re.compile(rf"--config\.([A-Za-z_][\w.]*\w)|`((?:{sections})\.[A-Za-z_][\w.]*)=")
+    named = {}
+    for doc in [os.path.join(root, "README.md"), *glob.glob(os.path.join(root, "*", "*.md"))]:
+        for a, b in switch.findall(open(doc, encoding="utf-8").read()):
+            named.setdefault(a or b, os.path.relpath(doc, root))
+    assert len(named) >= 3, named  # the pattern sees the READMEs' switches at all
+    unknown = {k: doc for k, doc in named.items() if k not in keys and not any(x.startswith(k + ".") for x in keys)}
+    assert unknown == {}
