@@ -224,9 +224,11 @@ class _Unpickler(pickle.Unpickler):
             return storage
         # Legacy files from old torch could name a view (key, offset, numel) into a root storage.
         view_key, offset, view_numel = view
+        if not (isinstance(offset, int) and isinstance(view_numel, int) and offset >= 0 and view_numel >= 0):
+            raise ValueError(f"storage view {view_key} of storage {key} has offset {offset!r}, size {view_numel!r}")
         vkey = str(view_key)
         if vkey not in self._storages:
-            self._storages[vkey] = _StorageView(vkey, storage, int(offset), int(view_numel))
+            self._storages[vkey] = _StorageView(vkey, storage, offset, view_numel)
         return self._storages[vkey]
 
 
@@ -360,7 +362,7 @@ def _read_legacy(path: str, f: Any) -> Any:
     if protocol != _LEGACY_PROTOCOL:
         raise ValueError(f"{path}: legacy torch file with protocol version {protocol!r}, expected "
                          f"{_LEGACY_PROTOCOL}")
-    big = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
+    del sys_info  # its little_endian flag does not matter: torch wrote legacy storages little-endian always
     storages: dict[str, _Storage] = {}
     obj = _unpickle(path, f, storages, lambda s: None)
     keys = _unpickle(path, f, {}, None)
@@ -374,13 +376,11 @@ def _read_legacy(path: str, f: Any) -> Any:
         if len(count_bytes) < 8:
             raise ValueError(f"{path} is truncated: storage {key}'s element count is missing")
         (count,) = struct.unpack("<q", count_bytes)
-        if big:
-            (count,) = struct.unpack(">q", count_bytes)
         need = count * s.dtype.itemsize
         if count < 0 or count < s.numel:
             raise ValueError(f"{path} is damaged: storage {key} holds {count} elements, its tensors "
                              f"declared {s.numel}")
-        s.data, s.big_endian = f.read(need), big
+        s.data = f.read(need)
         if len(s.data) < need:
             raise ValueError(f"{path} is truncated: storage {key} needs {need} bytes, {len(s.data)} remain")
     missing = [k for k, s in storages.items() if s.data is None and not isinstance(s, _StorageView)]

@@ -119,7 +119,7 @@ def _check_writer() -> None:
     import collections
     import io
     import lpips
-    from torch_files_writer import write_legacy_state_dict
+    from torch_files_writer import Storage, StorageView, Tensor, write_legacy_file, write_legacy_state_dict
 
     real = pathlib.Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
     sd = torch.load(real, map_location="cpu", weights_only=False)
@@ -152,7 +152,13 @@ def _check_writer() -> None:
                 assert list(t) == list(arrays), (python2, v1)
                 for k, v in arrays.items():
                     assert t[k].numpy().dtype == v.dtype and np.array_equal(t[k].numpy(), v), (python2, v1, k)
-    print("torch_files_writer: reproduces lpips vgg.pth byte for byte; torch.load reads all its layouts")
+        root = Storage("140", np.arange(12, dtype=np.float32), "cpu")
+        view = StorageView("141", root, 4, 6)
+        write_legacy_file(str(copy), {"root": Tensor(root, (3, 4), True), "view": Tensor(view, (2, 3), True)}, [root])
+        t = torch.load(copy, weights_only=False)
+        assert np.array_equal(t["view"].numpy(), np.arange(4, 10, dtype=np.float32).reshape(2, 3))
+    print("torch_files_writer: reproduces lpips vgg.pth byte for byte; torch.load reads all its layouts "
+          "and storage views")
 
 
 class _Inert:

@@ -14,8 +14,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from common_jax import torch_io
 from common_jax.torch_io import Opaque, find_state_dict, load_torch_file, read_torch_state_dict
-from torch_files_writer import Storage, Tensor, write_legacy_file, write_legacy_state_dict
+from torch_files_writer import Storage, StorageView, Tensor, write_legacy_file, write_legacy_state_dict
 
 FILES = pathlib.Path(__file__).resolve().parent / "torch_files"
 FORMATS = ("zip", "legacy")
@@ -171,6 +172,45 @@ def test_not_a_torch_file(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         read_torch_state_dict(str(tmp_path / "nope.pth"))
+
+
+def test_legacy_storage_views(tmp_path):
+    # Old legacy files could name a storage view (key, offset, numel) into a root storage.
+    root = Storage("140", np.arange(12, dtype=np.float32), "cpu")
+    view = StorageView("141", root, 4, 6)
+    path = tmp_path / "views.pt"
+    write_legacy_file(str(path), {"root": Tensor(root, (3, 4), True), "view": Tensor(view, (2, 3), True)}, [root])
+    sd = load_torch_file(str(path))
+    np.testing.assert_array_equal(sd["root"], np.arange(12.0).reshape(3, 4))
+    np.testing.assert_array_equal(sd["view"], np.arange(4.0, 10.0).reshape(2, 3))
+    past = StorageView("142", root, 8, 6)  # elements 8..13 of a 12-element storage
+    write_legacy_file(str(path), {"view": Tensor(past, (6,), True)}, [root])
+    with pytest.raises(ValueError, match="views.pt is damaged: storage view 142 reaches past its storage 140"):
+        load_torch_file(str(path))
+
+
+def test_big_endian_zip(tmp_path):
+    # A zip archive records the writer's byte order; storages of a big-endian writer are swapped on reading.
+    src, dst = FILES / "state_dict_zip.pt", tmp_path / "big.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        names = zin.namelist()
+        prefix = next(n for n in names if n.endswith("/data.pkl"))[:-len("data.pkl")]
+        storages = {}
+        torch_io._Unpickler(io.BytesIO(zin.read(prefix + "data.pkl")), storages, lambda s: None).load()
+        assert prefix + "byteorder" in names
+        for n in names:
+            data = zin.read(n)
+            if n == prefix + "byteorder":
+                data = b"big"
+            elif n.startswith(prefix + "data/"):
+                size = storages[n[len(prefix + "data/"):]].dtype.itemsize
+                data = np.frombuffer(data, f"<u{size}").astype(f">u{size}").tobytes()
+            zout.writestr(n, data)
+    little, big = load_torch_file(str(src)), load_torch_file(str(dst))
+    assert list(little) == list(big)
+    for k in little:
+        assert big[k].dtype == little[k].dtype
+        np.testing.assert_array_equal(big[k], little[k], err_msg=k)
 
 
 def test_tensor_past_its_storage_refused(tmp_path):

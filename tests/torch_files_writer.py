@@ -52,8 +52,15 @@ class Storage:
         self.key, self.array, self.location = key, np.ascontiguousarray(array).reshape(-1), location
 
 
+class StorageView:
+    """A slice of a root storage, named on its own: the view ids of old (torch < 0.4) legacy files."""
+
+    def __init__(self, key: str, root: Storage, offset: int, numel: int):
+        self.key, self.root, self.offset, self.numel = key, root, offset, numel
+
+
 class Tensor:
-    def __init__(self, storage: Storage, shape: tuple[int, ...], python2: bool, rebuild_v1: bool = False):
+    def __init__(self, storage: Storage | StorageView, shape: tuple[int, ...], python2: bool, rebuild_v1: bool = False):
         self.storage, self.shape, self.python2, self.rebuild_v1 = storage, shape, python2, rebuild_v1
 
     def __reduce__(self):
@@ -87,6 +94,9 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch tabl
             dtype_name = _STORAGE_NAMES[obj.array.dtype]
             location = "".join(obj.location)  # a fresh object per storage: Python 2 memoised none of them
             return ("storage", _global("torch", dtype_name), obj.key, location, _Long(obj.array.size), None)
+        if isinstance(obj, StorageView):
+            root = self.persistent_id(obj.root)
+            return root[:5] + ((obj.key, obj.offset, _Long(obj.numel)),)
         return None
 
     def memoize(self, obj: Any) -> None:
