@@ -362,7 +362,9 @@ def _read_legacy(path: str, f: Any) -> Any:
     if protocol != _LEGACY_PROTOCOL:
         raise ValueError(f"{path}: legacy torch file with protocol version {protocol!r}, expected "
                          f"{_LEGACY_PROTOCOL}")
-    del sys_info  # its little_endian flag does not matter: torch wrote legacy storages little-endian always
+    # Storage bytes are little-endian whatever machine wrote them (torch converted them on writing); a
+    # big-endian writer's element counts would fail the count check below with one clear error.
+    del sys_info
     storages: dict[str, _Storage] = {}
     obj = _unpickle(path, f, storages, lambda s: None)
     keys = _unpickle(path, f, {}, None)
