@@ -363,7 +363,7 @@ def _read_legacy(path: str, f: Any) -> Any:
         raise ValueError(f"{path}: legacy torch file with protocol version {protocol!r}, expected "
                          f"{_LEGACY_PROTOCOL}")
     # Storage bytes are little-endian whatever machine wrote them (torch converted them on writing); a
-    # big-endian writer's element counts would fail the count check below with one clear error.
+    # big-endian writer's element counts would fail the count or length checks below, one clear error.
     del sys_info
     storages: dict[str, _Storage] = {}
     obj = _unpickle(path, f, storages, lambda s: None)
