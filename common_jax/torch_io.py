@@ -126,6 +126,32 @@ class _TensorRef:
         self.dtype = storage.dtype if dtype is None else dtype
 
 
+class _TensorFromState:
+    """A tensor pickled the pre-0.4 way: its class (``torch.FloatTensor``...) called with no arguments, then
+    BUILD with ``(storage, offset, size, stride)``; or a Variable / Parameter whose state starts with its
+    data tensor. Such files are still published (torchvision's 2017 VGG16 weights)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _TensorFromState:
+        obj = object.__new__(cls)
+        obj.value = None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 4:
+            self.value = _rebuild_tensor(*state)
+        elif isinstance(state, tuple) and len(state) == 5:
+            self.value = state[0]
+        else:
+            raise ValueError(f"a tensor's pickled state is {_short(state)}, expected (storage, offset, size, "
+                             "stride)")
+
+
+_TENSOR_CLASSES = {name.replace("Storage", "Tensor") for name in _STORAGE_DTYPES if name != "UntypedStorage"}
+
+
 def _check_ints(what: str, values: Any) -> tuple[int, ...]:
     if not isinstance(values, (tuple, list)) or not all(isinstance(v, int) and v >= 0 for v in values):
         raise ValueError(f"a tensor's {what} is {values!r}, expected a tuple of non-negative ints")
@@ -196,6 +222,9 @@ class _Unpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module in ("torch", "torch.cuda", "torch.storage") and name in _STORAGE_DTYPES:
             return _StorageType(name, _STORAGE_DTYPES[name])
+        if (module in ("torch", "torch.cuda") and name in _TENSOR_CLASSES) or (module, name) in (
+                ("torch.autograd.variable", "Variable"), ("torch.nn.parameter", "Parameter")):
+            return _TensorFromState
         if module == "torch" and name in _TORCH_DTYPES:
             return _DType(name, _TORCH_DTYPES[name])
         key = (str(module), str(name))
@@ -286,6 +315,10 @@ def _materialize(obj: Any, memo: dict[int, tuple[Any, Any]]) -> Any:
         return memo[id(obj)][1]
     if isinstance(obj, _TensorRef):
         memo[id(obj)] = (obj, _to_array(obj))
+    elif isinstance(obj, _TensorFromState):
+        if obj.value is None:
+            raise ValueError("a tensor was pickled without its state (storage, offset, size, stride)")
+        memo[id(obj)] = (obj, _materialize(obj.value, memo))
     elif isinstance(obj, dict):
         memo[id(obj)] = (obj, obj)
         for k in list(obj):

@@ -115,11 +115,13 @@ def _check_payload_runs() -> None:
 
 def _check_writer() -> None:
     """tests/torch_files_writer.py (used where the tests need full-size published files) against torch:
-    it reproduces lpips' shipped vgg.pth byte for byte, and torch.load reads every layout it writes."""
+    it reproduces lpips' shipped vgg.pth byte for byte, and torch.load reads every layout it writes (both
+    pickle flavours, the three tensor layouts, storage views)."""
     import collections
     import io
     import lpips
-    from torch_files_writer import Storage, StorageView, Tensor, write_legacy_file, write_legacy_state_dict
+    from torch_files_writer import (TENSOR_LAYOUTS, Storage, StorageView, Tensor, write_legacy_file,
+                                    write_legacy_state_dict)
 
     real = pathlib.Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
     sd = torch.load(real, map_location="cpu", weights_only=False)
@@ -144,14 +146,16 @@ def _check_writer() -> None:
         assert copy.read_bytes() == real.read_bytes(), "writer no longer reproduces lpips' vgg.pth"
         arrays = {"w": np.random.rand(3, 4).astype(np.float32), "h": np.arange(5, dtype=np.float16),
                   "i": np.arange(3), "u": np.arange(4, dtype=np.uint8), "b": np.array([True, False])}
-        for python2, v1 in ((True, False), (False, False), (True, True)):
-            write_legacy_state_dict(str(copy), arrays, python2=python2, rebuild_v1=v1,
-                                    metadata=None if v1 else {"": {"version": 1}})
-            for weights_only in ((False,) if v1 else (False, True)):
-                t = torch.load(copy, weights_only=weights_only)
-                assert list(t) == list(arrays), (python2, v1)
-                for k, v in arrays.items():
-                    assert t[k].numpy().dtype == v.dtype and np.array_equal(t[k].numpy(), v), (python2, v1, k)
+        for python2 in (True, False):
+            for layout in TENSOR_LAYOUTS:
+                write_legacy_state_dict(str(copy), arrays, python2=python2, tensors=layout,
+                                        metadata={"": {"version": 1}})
+                for weights_only in ((False, True) if layout == "rebuild_v2" else (False,)):
+                    t = torch.load(copy, weights_only=weights_only)
+                    assert list(t) == list(arrays) and dict(t._metadata) == {"": {"version": 1}}, (python2, layout)
+                    for k, v in arrays.items():
+                        got = t[k].numpy()
+                        assert got.dtype == v.dtype and np.array_equal(got, v), (python2, layout, k)
         root = Storage("140", np.arange(12, dtype=np.float32), "cpu")
         view = StorageView("141", root, 4, 6)
         write_legacy_file(str(copy), {"root": Tensor(root, (3, 4), True), "view": Tensor(view, (2, 3), True)}, [root])

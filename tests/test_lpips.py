@@ -47,9 +47,10 @@ def test_golden_seeded_lins(small, apply_fns):
 
 
 def _write_published_files(sd, folder):
-    """The two files users convert, in the format they are published in (torch's legacy serialisation):
-    torchvision's vgg16-397923af.pth (2017: tensors through ``_rebuild_tensor``, no _metadata) and lpips'
-    vgg.pth (Python 2 / torch 0.4 layout, with _metadata). Written without PyTorch."""
+    """The two files users convert, in the format they are published in (torch's legacy serialisation),
+    written without PyTorch: torchvision's vgg16-397923af.pth (2017, torch 0.1: each tensor is
+    ``torch.FloatTensor()`` plus a BUILD of its storage, offset, size and stride, as torch's tracebacks on
+    loading torchvision's VGG files show; no _metadata) and lpips' vgg.pth (Python 2 / torch 0.4 layout)."""
     vgg = {}
     for k, convs in enumerate(lp.VGG16_SLICES):
         for idx, _ in convs:
@@ -58,7 +59,7 @@ def _write_published_files(sd, folder):
     for idx in (0, 3, 6):  # the converter ignores the classifier; stand-ins far smaller than 4096 x 25088
         vgg[f"classifier.{idx}.weight"] = np.full((2, 2), idx, np.float32)
         vgg[f"classifier.{idx}.bias"] = np.zeros(2, np.float32)
-    write_legacy_state_dict(str(folder / "vgg16-397923af.pth"), vgg, python2=True, rebuild_v1=True)
+    write_legacy_state_dict(str(folder / "vgg16-397923af.pth"), vgg, python2=True, tensors="class_state")
     return str(folder / "vgg16-397923af.pth"), _write_lin_file(sd, folder)
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from common_jax import torch_io
 from common_jax.torch_io import Opaque, find_state_dict, load_torch_file, read_torch_state_dict
-from torch_files_writer import Storage, StorageView, Tensor, write_legacy_file, write_legacy_state_dict
+from torch_files_writer import (TENSOR_LAYOUTS, Storage, StorageView, Tensor, write_legacy_file,
+                                write_legacy_state_dict)
 
 FILES = pathlib.Path(__file__).resolve().parent / "torch_files"
 FORMATS = ("zip", "legacy")
@@ -240,15 +241,17 @@ def test_state_dict_lookup(tmp_path):
         read_torch_state_dict(str(empty))
 
 
-@pytest.mark.parametrize("python2,rebuild_v1", [(True, False), (False, False), (True, True)])
-def test_writer_round_trip(python2, rebuild_v1, tmp_path):
-    # The writer the converter tests use: values, dtypes, order and _metadata come back.
+@pytest.mark.parametrize("layout", TENSOR_LAYOUTS)
+@pytest.mark.parametrize("python2", [True, False])
+def test_writer_round_trip(python2, layout, tmp_path):
+    # The writer the converter tests use, in every layout torch has written: values, dtypes, order and
+    # _metadata come back.
     rng = np.random.default_rng(1)
     arrays = {"w": rng.normal(size=(3, 4)).astype(np.float32), "d": rng.normal(size=2),
               "h": rng.normal(size=5).astype(np.float16), "i": np.arange(-2, 3), "u": np.arange(4, dtype=np.uint8),
               "b": np.array([True, False])}
     path = tmp_path / "w.pth"
-    write_legacy_state_dict(str(path), arrays, python2=python2, rebuild_v1=rebuild_v1, metadata={"": {"version": 1}})
+    write_legacy_state_dict(str(path), arrays, python2=python2, tensors=layout, metadata={"": {"version": 1}})
     sd = load_torch_file(str(path))
     assert list(sd) == list(arrays) and dict(sd._metadata) == {"": {"version": 1}}
     for k, v in arrays.items():

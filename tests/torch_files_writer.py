@@ -59,17 +59,35 @@ class StorageView:
         self.key, self.root, self.offset, self.numel = key, root, offset, numel
 
 
+TENSOR_LAYOUTS = ("rebuild_v2", "rebuild", "class_state")
+
+
 class Tensor:
-    def __init__(self, storage: Storage | StorageView, shape: tuple[int, ...], python2: bool, rebuild_v1: bool = False):
-        self.storage, self.shape, self.python2, self.rebuild_v1 = storage, shape, python2, rebuild_v1
+    """One tensor, pickled in one of the layouts torch used (``TENSOR_LAYOUTS``):
+
+    - ``rebuild_v2``: ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)``
+      (torch >= 0.4);
+    - ``rebuild``: ``torch._utils._rebuild_tensor(storage, offset, size, stride)``;
+    - ``class_state``: ``torch.FloatTensor()`` then BUILD with ``(storage, offset, size, stride)`` (torch 0.1 /
+      0.2, the layout of torchvision's 2017 weight files).
+    """
+
+    def __init__(self, storage: Storage | StorageView, shape: tuple[int, ...], python2: bool,
+                 layout: str = "rebuild_v2"):
+        if layout not in TENSOR_LAYOUTS:
+            raise ValueError(f"unknown tensor layout {layout!r}; expected one of {TENSOR_LAYOUTS}")
+        self.storage, self.shape, self.python2, self.layout = storage, shape, python2, layout
 
     def __reduce__(self):
         stride = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
-        if self.rebuild_v1:  # torch < 0.4: no requires_grad, no hooks
-            return _global("torch._utils", "_rebuild_tensor"), (self.storage, 0, tuple(self.shape), stride)
+        args = (self.storage, 0, tuple(self.shape), stride)
+        if self.layout == "class_state":
+            array = self.storage.array if isinstance(self.storage, Storage) else self.storage.root.array
+            return _global("torch", _STORAGE_NAMES[array.dtype].replace("Storage", "Tensor")), (), args
+        if self.layout == "rebuild":
+            return _global("torch._utils", "_rebuild_tensor"), args
         hooks = None if self.python2 else collections.OrderedDict()
-        return (_global("torch._utils", "_rebuild_tensor_v2"),
-                (self.storage, 0, tuple(self.shape), stride, False, hooks))
+        return _global("torch._utils", "_rebuild_tensor_v2"), args + (False, hooks)
 
 
 class _PairsDict:
@@ -157,23 +175,23 @@ def _dump(f: Any, obj: Any, python2: bool) -> None:
 
 def write_legacy_state_dict(path: str, state_dict: dict[str, np.ndarray], *, python2: bool = True,
                             metadata: dict[str, dict] | None = None, location: str = "cpu",
-                            storage_keys: list[str] | None = None, rebuild_v1: bool = False) -> None:
+                            storage_keys: list[str] | None = None, tensors: str = "rebuild_v2") -> None:
     """Write ``state_dict`` (float32/float64/float16/int/uint8/bool arrays) as torch's legacy format does.
 
     ``metadata`` becomes the state dict's ``_metadata`` (module name -> {"version": n}); ``storage_keys``
-    names each tensor's storage (torch used its C pointer), default "0", "1", ...; ``rebuild_v1`` pickles
-    tensors through ``torch._utils._rebuild_tensor`` as torch < 0.4 did (torchvision's 2017 VGG16 file).
+    names each tensor's storage (torch used its C pointer), default "0", "1", ...; ``tensors`` is the
+    tensor layout (see :class:`Tensor`).
     """
     keys = storage_keys or [str(i) for i in range(len(state_dict))]
     storages = [Storage(k, np.asarray(v), location) for k, v in zip(keys, state_dict.values())]
-    tensors = [Tensor(s, tuple(np.shape(v)), python2, rebuild_v1) for s, v in zip(storages, state_dict.values())]
+    tensor_refs = [Tensor(s, tuple(np.shape(v)), python2, tensors) for s, v in zip(storages, state_dict.values())]
     version = "version"  # one string object, so repeats are memo references as in the real files
     meta = None
     if metadata is not None:
         meta = {"_metadata": _PairsDict([(k, {version: v["version"]}) for k, v in metadata.items()], None)}
-    top: Any = _PairsDict(list(zip(state_dict, tensors)), meta)
+    top: Any = _PairsDict(list(zip(state_dict, tensor_refs)), meta)
     if not python2:
-        top = collections.OrderedDict(zip(state_dict, tensors))
+        top = collections.OrderedDict(zip(state_dict, tensor_refs))
         if metadata is not None:
             top._metadata = collections.OrderedDict(metadata)
     write_legacy_file(path, top, storages, python2=python2)
