@@ -214,6 +214,23 @@ def test_big_endian_zip(tmp_path):
         np.testing.assert_array_equal(big[k], little[k], err_msg=k)
 
 
+def test_unknown_persistent_id_refused(tmp_path):
+    marker = object()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("weird", 1) if obj is marker else None
+    buf = io.BytesIO()
+    for obj in (torch_io._LEGACY_MAGIC, torch_io._LEGACY_PROTOCOL, {}):
+        pickle.dump(obj, buf, protocol=2)
+    Pickler(buf, protocol=2).dump({"x": marker})
+    pickle.dump([], buf, protocol=2)
+    path = tmp_path / "weird.pt"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match=r"weird.pt is damaged: unknown persistent id \('weird', 1\)"):
+        load_torch_file(str(path))
+
+
 def test_tensor_past_its_storage_refused(tmp_path):
     # A crafted size that would make numpy read outside the storage's bytes.
     storage = Storage("0", np.arange(4, dtype=np.float32), "cpu")
