@@ -449,14 +449,16 @@ def load_torch_file(path: str) -> Any:
                 except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
                     raise ValueError(f"{path} is truncated or damaged: {type(e).__name__}: {e}") from None
         elif len(head) > 262 and head[257:262] == b"ustar":
-            raise ValueError(f"{path} is a tar archive: the tar format of PyTorch before 0.4 is not supported; "
-                             "re-save it with a recent torch")
+            raise ValueError(f"{path} is a tar archive, the format of PyTorch's first releases (until early "
+                             "2017), which this reader does not read; re-save it with any later torch")
         else:
             obj = _read_legacy(path, f)
     try:
         return _materialize(obj, {})
     except ValueError as e:
         raise ValueError(f"{path} is damaged: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is damaged: its containers nest too deeply to walk") from None
 
 
 def find_state_dict(obj: Any, path: str, key: str | None = None) -> dict:

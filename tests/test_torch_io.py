@@ -170,6 +170,21 @@ def test_not_a_torch_file(tmp_path):
         assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
 
 
+def test_tar_archive_and_deep_nesting(tmp_path):
+    import tarfile
+    path = tmp_path / "old.pth"
+    (tmp_path / "pickle").write_bytes(b"x")
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(tmp_path / "pickle", arcname="pickle")
+    with pytest.raises(ValueError, match="old.pth is a tar archive, the format of PyTorch's first releases"):
+        load_torch_file(str(path))
+    n = 100_000  # lists nested n deep: n EMPTY_LISTs, then n - 1 APPENDs
+    header = b"".join(pickle.dumps(o, protocol=2) for o in (torch_io._LEGACY_MAGIC, torch_io._LEGACY_PROTOCOL, {}))
+    path.write_bytes(header + b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b"." + pickle.dumps([], protocol=2))
+    with pytest.raises(ValueError, match="old.pth is damaged: its containers nest too deeply to walk"):
+        load_torch_file(str(path))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         read_torch_state_dict(str(tmp_path / "nope.pth"))
