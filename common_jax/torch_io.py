@@ -218,6 +218,9 @@ class _Unpickler(pickle.Unpickler):
         self._opaque: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles name Python 3's builtins by their Python 2 module; pickle's own mapping of
+        # such names lives in the default find_class, which this one replaces.
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module in ("torch", "torch.cuda", "torch.storage") and name in _STORAGE_DTYPES:
@@ -315,6 +318,8 @@ def _materialize(obj: Any, memo: dict[int, tuple[Any, Any]]) -> Any:
         return memo[id(obj)][1]
     if isinstance(obj, _TensorRef):
         memo[id(obj)] = (obj, _to_array(obj))
+    elif isinstance(obj, _DType):
+        memo[id(obj)] = (obj, obj.dtype)  # a torch dtype in the file (an optimizer setting...) as numpy's
     elif isinstance(obj, _TensorFromState):
         if obj.value is None:
             raise ValueError("a tensor was pickled without its state (storage, offset, size, stride)")

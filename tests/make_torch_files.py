@@ -75,6 +75,20 @@ def _lightning_checkpoint() -> dict:
     }
 
 
+class _SubTensor(torch.Tensor):
+    """A tensor subclass: pickled through torch._tensor._rebuild_from_type_v2."""
+
+
+def _extras() -> dict:
+    """Everything else the whitelist rebuilds: torch.Size, bytes, a tensor subclass, a Parameter with extra
+    state, a torch dtype, a set, a complex number, plus a global that must stay a placeholder."""
+    param = torch.nn.Parameter(torch.ones(2))
+    param.note = "kept as state"
+    return {"size": torch.Size([2, 3]), "bytes": b"\x00\x01abc", "sub": torch.arange(3.0).as_subclass(_SubTensor),
+            "param_state": param, "dtype": torch.float16, "set": {1, 2}, "complex": 1 + 2j,
+            "namespace": argparse.Namespace(lr=0.5)}
+
+
 class _RunsCommand:
     """Unpickles as ``os.system(command)``: what a malicious checkpoint does."""
 
@@ -180,6 +194,7 @@ def main() -> None:
     ckpt = _lightning_checkpoint()
     _save(ckpt, "lightning", "ckpt")
     _save(_malicious(), "malicious", "pt")
+    _save(_extras(), "extras", "pt")
     _check_payload_runs()
 
     def np_value(t):

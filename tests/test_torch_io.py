@@ -92,6 +92,16 @@ def test_lightning_1_0_checkpoint(fmt, expected):
         np.testing.assert_array_equal(adam["state"][int(pid)][name], v, err_msg=key)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_other_rebuilt_objects(fmt):
+    obj = load_torch_file(str(FILES / f"extras_{fmt}.pt"))
+    assert obj["size"] == (2, 3) and obj["bytes"] == b"\x00\x01abc" and obj["set"] == {1, 2}
+    assert obj["complex"] == 1 + 2j and obj["dtype"] == np.float16
+    np.testing.assert_array_equal(obj["sub"], np.arange(3.0, dtype=np.float32))  # a tensor subclass
+    np.testing.assert_array_equal(obj["param_state"], np.ones(2, np.float32))  # a Parameter with state
+    assert isinstance(obj["namespace"], Opaque) and obj["namespace"].global_name == "argparse.Namespace"
+
+
 def _plain_unpickle(path: pathlib.Path) -> None:
     """Unpickle as an unguarded loader would (torch's rebuild functions stubbed, everything else real)."""
     class Plain(pickle.Unpickler):
@@ -123,7 +133,7 @@ def test_file_that_runs_commands_runs_nothing(fmt, tmp_path, monkeypatch):
     assert sorted(sd) == ["weight"]
     assert isinstance(obj["payload"], Opaque) and obj["payload"].global_name == "posix.system"
     assert obj["payload"].args == (f"touch {MARKER}",)
-    assert obj["also"][0].global_name == "__builtin__.exec"
+    assert obj["also"][0].global_name == "builtins.exec"
     # The fixture is armed: an unguarded unpickler does run both payloads.
     _plain_unpickle(path)
     assert os.path.exists(MARKER) and os.path.exists(MARKER + "_exec")
