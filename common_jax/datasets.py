@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from common_jax import builtin_photos
+from common_jax.quiet import library_output
 
 log = logging.getLogger(__name__)
 
@@ -407,10 +408,11 @@ def build_image_folder(src_dir: str | os.PathLike, data_dir: str | os.PathLike, 
         "label": tfds.features.ClassLabel(names=classes),
         "file_name": tfds.features.Text(),
     })
-    builder = tfds.dataset_builders.store_as_tfds_dataset(
-        name=name, version=version, features=features,
-        split_datasets={s: generate(s) for s in splits}, data_dir=str(data_dir),
-        description=f"Images of {src} (classes: {', '.join(classes)}).", file_format="array_record")
+    with library_output():
+        builder = tfds.dataset_builders.store_as_tfds_dataset(
+            name=name, version=version, features=features,
+            split_datasets={s: generate(s) for s in splits}, data_dir=str(data_dir),
+            description=f"Images of {src} (classes: {', '.join(classes)}).", file_format="array_record")
     (Path(builder.data_dir) / SOURCE_RECORD).write_text(json.dumps(record))
     return ImageFolderSummary(name, str(data_dir), str(builder.data_dir), {s: len(v) for s, v in splits.items()},
                               classes, converted=converted, skipped=skipped)
@@ -566,11 +568,12 @@ def build_paired_folder(image_dir: str | os.PathLike, segmentation_dir: str | os
         "segmentation": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
         "file_name": tfds.features.Text(),
     })
-    builder = tfds.dataset_builders.store_as_tfds_dataset(
-        name=name, version=version, features=features,
-        split_datasets={s: generate(s) for s in splits}, data_dir=str(data_dir),
-        description=f"Images of {image_dir} with segmentation label maps of {seg_dir}.",
-        file_format="array_record")
+    with library_output():
+        builder = tfds.dataset_builders.store_as_tfds_dataset(
+            name=name, version=version, features=features,
+            split_datasets={s: generate(s) for s in splits}, data_dir=str(data_dir),
+            description=f"Images of {image_dir} with segmentation label maps of {seg_dir}.",
+            file_format="array_record")
     (Path(builder.data_dir) / SOURCE_RECORD).write_text(json.dumps(record))
     return ImageFolderSummary(name, str(data_dir), str(builder.data_dir), {s: len(v) for s, v in splits.items()},
                               None, converted=converted, skipped=skipped)
@@ -657,11 +660,12 @@ def prepare_builtin_photos(data_dir: str | os.PathLike, crop_size: int = 32, cro
         "image": tfds.features.Image(shape=(crop_size, crop_size, 3), encoding_format="png"),
         "label": tfds.features.ClassLabel(names=list(builtin_photos.PHOTO_NAMES)),
     })
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name=base, version="1.0.0", config=config, features=features, split_datasets=per_split,
-        data_dir=str(data_dir), file_format="array_record",
-        description="Crops of the photographs shipped with scikit-image and scikit-learn; "
-                    "validation crops come from a held-out strip of each photo.")
+    with library_output():
+        tfds.dataset_builders.store_as_tfds_dataset(
+            name=base, version="1.0.0", config=config, features=features, split_datasets=per_split,
+            data_dir=str(data_dir), file_format="array_record",
+            description="Crops of the photographs shipped with scikit-image and scikit-learn; "
+                        "validation crops come from a held-out strip of each photo.")
     return dataclasses.replace(describe_dataset(data_dir, name), reused=False)
 
 

@@ -1,5 +1,7 @@
-"""Command-line entry points (absl apps)."""
-import os
+"""Command-line entry points (absl apps).
 
-# TensorFlow is imported by TFDS/clu only for dataset preparation and summaries; keep its C++ logs quiet.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+Every ``python -m launch.<entry>`` imports this package first: library noise is quieted here, before
+TensorFlow can load (common_jax/quiet.py; TAMING_JAX_VERBOSE=1 or --verbosity=1 brings it back)."""
+from common_jax.quiet import quiet_console
+
+quiet_console()
