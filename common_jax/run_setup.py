@@ -36,6 +36,11 @@ def maybe_initialize_distributed(mode: str = "auto") -> None:
         return
     kwargs = {}
     if env.get("JAX_COORDINATOR_ADDRESS"):
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']} is set but "
+                             f"{' and '.join(missing)} {verb} not: set all three for a multi-process run (or none)")
         kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                       num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
     jax.distributed.initialize(**kwargs)
