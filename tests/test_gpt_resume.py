@@ -35,11 +35,13 @@ def killed_and_resumed(first_stage, tmp_path_factory):
     return stage.kill_resume_and_reference("gpt", tmp_path_factory.mktemp("resume"), over, EVERY)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(killed_and_resumed):
     keys = stage.assert_resume_bit_identical(killed_and_resumed, TOTAL)
     assert any("opt_state" in k for k in keys)
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_never_used(killed_and_resumed):
     r = killed_and_resumed
     assert r["leftovers"], "no tmp checkpoint folder was in place for the resume"
@@ -65,6 +67,7 @@ def trained(first_stage, tmp_path_factory):
     return photos, vq_dir, res, time.monotonic() - t0
 
 
+@pytest.mark.slow
 def test_training_beats_unigram_entropy_of_heldout_codes(trained):
     photos, vq_dir, res, seconds = trained
     _, vq_vars, _ = load_vqgan(vq_dir)

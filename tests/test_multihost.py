@@ -187,6 +187,7 @@ def _assert_matches_reference(got: dict, ref: dict, ref_other: dict) -> list:
     return noisy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["vq", "gpt"])
 def test_resumed_two_process_run_matches_one_process(runs, stage):
     done = json.load(open(runs["root"] / stage / "done.json"))
@@ -209,6 +210,7 @@ def test_resumed_two_process_run_matches_one_process(runs, stage):
     print(f"{stage}: {len(noisy)} of {len(got)} leaves within the noise allowance only")
 
 
+@pytest.mark.slow
 def test_both_processes_resumed_from_the_checkpoint(runs):
     for out in runs["logs_second"]:
         assert re.search(r"resumed from step 2 of \S*/mh/vq/checkpoints", out), out[-2000:]
@@ -216,6 +218,7 @@ def test_both_processes_resumed_from_the_checkpoint(runs):
         assert re.search(r"resumed from step 2 of \S*/mh/gpt/checkpoints", out), out[-2000:]
 
 
+@pytest.mark.slow
 def test_eval_and_images_ran_across_processes(runs):
     """The end-of-run eval (sharded, masked) and the image grid ran in the two-process runs; every process
     logs the same (global) eval numbers, with console-only writers (second launch) and with the default
@@ -231,6 +234,7 @@ def test_eval_and_images_ran_across_processes(runs):
         assert f"(tensorflow imported: {i == 0})" in out, (i, out[-2000:])
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_each_process_data_position(runs):
     for item in (runs["data_item_vq"], runs["data_item_gpt"]):
         assert item["process_count"] == 2
@@ -250,6 +254,7 @@ def _read_codes(path, split):
     return [src[i] for i in range(len(src))]
 
 
+@pytest.mark.slow
 def test_pre_encoding_splits_the_work_and_loses_nothing(runs):
     mh, one = _codes_dirs(runs)
     assert mh.name == one.name  # same stage-one weights -> same fingerprint -> same dataset name
@@ -263,11 +268,13 @@ def test_pre_encoding_splits_the_work_and_loses_nothing(runs):
         assert sorted(map(key, got)) == sorted(map(key, want)), split
 
 
+@pytest.mark.slow
 def test_stage_one_workdir_loads_in_another_process_layout(runs):
     path = runs["ref"] / "codes" / "load_workdir_error.txt"
     assert not path.exists(), path.read_text()[:500]
 
 
+@pytest.mark.slow
 def test_pre_encoded_order_does_not_depend_on_process_count(runs):
     mh, one = _codes_dirs(runs)
     got, want = _read_codes(mh, "train"), _read_codes(one, "train")

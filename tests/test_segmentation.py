@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from common_jax.training import jit_init
 from configs.vqgan_base import base_config, vqgan_model
@@ -42,6 +43,7 @@ def test_bce_matches_formula():
     np.testing.assert_allclose(loss, ref + 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_lowers_bce_and_converter_round_trips():
     task = SegmentationVQTask(seg_config())
     state = jit_init(task.init_state)(jax.random.key(0))
@@ -73,8 +75,6 @@ def test_training_lowers_bce_and_converter_round_trips():
 
 
 def test_unknown_stage_one_task_is_refused_before_any_work(tmp_path):
-    import pytest
-
     from configs import vqgan_segmentation_tiny
     from vqgan_jax.train import train
     c = vqgan_segmentation_tiny.get_config()

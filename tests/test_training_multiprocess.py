@@ -30,6 +30,7 @@ def _two_processes(workdir, *extra, expect_rc=0):
     return [out for _, out in results]
 
 
+@pytest.mark.slow
 def test_a_workdir_not_shared_by_the_processes_is_refused(tmp_path):
     # Each process on a disk of its own: each would checkpoint a part of the state (and eval_fid read a part of
     # the chunks). Both refuse before any training, naming the other one.
@@ -154,6 +155,7 @@ def test_a_dataset_difference_is_looked_at_again_before_refusing(monkeypatch, tm
     assert looks == ["missing"]
 
 
+@pytest.mark.slow
 def test_two_processes_stop_resume_match_one_process(tmp_path):
     workdir = tmp_path / "mp"
     _two_processes(workdir, "--stop-after", "3")

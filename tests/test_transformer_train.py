@@ -81,6 +81,7 @@ def test_grad_accumulation_matches_full_batch(reference):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_beats_unigram_entropy_on_structured_codes():
     task = TransformerTask(tiny_config(**{"optim.base_learning_rate": 3e-3, "cond.cfg_dropout": 0.0}))
     state = task.init_state(jax.random.key(0))

@@ -116,12 +116,14 @@ def killed_and_resumed(photos, tmp_path_factory):
     return dict(r, elapsed=time.monotonic() - t0)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(killed_and_resumed):
     # generator, discriminator, BatchNorm statistics, both Adam states, code usage, step
     keys = stage.assert_resume_bit_identical(killed_and_resumed, TOTAL)
     assert any("disc_stats" in k for k in keys) and any("opt_d" in k for k in keys)
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_never_used(killed_and_resumed):
     r = killed_and_resumed
     cdir = os.path.join(r["kill_dir"], "checkpoints")
@@ -166,6 +168,7 @@ def trained(photos, tmp_path_factory):
     return workdir, before, res, time.monotonic() - t0
 
 
+@pytest.mark.slow
 def test_training_improves_heldout_reconstruction(trained):
     _, before, res, seconds = trained
     after = res.eval_metrics
@@ -176,6 +179,7 @@ def test_training_improves_heldout_reconstruction(trained):
     assert after["l1"] <= before["l1"] - 0.1, (before, after)
 
 
+@pytest.mark.slow
 def test_codebook_metrics_are_logged(trained):
     workdir, _, res, _ = trained
     m = res.train_metrics
