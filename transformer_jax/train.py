@@ -79,7 +79,7 @@ class TransformerTask:
     # prefix (which tokens the weights learnt). Any other gpt/cond key (remat, dtype, attention_impl, dropout
     # rates, pkeep, cfg_dropout) may change and is logged.
     shape_keys = tuple(f"gpt.{k}" for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
-                                            "n_unmasked")) + tuple(
+                                            "n_unmasked", "block", "block_options")) + tuple(
         f"cond.{k}" for k in ("kind", "n_classes", "class_offset", "sos_token", "null_token"))
 
     def __init__(self, config: Any, cond_grid: tuple[int, int] | None = None):
