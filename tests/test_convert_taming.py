@@ -3,8 +3,10 @@
 The fixtures in tests/taming_files were written by taming's own classes (tests/make_taming_files.py, run in the
 reference environment): tiny VQModel (with loss.* keys), GumbelVQ, VQSegmentationModel and Net2NetTransformers
 (class-conditional, unconditional, spatial), with taming's outputs on fixed inputs. Each is read through the
-documented functions and through `launch.convert_taming` + `launch.sample`, and compared with taming's outputs:
-VQ indices equal, decodes within tolerance, greedy codes equal.
+documented functions (load_taming_checkpoint, load_taming_transformer) and through `launch.convert_taming` +
+`launch.sample`, and compared with taming's outputs: VQ indices equal, decodes within tolerance, greedy codes
+(taming's ``Net2NetTransformer.sample(..., sample=False)``; ``top_k=1`` here) equal, sampled images equal to
+taming's decodes of them.
 
 Decode tolerance: 64 float32 ulps of the largest reference value (64 * 2**-23 * max|ref|, 1.4e-5 here). The
 decoder runs about a dozen 3x3 convolutions of 288-term sums; XLA and PyTorch add them in other orders, so a few
@@ -104,11 +106,11 @@ def greedy_codes(sampler, expected, name):
     return np.asarray(sampler.sample_codes(jax.random.key(0), n, top_k=1, **kw))
 
 
-@pytest.mark.parametrize("name,suffix", [("cin", "_legacy"), ("sflckr", "")])
-def test_net2net_greedy_codes_match_taming(ckpts, expected, name, suffix):
+def test_net2net_greedy_codes_match_taming(ckpts, expected):
+    """The documented function on the legacy file; the other transformers go through launch.sample below."""
     from transformer_jax.net2net import load_taming_transformer
-    tt = load_taming_transformer(ckpts[name + suffix], yaml_path(name))
-    np.testing.assert_array_equal(greedy_codes(tt.sampler(), expected, name), expected[f"{name}/greedy_codes"])
+    tt = load_taming_transformer(ckpts["cin_legacy"], yaml_path("cin"))
+    np.testing.assert_array_equal(greedy_codes(tt.sampler(), expected, "cin"), expected["cin/greedy_codes"])
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +139,31 @@ def test_converted_workdirs_are_ordinary_workdirs(converted):
         assert os.path.isfile(root / name / "config.json")
 
 
-def test_converted_vq_workdir_encodes_as_taming(converted, expected):
-    from vqgan_jax.pretrained import load_vqgan
+def test_converted_workdirs_hold_what_the_documented_functions_load(ckpts, converted):
+    """Bit for bit: a workdir's weights are those load_taming_checkpoint / load_taming_transformer give."""
+    from common_jax.pretrained import load_workdir
+    from transformer_jax.net2net import load_taming_transformer
+    from vqgan_jax.convert import load_taming_checkpoint
     root, _ = converted
-    model, variables, _ = load_vqgan(str(root / "gumbel"))
-    indices = model.apply(variables, jnp.asarray(expected["vqgan/images"]), method="encode").indices
-    np.testing.assert_array_equal(indices, expected["gumbel/indices"])
+
+    def same(workdir, variables):
+        got, want = flat(load_workdir(workdir)[1]["params"]), flat(variables["params"])
+        assert sorted(got) == sorted(want), workdir
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{workdir}: {k}")
+
+    for name in VQ_NAMES:
+        same(root / name, load_taming_checkpoint(ckpts[name], yaml_path(name))[1])
+    for name in N2N_NAMES:
+        tt = load_taming_transformer(ckpts[name + "_legacy"], yaml_path(name))
+        same(root / name, tt.gpt_variables)
+        same(root / f"{name}_first_stage", tt.first_stage_variables)
+        if name == "sflckr":
+            same(root / f"{name}_cond_stage", tt.cond_stage_variables)
+
+
+def flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def read_png(path):
@@ -156,8 +177,9 @@ def taming_uint8(images):
 
 
 def test_launch_sample_on_converted_workdirs(converted, expected, tmp_path):
-    """launch.sample's writers on converted workdirs with --top_k=1 (greedy): class grids, an unconditional grid,
-    a --segmentation map and a sliding-window image; the grids are taming's greedy images."""
+    """Samplers of converted workdirs (what launch.sample builds) draw taming's greedy codes with --top_k=1, and
+    launch.sample's writers (class grids, an unconditional grid, --segmentation maps) write taming's decodes of
+    them, pixel for pixel; a sliding-window image too."""
     from common_jax.metrics import save_png
     from launch.sample import write_class_grids, write_large, write_spatial
     from transformer_jax.sampler import Sampler, sampling_options
@@ -172,11 +194,14 @@ def test_launch_sample_on_converted_workdirs(converted, expected, tmp_path):
     big = write_large(cin, str(tmp_path / "cin_large"), 16, 32, [1], opts, 0)     # 8x16 codes, window 8x8
     assert read_png(big[0]).shape == (16, 32, 3) and len(np.unique(read_png(big[0]))) > 16
 
+    np.testing.assert_array_equal(greedy_codes(cin, expected, "cin"), expected["cin/greedy_codes"])
     uncond = Sampler.from_workdirs(str(root / "uncond"))
+    np.testing.assert_array_equal(greedy_codes(uncond, expected, "uncond"), expected["uncond/greedy_codes"])
     paths = write_class_grids(uncond, str(tmp_path / "uncond"), 1, [], opts, 0, 1)
     np.testing.assert_array_equal(read_png(paths[0])[2:-2, 2:-2], taming_uint8(expected["uncond/greedy_images"])[0])
 
     sflckr = Sampler.from_workdirs(str(root / "sflckr"))
+    np.testing.assert_array_equal(greedy_codes(sflckr, expected, "sflckr"), expected["sflckr/greedy_codes"])
     for i in range(2):
         seg = str(tmp_path / f"map{i}.png")
         save_png(seg, expected["segmentation/maps"][i].astype(np.uint8))
@@ -188,23 +213,26 @@ def test_launch_sample_on_converted_workdirs(converted, expected, tmp_path):
 def test_command_lines(ckpts, tmp_path):
     """The entry points as a user runs them: convert, then sample; a bad file is one error line."""
     env = {k: v for k, v in os.environ.items() if k != "TAMING_JAX_TRACEBACK"}
-    run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, text=True,  # noqa: E731
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    start = lambda *args: subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, text=True,  # noqa: E731
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     w = tmp_path / "cin"
-    p = run("launch.convert_taming", f"--ckpt={ckpts['cin']}", f"--yaml={yaml_path('cin')}", f"--workdir={w}")
-    assert p.returncode == 0, p.stdout[-3000:]
-    p = run("launch.sample", f"--workdir={w}", f"--out={tmp_path / 'out'}", "--per_class=2", "--classes=0,3",
-            "--top_k=1", "--batch_size=4")
-    assert p.returncode == 0, p.stdout[-3000:]
-    assert sorted(os.listdir(tmp_path / "out")) == ["class_0000.png", "class_0003.png"]
-    # A VQGAN yaml given with the transformer's checkpoint: one line naming the files and a key.
-    p = run("launch.convert_taming", f"--ckpt={ckpts['cin']}", f"--yaml={yaml_path('vqgan')}",
-            f"--workdir={tmp_path / 'bad'}")
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("error: ")]
-    assert p.returncode == 1 and "Traceback" not in p.stdout, p.stdout[-3000:]
-    assert len(lines) == 1 and ckpts["cin"] in lines[0] and yaml_path("vqgan") in lines[0], p.stdout[-3000:]
+    good = start("launch.convert_taming", f"--ckpt={ckpts['cin']}", f"--yaml={yaml_path('cin')}", f"--workdir={w}")
+    # A VQGAN yaml given with the transformer's checkpoint: one line naming the files and keys.
+    bad = start("launch.convert_taming", f"--ckpt={ckpts['cin']}", f"--yaml={yaml_path('vqgan')}",
+                f"--workdir={tmp_path / 'bad'}")
+    out, _ = good.communicate(timeout=600)
+    assert good.returncode == 0, out[-3000:]
+    sample = start("launch.sample", f"--workdir={w}", f"--out={tmp_path / 'out'}", "--per_class=2",
+                   "--classes=0,3", "--top_k=1", "--batch_size=4")
+    out, _ = bad.communicate(timeout=600)
+    lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert bad.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert len(lines) == 1 and ckpts["cin"] in lines[0] and yaml_path("vqgan") in lines[0], out[-3000:]
     assert "state dict does not match the config" in lines[0] and "missing key '" in lines[0]
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+    out, _ = sample.communicate(timeout=600)
+    assert sample.returncode == 0, out[-3000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["class_0000.png", "class_0003.png"]
 
 
 def _edited_yaml(tmp_path, name, edit):

@@ -81,6 +81,9 @@ def from_taming_transformer(state_dict: Mapping[str, Any], yaml_cfg: Mapping[str
     perm = (params.get("permuter_config") or {}).get("target", "taming.modules.transformer.permuter.Identity")
     if not perm.endswith("Identity"):
         raise ValueError(f"only the identity permuter is supported, got {perm!r}")
+    if int(params.get("downsample_cond_size", -1)) > -1:
+        raise ValueError(f"downsample_cond_size={params['downsample_cond_size']} (resizing the condition before "
+                         "the cond stage) is not supported")
     tc = params.get("transformer_config") or {}
     if tc.get("target") != _GPT:
         raise ValueError(f"transformer_config.target must be {_GPT!r}, got {tc.get('target')!r}")
