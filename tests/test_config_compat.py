@@ -183,6 +183,7 @@ def _gpt_run(workdir, total, **gpt):
     return res, records
 
 
+@pytest.mark.slow  # a real tiny stage-two run (one compile) and two resumes
 def test_gpt_resume_allows_remat_and_refuses_n_layer(tmp_path):
     first, _ = _gpt_run(tmp_path, 1)
     assert first.step == 1

@@ -42,12 +42,14 @@ def consoles(tmp_path_factory):
     return out["default"], out["verbose"]
 
 
+@pytest.mark.slow  # two entry-point processes (TensorFlow, TFDS, orbax)
 def test_no_library_noise_by_default(consoles):
     default, _ = consoles
     assert {line: who for line, who in NOISE.items() if line in default} == {}, default[-3000:]
     assert "project line: prepared builtin_photos/" in default and "project line: read back" in default
 
 
+@pytest.mark.slow  # two entry-point processes (TensorFlow, TFDS, orbax)
 def test_the_opt_in_brings_the_library_lines_back(consoles):
     _, verbose = consoles
     assert [line for line in ALWAYS_WHEN_VERBOSE if line not in verbose] == [], verbose[-3000:]
