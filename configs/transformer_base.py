@@ -30,6 +30,8 @@ def base_config(**gpt) -> ml_collections.ConfigDict:
         warmup_steps=0, min_lr_ratio=0.1, grad_clip=0.0, grad_accum_steps=1))
     c.data = ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir="", image_size=256, code_grid=(16, 16), global_batch_size=8,
-        eval_batch_size=8, eval_examples=512, pre_encoded=True, worker_count=0))
+        eval_batch_size=8, eval_examples=512, pre_encoded=True, worker_count=0,
+        # Stage two warns when the pre-encoded codes use fewer than this fraction of the stage-one codebook.
+        min_codebook_usage=0.01))
     c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0))
     return c

@@ -57,6 +57,35 @@ def _complete(data_dir: str, name: str, split: str) -> bool:
         return False
 
 
+def codebook_usage(data_dir: str, name: str, n_embed: int, split: str = "train", max_examples: int = 4096
+                   ) -> tuple[int, int]:
+    """(distinct codes, examples read) in ``max_examples`` examples spread evenly over a codes split: enough to
+    tell a collapsed stage one (a handful of codes) from a healthy one without reading a whole dataset."""
+    src = datasets.read_codes(data_dir, name, split)
+    idx = np.unique(np.linspace(0, len(src) - 1, min(len(src), max_examples)).astype(np.int64))
+    seen = np.zeros(n_embed, bool)
+    for i in idx:
+        c = src[int(i)]["codes"].reshape(-1)
+        seen[c[(c >= 0) & (c < n_embed)]] = True
+    return int(seen.sum()), len(idx)
+
+
+def warn_if_collapsed(data_dir: str, name: str, n_embed: int, min_usage: float, split: str = "train") -> bool:
+    """Log one warning (and return True) when the codes of ``split`` use fewer than ``min_usage`` (a fraction) of
+    the ``n_embed`` codebook entries: a collapsed or diverged stage one, whose GPT would learn next to nothing
+    (a single code is predicted with accuracy 1.0)."""
+    if not 0.0 <= min_usage <= 1.0:
+        raise ValueError(f"data.min_codebook_usage must be a fraction in [0, 1], got {min_usage}")
+    used, examples = codebook_usage(data_dir, name, n_embed, split)
+    if not examples or used >= min_usage * n_embed:
+        return False
+    logging.warning("the pre-encoded %s codes (%s) use %d of the %d codebook entries (%.2f%%, in %d examples), "
+                    "fewer than data.min_codebook_usage=%g of them: the stage-one model looks collapsed; check its "
+                    "reconstructions before training stage two on it", split, name, used, n_embed,
+                    100.0 * used / n_embed, examples, min_usage)
+    return True
+
+
 def prepare_codes(data_dir: str, image_dataset: str, image_size: int,
                   encode: Callable[[np.ndarray], Any] | Encoders, stage_one_id: str, batch_size: int,
                   splits=("train", "validation")) -> str:

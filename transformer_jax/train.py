@@ -266,6 +266,7 @@ def train(config, workdir: str) -> training.RunResult:
         name = codes_lib.prepare_codes(data_dir, image_name, int(d.image_size), encoders, stage_one_id,
                                        int(d.eval_batch_size))
         run_setup.check_dataset_on_all_processes(data_dir, name)     # every process's shard is there
+        codes_lib.warn_if_collapsed(data_dir, name, int(vq_cfg.n_embed), float(d.get("min_codebook_usage", 0.01)))
         train_loader = data_lib.make_loader(data_dir, name, "train", int(d.global_batch_size), train=True,
                                             image_size=None, seed=int(config.seed), features=code_features)
         eval_loader = lambda: data_lib.make_loader(data_dir, name, "validation", int(d.eval_batch_size),

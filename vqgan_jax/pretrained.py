@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from common_jax.pretrained import check_stage, load_workdir
+from common_jax.pretrained import check_finite, check_stage, load_workdir
 from vqgan_jax import convert
 from vqgan_jax.model import VQGAN
 from vqgan_jax.train import model_from_config
@@ -17,7 +17,8 @@ def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", 
     """(model, variables, model config) from a stage-one workdir, or from a taming ``.ckpt`` + ``.yaml``.
 
     With ``use_ema`` the generator EMA weights are used when the run kept them. ``role`` names the config
-    section (``first_stage`` / ``cond_stage``) in the error when neither source is given.
+    section (``first_stage`` / ``cond_stage``) in the error when neither source is given. Weights holding NaN or
+    Inf are refused (:func:`common_jax.pretrained.check_finite`), from a workdir or a converted file.
     """
     if workdir:
         config, state, _ = load_workdir(workdir)
@@ -26,6 +27,7 @@ def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", 
         return model_from_config(config), {"params": jax.tree.map(jax.numpy.asarray, params)}, config.model
     if taming_ckpt and taming_yaml:
         model, variables = convert.load_taming_checkpoint(taming_ckpt, taming_yaml)
+        check_finite(variables, taming_ckpt, "the file is damaged, or holds the state of a diverged run")
         cfg = convert.config_from_taming(convert.read_yaml(taming_yaml))
         return model, variables, cfg.model
     what = "stage-one" if role == "first_stage" else role.replace("_", "-")
