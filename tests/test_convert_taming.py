@@ -263,6 +263,9 @@ def test_bad_inputs_are_one_clear_error_and_nothing_is_lost(ckpts, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and ckpts["vqgan_legacy"] in msg and wider in msg
     assert "key 'quantize.embedding.weight': expected shape (64, 8), found (32, 8)" in msg
+    with pytest.raises(ValueError) as e:      # another model's file: many problems, still one line
+        convert(ckpts["cin"], yaml_path("vqgan"), w)
+    assert "\n" not in str(e.value) and "problems): missing key '" in str(e.value) and "more" in str(e.value)
     gpt = _edited_yaml(tmp_path, "cin", lambda m: m["params"]["transformer_config"]["params"].update(n_layer=3))
     with pytest.raises(ValueError) as e:
         convert(ckpts["cin"], gpt, w)
