@@ -269,10 +269,12 @@ def run_main(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     def wrapped(argv):
         try:
             return main(argv)
-        except USER_ERRORS + (CheckpointError, OSError, AttributeError) as e:
+        except USER_ERRORS + (CheckpointError, RuntimeError, OSError, AttributeError) as e:
             if os.environ.get("TAMING_JAX_TRACEBACK"):
                 raise
-            if isinstance(e, USER_ERRORS + (CheckpointError,)):
+            # Only the loop raises TrainingDiverged; an entry point that never loaded it cannot see one.
+            diverged = getattr(sys.modules.get("common_jax.training"), "TrainingDiverged", ())
+            if isinstance(e, USER_ERRORS + (CheckpointError,)) or isinstance(e, diverged):
                 line = user_error_line(e)
             else:
                 line = config_flag_error_line(e)

@@ -10,7 +10,16 @@ Config fields read, all required (the loop has no defaults: ``configs/loop.py`` 
 base config): ``seed``, ``total_steps``, ``log_every``, ``eval_every`` (0: only at the end, when an eval
 loader is given), ``eval_steps`` (0: the whole eval loader), ``image_every`` (0: only at the end),
 ``checkpoint.every``, ``checkpoint.keep``, ``checkpoint.async_save``, ``tensorboard`` (unless a writer or
-``tensorboard=`` is given), ``mesh.data/fsdp/model``.
+``tensorboard=`` is given), ``mesh.data/fsdp/model``, ``max_skipped_steps``.
+
+Divergence: every step checks, inside the jitted step, that the metrics named ``loss``, ``*_loss``,
+``grad_norm`` and ``*_grad_norm`` are finite, and keeps a small device-side record of the first and the
+latest non-finite step. The host reads it only where it syncs anyway (log, eval and image steps) and before
+every checkpoint save, so no diverged state is ever saved and keep-N rotation only ever drops good
+checkpoints for newer good ones. With ``max_skipped_steps=0`` the run stops with :class:`TrainingDiverged`
+(one line: step, quantities, newest good checkpoint); with N > 0 a non-finite step leaves the state unchanged
+(only its step counter advances) and the run stops once more than N steps of the run were skipped (the count
+is kept in the checkpoints' meta).
 """
 from __future__ import annotations
 
@@ -38,6 +47,13 @@ from common_jax.mesh import (LOGICAL_AXIS_RULES, batch_sharding, fit_to_shapes, 
 from common_jax.quick_compile import quick_jit
 
 PyTree = Any
+
+# Metrics checked for non-finite values every step: the loss terms and gradient norms (see ``_checked``).
+MAX_CHECKED_METRICS = 32
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient norm became NaN or Inf (beyond ``max_skipped_steps``); the message is one line."""
 
 
 # -------------------------------------------------------------------------------------------- the Task
@@ -198,6 +214,7 @@ class RunResult:
     train_metrics: dict  # the last logged averages
     eval_metrics: dict   # the last eval averages ({} when no eval ran)
     preempted: bool
+    skipped_steps: int = 0  # steps of the run skipped for non-finite values (max_skipped_steps > 0)
 
 
 def _require_loader_api(loader: Any) -> Iterator:
@@ -222,6 +239,35 @@ def _check_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, step: int) -
             raise ValueError(f"batch at step {step}: leaf {jax.tree_util.keystr(path)} has host batch "
                              f"{shape[0]}, not divisible by this host's share of data*fsdp = "
                              f"{mesh.shape['data']}*{mesh.shape['fsdp']} over {jax.process_count()} process(es)")
+
+
+def _checked(metrics: Mapping[str, Any]) -> list[str]:
+    """The metric names checked for divergence: loss terms first (named first in the error line), then norms."""
+    loss = sorted(k for k in metrics if k == "loss" or k.endswith("_loss"))
+    loss.sort(key=lambda k: k not in ("loss", "total_loss"))
+    names = loss + sorted(k for k in metrics if k == "grad_norm" or k.endswith("_grad_norm"))
+    if not loss:
+        raise ValueError(f"task.train_step returns no loss metric ('loss' or '*_loss') among {sorted(metrics)}; "
+                         "the loop checks it for divergence")
+    if len(names) > MAX_CHECKED_METRICS:
+        raise ValueError(f"task.train_step returns {len(names)} loss/grad_norm metrics; at most "
+                         f"{MAX_CHECKED_METRICS} are checked")
+    return names
+
+
+def _fresh_health() -> dict:
+    """The device-side divergence record: how many steps were non-finite, the first and the latest of them,
+    and the checked values at those steps (padded to ``MAX_CHECKED_METRICS``)."""
+    none = lambda: jnp.full((), -1, jnp.int32)  # noqa: E731  (separate buffers: the record is donated)
+    values = lambda: jnp.zeros((MAX_CHECKED_METRICS,), jnp.float32)  # noqa: E731
+    return {"bad": jnp.zeros((), jnp.int32), "first_step": none(), "first_values": values(),
+            "last_step": none(), "last_values": values()}
+
+
+def _nonfinite_text(names: Sequence[str], values: Any) -> str:
+    """'loss is nan, grad_norm is inf' for the checked values that are not finite."""
+    bad = [f"{n} is {float(v)}" for n, v in zip(names, values) if not math.isfinite(float(v))]
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
 
 
 def _log_lines(lines: Iterable[str]) -> None:
@@ -263,6 +309,10 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
     if not shape_keys:
         raise ValueError(f"run: task {type(task).__name__} declares no shape_keys (the config keys that define "
                          "its state's shapes, compared with a checkpoint's config on resume)")
+    max_skips = int(require(config, "max_skipped_steps"))
+    if max_skips < 0:
+        raise ValueError(f"run: config.max_skipped_steps must be >= 0 (0: stop at the first non-finite loss or "
+                         f"gradient norm; N: skip up to N such steps), got {max_skips}")
 
     workdir = os.path.abspath(os.fspath(workdir))
     is_main = jax.process_index() == 0
@@ -291,12 +341,16 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
             abstract = jax.eval_shape(task.init_state, init_key)
             shardings = state_shardings(task, abstract, mesh)
 
-            start = ckpt.latest_step(manager)
+            where = f"checkpoint in {workdir}"
+            manager, start, restored = ckpt.restore_newest(
+                manager, abstract, shardings,
+                check_meta=lambda meta: _log_lines(check_config_compatible(meta.get("config", {}), config,
+                                                                           shape_keys, source=where)),
+                reopen=lambda: ckpt.make_manager(workdir, keep=keep, every=ckpt_every, async_save=async_save))
+            skipped_before = 0
             if start is not None:
-                where = f"checkpoint in {workdir}"
-                meta = ckpt.read_meta(manager, start)
-                _log_lines(check_config_compatible(meta.get("config", {}), config, shape_keys, source=where))
-                state, meta, data_item = ckpt.restore(manager, start, abstract, shardings)
+                state, meta, data_item = restored
+                skipped_before = int(meta.get("skipped_steps", 0))
                 if hasattr(train_loader, "set_state") and data_item:
                     local = ckpt.local_process_state(data_item, where)
                     if local is None:
@@ -320,11 +374,65 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                 n_params = sum(x.size for x in jax.tree.leaves(abstract))
                 logging.info("train state: %d values; mesh %s", n_params, dict(mesh.shape))
 
-            def _train_step(state, batch, key):
-                return task.train_step(state, batch, jax.random.fold_in(key, state.step))
+            checked: list[str] = []  # the checked metric names, filled in when the step is traced
 
-            train_step = jax.jit(_train_step, in_shardings=(shardings, batch_shard, repl),
-                                 out_shardings=(shardings, repl), donate_argnums=(0,))
+            def _train_step(state, batch, key, health):
+                new, metrics = task.train_step(state, batch, jax.random.fold_in(key, state.step))
+                checked[:] = _checked(metrics)
+                values = jnp.stack([jnp.sum(jnp.asarray(metrics[k], jnp.float32)) for k in checked])
+                bad = ~jnp.all(jnp.isfinite(values))
+                values = jnp.pad(values, (0, MAX_CHECKED_METRICS - len(checked)))
+                first = bad & (health["first_step"] < 0)
+                health = {"bad": health["bad"] + bad.astype(jnp.int32),
+                          "first_step": jnp.where(first, new.step, health["first_step"]),
+                          "first_values": jnp.where(first, values, health["first_values"]),
+                          "last_step": jnp.where(bad, new.step, health["last_step"]),
+                          "last_values": jnp.where(bad, values, health["last_values"])}
+                if max_skips > 0:  # compiled in only when skipping is allowed
+                    kept = state.replace(step=new.step)
+                    new = jax.tree.map(lambda k, n: jnp.where(bad, k, n), kept, new)
+                return new, metrics, health
+
+            train_step = jax.jit(_train_step, in_shardings=(shardings, batch_shard, repl, repl),
+                                 out_shardings=(shardings, repl, repl), donate_argnums=(0, 3))
+            health = jax.device_put(_fresh_health(), repl)
+            reported_bad = 0
+
+            def newest_checkpoint() -> str:
+                manager.wait_until_finished()
+                good = ckpt.latest_step(manager)
+                return (f"the newest good checkpoint is step {good} in {manager.directory}" if good is not None
+                        else f"there is no checkpoint in {manager.directory} yet")
+
+            def check_health() -> int:
+                """Raise TrainingDiverged on a non-finite step (beyond max_skipped_steps); returns the number
+                of skipped steps of the run. Reads the device record: call it only where the loop syncs."""
+                nonlocal reported_bad
+                h = jax.device_get(health)
+                n_bad = int(h["bad"])
+                if n_bad == 0:
+                    return skipped_before
+                hint = ("lower the learning rate" + ("" if max_skips else
+                        ", or let --config.max_skipped_steps=N skip up to N isolated bad steps"))
+                if max_skips == 0:
+                    raise TrainingDiverged(
+                        f"training diverged at step {int(h['first_step'])}: "
+                        f"{_nonfinite_text(checked, h['first_values'])} (non-finite); no checkpoint of the "
+                        f"diverged state was written; {newest_checkpoint()}; {hint}")
+                total_skipped = skipped_before + n_bad
+                if total_skipped > max_skips:
+                    raise TrainingDiverged(
+                        f"training diverged: {total_skipped} steps of this run had non-finite values, more than "
+                        f"max_skipped_steps={max_skips} (the last at step {int(h['last_step'])}: "
+                        f"{_nonfinite_text(checked, h['last_values'])}); no checkpoint was written after it; "
+                        f"{newest_checkpoint()}; {hint}")
+                if n_bad > reported_bad:
+                    logging.warning("skipped %d step(s) with non-finite values (the last at step %d: %s); the "
+                                    "state is unchanged by them; %d of at most %d skipped in this run",
+                                    n_bad - reported_bad, int(h["last_step"]),
+                                    _nonfinite_text(checked, h["last_values"]), total_skipped, max_skips)
+                    reported_bad = n_bad
+                return total_skipped
             eval_fn = summaries_fn = None
             if eval_loader_factory is not None and hasattr(task, "eval_step"):
                 eval_fn = jax.jit(task.eval_step, in_shardings=(shardings, batch_shard), out_shardings=repl)
@@ -332,8 +440,8 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                 summaries_fn = jax.jit(task.summaries, in_shardings=(shardings, batch_shard),
                                        out_shardings=repl)
 
-            def meta_now() -> dict:
-                return {"config": config_to_dict(config)}
+            def meta_now(skipped: int) -> dict:
+                return {"config": config_to_dict(config), "skipped_steps": int(skipped)}
 
             def data_now() -> Any:
                 return train_loader.get_state() if hasattr(train_loader, "get_state") else None
@@ -378,6 +486,7 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
             eval_metrics: dict = {}
             step = start
             preempted = False
+            skipped = skipped_before
             end = total if stop_after is None else min(total, start + int(stop_after))
             batch = None
 
@@ -393,7 +502,7 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                     if step == start:
                         _check_batch(host_batch, mesh, step)
                     batch = shard_batch(host_batch, mesh)
-                    state, step_metrics = train_step(state, batch, base_key)
+                    state, step_metrics, health = train_step(state, batch, base_key, health)
                     step += 1
                     averager.add(step_metrics)
                     if step == start + 1:
@@ -403,7 +512,17 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                                      time.monotonic() - t_start)
                         progress = mlib.Progress(total, start=step)
 
-                    if step % log_every == 0 or step == end:
+                    log_now = step % log_every == 0 or step == end
+                    eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
+                    images_now = summaries_fn is not None and ((image_every and step % image_every == 0)
+                                                               or step == total)
+                    if flag.set or (jax.process_count() > 1 and manager.reached_preemption(step)):
+                        preempted = True
+                    save_now = step % ckpt_every == 0 or step == end or preempted
+                    if log_now or eval_now or images_now or save_now:
+                        skipped = check_health()  # before anything of this state is logged or saved
+
+                    if log_now:
                         if int(state.step) != step:  # a task that forgets step+1 would repeat rngs
                             raise ValueError(f"task.train_step must increment state.step: after {step} "
                                              f"steps it is {int(state.step)}")
@@ -412,19 +531,17 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
                         rate = progress.update(step)
                         scalars = {f"train/{k}": v for k, v in train_metrics.items()}
                         scalars["steps_per_sec"] = rate
+                        if max_skips:
+                            scalars["skipped_steps"] = skipped
                         writer.write_scalars(step, scalars)
                         logging.info("%s", progress.line(step))
-                    if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total):
+                    if eval_now:
                         eval_metrics = evaluate(state)
                         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                    if summaries_fn is not None and ((image_every and step % image_every == 0)
-                                                     or step == total):
+                    if images_now:
                         write_images(state, image_batch(batch), step)
-
-                    if flag.set or (jax.process_count() > 1 and manager.reached_preemption(step)):
-                        preempted = True
-                    if step % ckpt_every == 0 or step == end or preempted:
-                        ckpt.save(manager, step, state, meta_now(), data_now(), force=True)
+                    if save_now:
+                        ckpt.save(manager, step, state, meta_now(skipped), data_now(), force=True)
                     if preempted:
                         logging.warning("preemption signal: saved step %d, stopping", step)
                         break
@@ -432,7 +549,7 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
             writer.flush()
             manager.wait_until_finished()
             return RunResult(state=state, step=step, train_metrics=train_metrics,
-                             eval_metrics=eval_metrics, preempted=preempted)
+                             eval_metrics=eval_metrics, preempted=preempted, skipped_steps=skipped)
     finally:
         if manager is not None:
             manager.wait_until_finished()

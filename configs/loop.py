@@ -20,5 +20,8 @@ def loop_config(**overrides) -> ml_collections.ConfigDict:
     c.eval_steps = 0            # 0: the whole held-out split (capped by data.eval_examples)
     c.image_every = 0           # 0: only at the end
     c.checkpoint = ml_collections.ConfigDict(dict(every=5000, keep=3, async_save=True))
+    # A step whose loss or gradient norm is NaN/Inf: 0 stops the run (no checkpoint of it is written); N > 0
+    # skips up to N such steps of the run (each leaves the state unchanged), then stops.
+    c.max_skipped_steps = 0
     c.update(overrides)
     return c

@@ -162,9 +162,12 @@ def test_two_processes_stop_resume_match_one_process(tmp_path):
     with open(workdir / "checkpoints" / "3" / "data" / "metadata") as f:
         data_item = json.load(f)
     assert data_item == {"process_count": 2, "0": {"index": 3, "seed": 0}, "1": {"index": 3, "seed": 0}}
+    os.makedirs(workdir / "checkpoints" / "999")  # a stray newest step folder: both processes fall back past it
 
     outs = _two_processes(workdir)
     assert all("resumed from step 3 " in out for out in outs), outs[0][-2000:]
+    moved = os.listdir(workdir / "checkpoints_damaged")  # by process 0 alone, once
+    assert len(moved) == 1 and moved[0].startswith("999-") and f"moved to {workdir}" in outs[0], outs[0][-2000:]
     assert json.load(open(workdir / "done.json"))["step"] == TOTAL
     got = dict(np.load(workdir / "final_state.npz"))
 

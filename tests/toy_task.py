@@ -42,11 +42,12 @@ class ToyState:
 class ToyTask:
     shape_keys = ("model.d_in", "model.d_hid", "model.d_out")
 
-    def __init__(self, lr: float = 1e-2, num_micro: int = 1, noise: float = 0.0):
+    def __init__(self, lr: float = 1e-2, num_micro: int = 1, noise: float = 0.0, nan_at: tuple[int, ...] = ()):
         self.model = MLP()
         self.tx = optax.adam(lr)
         self.num_micro = num_micro
         self.noise = noise  # > 0: the step uses its rng, so resume must reproduce the rng stream
+        self.nan_at = tuple(nan_at)  # a fault at chosen steps: their loss (and gradients) are NaN
 
     def _init_boxed(self, rng):
         params = self.model.init(rng, jnp.zeros((1, D_IN)))["params"]
@@ -70,12 +71,15 @@ class ToyTask:
 
     def train_step(self, state, batch, rng):
         vg = jax.value_and_grad(self._loss, has_aux=True)
+        if self.nan_at:
+            poisoned = jnp.isin(state.step + 1, jnp.asarray(self.nan_at))
+            vg = _poison(vg, jnp.where(poisoned, jnp.nan, 1.0))
         (loss, aux), grads = accumulate_gradients(vg, state.params, batch, self.num_micro, rng=rng)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         input_mean = 0.9 * state.input_mean + 0.1 * jnp.mean(batch["x"], axis=0)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, input_mean=input_mean)
-        return new, {"loss": loss, **aux}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     def eval_step(self, state, batch):
         pred = self.model.apply({"params": state.params}, batch["x"])
@@ -86,6 +90,14 @@ class ToyTask:
         pred = self.model.apply({"params": state.params}, batch["x"])
         img = jnp.clip((pred.reshape(-1, 2, 4, 1) + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
         return {"pred": img}
+
+
+def _poison(vg, factor):
+    """``vg`` with its loss and gradients multiplied by ``factor`` (NaN at the chosen steps, else 1)."""
+    def wrapped(*args):
+        (loss, aux), grads = vg(*args)
+        return (loss * factor, aux), jax.tree.map(lambda g: g * factor, grads)
+    return wrapped
 
 
 def make_batch(seed: int, index: int, batch_size: int) -> dict:

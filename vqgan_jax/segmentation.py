@@ -105,6 +105,7 @@ class SegmentationVQTask:
                 {"segmentation": seg}, self.grad_accum, rng)
         upd, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, upd)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))  # checked for divergence by the loop
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(self, state: SegState, batch: Mapping[str, jax.Array]) -> dict:

@@ -257,6 +257,8 @@ class VQGANTask:
             "codebook_usage": jnp.mean((aux["usage"] > 0).astype(jnp.float32)),
             "codebook_alive": jnp.mean((code_usage > 0.01).astype(jnp.float32)),
             "codes_restarted": restarted,
+            # checked for divergence by the loop
+            "grad_norm": optax.global_norm(g_grads), "disc_grad_norm": optax.global_norm(d_grads),
         })
         new = state.replace(step=state.step + 1, params=params, opt_g=opt_g, disc_params=disc_params,
                             disc_stats=disc_stats, opt_d=opt_d, code_usage=code_usage,
