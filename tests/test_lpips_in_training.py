@@ -16,6 +16,9 @@ from configs import vqgan_tiny
 from seeded_weights import golden
 from vqgan_jax.train import VQGANTask
 
+# Two compiled train steps with LPIPS(vgg) inside, and its gradient: a training run's worth of compilation.
+pytestmark = pytest.mark.slow
+
 W = 0.7
 RES = 16   # LPIPS(vgg) pools four times
 
@@ -68,9 +71,10 @@ def test_perceptual_term_enters_loss_and_gradient(lpips_pair):
         want = jax.tree.map(lambda g: np.asarray(g, np.float64), grad[name])
         scale = max(float(np.abs(v).max()) for v in jax.tree.leaves(want))
         assert scale > 0
-        # each side is a float32 step of size ~|grad of the whole loss|; their difference keeps its rounding
+        # Each side is a float32 step of size ~|grad of the whole loss| through VGG and the VQGAN; their
+        # difference keeps that rounding: measured up to 2.7e-6 of the step (about 23 float32 ulps).
         full = max(float(np.abs(np.asarray(a) - b).max())
                    for a, b in zip(jax.tree.leaves(s_w.params[name]), jax.tree.leaves(s0.params[name])))
-        atol = 1e-4 * max(scale, full)
+        atol = 3e-5 * max(scale, full)
         for a, b in zip(jax.tree.leaves(diff), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=name)
