@@ -2,8 +2,9 @@
 
 The loop calls :func:`init_from_workdir` on the state it has just initialised, only when it starts a run afresh
 (a run that resumes keeps its own checkpoint). Taken from the source workdir's newest checkpoint: ``params``,
-the EMA codebook (``codebook_ema``) when both runs keep one, and the generator weight EMA (``ema_params``,
-started from the source's EMA or else its params) when this run keeps one. Everything else stays fresh: the
+the EMA codebook statistics (``codebook_ema``) when this run keeps them (from a source without them, e.g. a
+converted taming model, they start at its codebook), and the generator weight EMA (``ema_params``, started
+from the source's EMA or else its params) when this run keeps one. Everything else stays fresh: the
 step (0), optimizer states, a discriminator, code-usage statistics. The source may be a trained run of this
 project or a converted official checkpoint (``launch.convert_taming``).
 """
