@@ -97,6 +97,7 @@ def test_skipped_steps_leave_the_state_unchanged_and_are_bounded(tmp_path):
     assert _steps(tmp_path) == [3, 4]
 
 
+@pytest.mark.slow  # a real stage-one process: start-up and one compile of the VQGAN step
 def test_stage_one_at_a_huge_learning_rate_exits_with_one_line(tmp_path):
     """The issue's reproduction through ``python -m launch.train_vqgan``: rc 1, one error line, the checkpoint
     written before the learning rate changed kept and finite."""
