@@ -129,3 +129,32 @@ def test_stage_one_at_a_huge_learning_rate_exits_with_one_line(tmp_path):
     assert 0 in steps or len(steps) == 2, steps  # keep=2 drops a good one only for two newer good ones
     for s in steps:
         _assert_all_finite(vq, s)
+
+
+@pytest.mark.parametrize("stage", ["vqgan", "segmentation", "transformer"])
+def test_every_stage_reports_the_checked_loss_and_gradient_norm(stage):
+    """Without its gradient norm a step whose loss is still finite but whose gradients are not would be saved
+    (stage one at a huge learning rate does exactly that at its second step). Traced only, not compiled."""
+    from configs import transformer_tiny, vqgan_segmentation_tiny, vqgan_tiny
+    from common_jax.training import _checked
+    if stage == "transformer":
+        from transformer_jax.train import TransformerTask
+        cfg = transformer_tiny.get_config()
+        cfg.gpt.update(dict(n_layer=1, n_head=2, n_embd=32))
+        task = TransformerTask(cfg)
+        batch = {"codes": jax.ShapeDtypeStruct((2, *cfg.data.code_grid), np.int32),
+                 "label": jax.ShapeDtypeStruct((2,), np.int32)}
+        want = {"loss", "grad_norm"}
+    elif stage == "segmentation":
+        from vqgan_jax.segmentation import SegmentationVQTask
+        task = SegmentationVQTask(vqgan_segmentation_tiny.get_config())
+        batch = {"segmentation": jax.ShapeDtypeStruct((2, 32, 32), np.int32)}
+        want = {"total_loss", "grad_norm"}
+    else:
+        from vqgan_jax.train import VQGANTask
+        task = VQGANTask(vqgan_tiny.get_config())
+        batch = {"image": jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32)}
+        want = {"total_loss", "disc_loss", "grad_norm", "disc_grad_norm"}
+    state = jax.eval_shape(task.init_state, jax.random.key(0))
+    _, metrics = jax.eval_shape(task.train_step, state, batch, jax.random.key(1))
+    assert want <= set(_checked(metrics)), sorted(metrics)
