@@ -7,6 +7,14 @@
 
 Work is split into chunks; after each the running statistics are saved, so rerunning resumes. Every process
 of a multi-host job takes its share of each chunk. The result is ``<workdir>/fid_<mode>.json``.
+
+Reference statistics of samples mode: ``--ref_stats`` (pytorch-fid's ``mu``/``sigma`` .npz, or an ADM reference
+batch), or the images of ``--dataset``'s ``--split``: ``validation`` (the default) or ``train``. taming's authors
+list the sample FID of their FFHQ, CelebA-HQ and class-conditional ImageNet models against the training set, that
+of the segmentation-conditioned ADE20K and COCO-Stuff models against the validation set, and the rFID of their
+VQGANs against both. The statistics of each split are cached in the workdir under the split's name, so one set
+of samples can be scored against either. Everything that can be refused (the reference file, every model's
+weights) is checked before any sampling.
 """
 from __future__ import annotations
 
@@ -29,11 +37,15 @@ _TRANSFORMER = flags.DEFINE_string("transformer_workdir", "", "stage-two workdir
 _VQGAN = flags.DEFINE_string("vqgan_workdir", "", "stage-one workdir (reconstruction mode)")
 _TAMING_CKPT = flags.DEFINE_string("taming_ckpt", "", "official VQGAN .ckpt instead of --vqgan_workdir")
 _TAMING_YAML = flags.DEFINE_string("taming_yaml", "", "its .yaml")
-_REF_STATS = flags.DEFINE_string("ref_stats", "", "reference mu/sigma .npz (samples mode); empty: compute from "
-                                 "--dataset/--split and cache it in the workdir")
+_REF_STATS = flags.DEFINE_string("ref_stats", "", "reference statistics .npz of samples mode: 'mu'/'sigma' of the "
+                                 "2048 pool3 features (pytorch-fid), or an ADM batch ('arr_0' images); empty: computed "
+                                 "from --dataset/--split and cached in the workdir")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir")
 _DATASET = flags.DEFINE_string("dataset", "", "dataset name (reference images / images to reconstruct)")
-_SPLIT = flags.DEFINE_string("split", "validation", "split")
+_SPLIT = flags.DEFINE_string("split", "validation", "split of --dataset: the reference images of samples mode, "
+                             "the images to reconstruct in reconstruction mode. validation (default), or train: "
+                             "taming's authors computed the sample FID of their FFHQ, CelebA-HQ and ImageNet models "
+                             "against training-set statistics")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "center-crop size of dataset images")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "cap on dataset images, rounded up to whole batches of "
                                      "--batch_size per process (0: the whole split)")
@@ -61,8 +73,9 @@ def _check_same_everywhere(what: str, fingerprint: Callable[[], str]) -> None:
 def _inception(path: str):
     """images uint8 -> (pool3 features, logits, unbiased logits); logits are None without the fc layer."""
     from common_jax.inception import load_inception
-    from common_jax.pretrained import params_fingerprint
+    from common_jax.pretrained import check_finite, params_fingerprint
     model, variables = load_inception(path)
+    check_finite(variables, f"--inception_weights {path}", "convert the pytorch-fid weights again")
     _check_same_everywhere("the weights of --inception_weights", lambda: params_fingerprint(variables))
     if model.num_classes:
         fn = jax.jit(lambda v, x: model.apply(v, x, method="features_and_logits"))
@@ -120,6 +133,31 @@ def _dataset_signature() -> dict:
                       split=_SPLIT.value, image_size=_IMAGE_SIZE.value, max_examples=_MAX_EXAMPLES.value)
 
 
+def check_inputs() -> None:
+    """What can be refused without loading a model, checked before any work: the reference statistics file (a
+    readable .npz of statistics of the Inception network's feature dimension), or the dataset flags that stand
+    in for it. Wrong statistics would otherwise be found only after all sampling, at the FID."""
+    from common_jax.fid_stats import check_stats_file
+    from common_jax.inception import FEATURE_DIM
+    if _MODE.value != "samples":
+        if _REF_STATS.value:
+            raise ValueError("--ref_stats is for --mode=samples; reconstruction mode compares with the images of "
+                             "--dataset/--split themselves")
+        return
+    if _REF_STATS.value:
+        check_stats_file(_REF_STATS.value, FEATURE_DIM, "--ref_stats")
+    elif not _DATASET.value or not _DATA_DIR.value:
+        raise ValueError("--mode=samples needs reference statistics: --ref_stats, or --dataset and --data_dir (and "
+                         "--split: validation or train) to compute them from")
+
+
+def reference_cache(workdir: str) -> str:
+    """The resumable reference statistics of --split: one file per split, so switching splits never reuses
+    another split's statistics."""
+    import re
+    return os.path.join(workdir, f"ref_stats_{re.sub(r'[^A-Za-z0-9_.-]', '_', _SPLIT.value)}_state.npz")
+
+
 def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str]:
     from common_jax.fid_eval import ChunkedStats, run_chunks
     from common_jax.fid_stats import load_stats
@@ -129,7 +167,7 @@ def reference_stats(workdir: str, features) -> tuple[np.ndarray, np.ndarray, str
                                lambda: hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest())
         return mu, sigma, _REF_STATS.value
     num_chunks, chunk = _dataset_chunks()
-    state = ChunkedStats(os.path.join(workdir, "ref_stats_state.npz"), ("real",), signature=_dataset_signature())
+    state = ChunkedStats(reference_cache(workdir), ("real",), signature=_dataset_signature())
     stats = run_chunks(state, num_chunks, lambda k: {"real": np.concatenate(
         [features(x)[0][m] for x, m in chunk(k)] or [np.zeros((0, 2048))])}, desc="reference chunk")
     mu, sigma = stats["real"].mean_cov()
@@ -237,6 +275,7 @@ def main(argv):
     workdir = run_setup.check_workdir(_WORKDIR.value)
     if _CHUNK.value < 1 or _BATCH.value < 1:
         raise ValueError(f"--chunk_size and --batch_size must be >= 1, got {_CHUNK.value}, {_BATCH.value}")
+    check_inputs()
     t0 = time.time()
     result = eval_samples(workdir) if _MODE.value == "samples" else eval_reconstruction(workdir)
     result["seconds"] = round(time.time() - t0, 1)

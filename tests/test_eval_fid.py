@@ -7,6 +7,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+import scipy.linalg
+import scipy.special
+import scipy.stats
 
 from common_jax import checkpoint as ckpt
 from common_jax.config_utils import config_to_dict
@@ -49,13 +52,63 @@ def setup(tmp_path_factory):
     return tmp, info.name
 
 
-def run(args, tmp):
+def run(args, tmp, returncode=0):
     # The runs share a compilation cache: both modes embed 32 px images with the same InceptionV3 program.
     env = dict(cache_env(str(tmp / "jax_cache")), XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
     p = subprocess.run([sys.executable, "-m", "launch.eval_fid", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == returncode, p.stderr[-3000:]
     return p
+
+
+# launch.eval_fid with sampling made impossible: a run that reaches Sampler.sample stops with this marker, so a
+# refusal seen instead happened before any sampling.
+NO_SAMPLING = ("import runpy, sys; import transformer_jax.sampler as s; "
+               "s.Sampler.sample = lambda *a, **k: sys.exit('SAMPLED'); "
+               "runpy.run_module('launch.eval_fid', run_name='__main__', alter_sys=True)")
+
+
+def run_refused(args):
+    """(last stderr line) of a launch.eval_fid run that must be refused before any sampling."""
+    p = subprocess.run([sys.executable, "-c", NO_SAMPLING, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3"))
+    assert "SAMPLED" not in p.stderr and p.returncode == 1, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), p.stderr[-3000:]
+    return last
+
+
+def saved_stats(path, name):
+    """(mu, sigma) of stream ``name`` of a resumable state file, from its float64 sums."""
+    z = np.load(path)
+    n, total, outer = float(z[f"{name}/count"]), z[f"{name}/sum"], z[f"{name}/outer"]
+    mu = total / n
+    return mu, (outer - n * np.outer(mu, mu)) / (n - 1)
+
+
+def scipy_fid(mu1, s1, mu2, s2):
+    """pytorch-fid's formula (scipy.linalg.sqrtm of S1 S2), written independently of common_jax.fid, within the
+    span of both covariances: a few images in 2048 dimensions leave S1 S2 singular, where sqrtm of the full product
+    is unreliable, and tr sqrt(S1 S2) is unchanged by the restriction."""
+    w, v = np.linalg.eigh(s1 + s2)
+    q = v[:, w > w.max() * 1e-10]
+    covmean = scipy.linalg.sqrtm((q.T @ s1 @ q) @ (q.T @ s2 @ q))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+
+
+def assert_fid_matches_scipy(fid, fake, real):
+    # float64 statistics throughout: agreement to 1e-6 of the traces, the largest terms of the sum
+    (mu1, s1), (mu2, s2) = fake, real
+    assert abs(fid - scipy_fid(mu1, s1, mu2, s2)) <= 1e-6 * (np.trace(s1) + np.trace(s2)), fid
+
+
+def scipy_inception_score(logits, splits=10):
+    """exp(E KL(p(y|x) || p(y))) per split, mean over splits, with scipy's softmax and entropy."""
+    scores = []
+    for part in np.array_split(np.asarray(logits, np.float64), splits):
+        p = scipy.special.softmax(part, axis=1)
+        scores.append(np.exp(scipy.stats.entropy(p, p.mean(axis=0)[None, :], axis=1).mean()))
+    return float(np.mean(scores))
 
 
 def test_samples_mode_writes_json_and_resumes(setup):
@@ -65,16 +118,28 @@ def test_samples_mode_writes_json_and_resumes(setup):
             "--image_size=32", "--per_class=2", "--chunk_size=8", "--batch_size=8", "--top_k=10",
             "--save_images"]
     run(args, tmp)
-    result = json.loads((tmp / "fid_s" / "fid_samples.json").read_text())
-    assert result["num_samples"] == 20 and np.isfinite(result["fid"]) and result["fid"] > 0
-    assert np.isfinite(result["inception_score"]) and result["inception_score"] >= 1.0
-    assert "20 images" in result["reference"]
-    arr = np.load(tmp / "fid_s" / "samples_arr_0.npz")
+    out = tmp / "fid_s"
+    result = json.loads((out / "fid_samples.json").read_text())
+    assert result["num_samples"] == 20 and result["reference"] == f"{name}/validation (20 images)"
+    fake = saved_stats(out / "samples_state.npz", "fake")
+    assert_fid_matches_scipy(result["fid"], fake, saved_stats(out / "ref_stats_validation_state.npz", "real"))
+    chunks = sorted((out / "sample_chunks").glob("chunk_*.npz"))
+    assert len(chunks) == 3
+    logits = np.concatenate([np.load(c)["logits"] for c in chunks])
+    assert logits.shape == (20, 1008)
+    np.testing.assert_allclose(result["inception_score"], scipy_inception_score(logits), rtol=1e-9)
+    arr = np.load(out / "samples_arr_0.npz")
     assert arr["arr_0"].shape == (20, 32, 32, 3) and arr["arr_0"].dtype == np.uint8
-    # a second run finds every chunk done and reports the same statistics
-    run(args, tmp)
-    again = json.loads((tmp / "fid_s" / "fid_samples.json").read_text())
-    assert again["fid"] == result["fid"] and again["num_samples"] == 20
+    # Against the training split: the samples are reused (every chunk is done), the reference statistics are
+    # those of the train images, cached apart from the validation ones.
+    written = {c.name: c.stat().st_mtime_ns for c in chunks}
+    validation_cache = (out / "ref_stats_validation_state.npz").read_bytes()
+    run(args + ["--split=train", "--max_examples=8"], tmp)
+    again = json.loads((out / "fid_samples.json").read_text())
+    assert again["num_samples"] == 20 and again["reference"] == f"{name}/train (8 images)"
+    assert {c.name: c.stat().st_mtime_ns for c in chunks} == written
+    assert (out / "ref_stats_validation_state.npz").read_bytes() == validation_cache
+    assert_fid_matches_scipy(again["fid"], fake, saved_stats(out / "ref_stats_train_state.npz", "real"))
     # Other sampling options in the same workdir are refused before any sampling, and the saved sums are kept.
     saved = (tmp / "fid_s" / "samples_state.npz").read_bytes()
     p = subprocess.run([sys.executable, "-m", "launch.eval_fid", *[a for a in args if a != "--top_k=10"],
@@ -110,9 +175,12 @@ def reconstruction(setup):
     return json.loads((tmp / "fid_r" / "fid_reconstruction.json").read_text())
 
 
-def test_reconstruction_mode(reconstruction):
+def test_reconstruction_mode(setup, reconstruction):
     # 12 of the 20 held-out images, rounded up to whole batches of 8 (the samples test reads all 20).
-    assert reconstruction["num_images"] == 16 and np.isfinite(reconstruction["rfid"]) and reconstruction["rfid"] > 0
+    tmp, _ = setup
+    assert reconstruction["num_images"] == 16
+    state = tmp / "fid_r" / "reconstruction_state.npz"
+    assert_fid_matches_scipy(reconstruction["rfid"], saved_stats(state, "recon"), saved_stats(state, "real"))
 
 
 def test_two_processes_share_the_images_and_match_one_process(setup, reconstruction):
@@ -190,4 +258,32 @@ def test_guidance_on_a_model_without_condition_dropout_fails_before_any_work(set
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "cond.cfg_dropout=0.0" in last, p.stderr[-2000:]
-    assert not (tmp_path / "fid" / "ref_stats_state.npz").exists()   # checked before the reference statistics
+    assert not list((tmp_path / "fid").glob("ref_stats_*"))   # checked before the reference statistics
+
+
+def refused_args(tmp, name, workdir, ref_stats):
+    return ["--mode=samples", f"--workdir={workdir}", f"--transformer_workdir={tmp}/gpt",
+            f"--inception_weights={tmp}/inception.npz", f"--data_dir={tmp}/data", f"--dataset={name}",
+            "--image_size=32", "--per_class=1", f"--ref_stats={ref_stats}"]
+
+
+def test_ref_stats_that_are_not_an_npz_are_refused_before_any_sampling(setup, tmp_path):
+    # A pickle: numpy's own error names no file and suggests loading it unsafely.
+    import pickle
+    tmp, name = setup
+    bad = tmp_path / "stats.pkl"
+    bad.write_bytes(pickle.dumps({"mu": np.zeros(2048)}))
+    last = run_refused(refused_args(tmp, name, tmp_path / "fid", bad))
+    assert f"--ref_stats {bad} is not an .npz archive (it holds pickled Python objects" in last, last
+    assert "allow_pickle" not in last
+    assert not (tmp_path / "fid" / "samples_state.npz").exists()
+
+
+def test_ref_stats_of_another_dimension_are_refused_before_any_sampling(setup, tmp_path):
+    tmp, name = setup
+    small = tmp_path / "stats64.npz"
+    np.savez(small, mu=np.zeros(64), sigma=np.eye(64))
+    last = run_refused(refused_args(tmp, name, tmp_path / "fid", small))
+    assert f"--ref_stats {small}: 'mu' has shape (64,), expected (2048,)" in last, last
+    assert not (tmp_path / "fid" / "samples_state.npz").exists()
+    assert not (tmp_path / "fid" / "sample_chunks").exists()

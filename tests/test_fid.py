@@ -8,7 +8,7 @@ import scipy.linalg
 
 from common_jax.fid import (FeatureStats, batch_partial_sums, frechet_distance, frechet_distance_from_features,
                             inception_score, precision_recall)
-from common_jax.fid_stats import compute_stats, iter_npz_array, load_stats, save_stats
+from common_jax.fid_stats import check_stats_file, compute_stats, iter_npz_array, load_stats, save_stats
 from common_jax.mesh import make_mesh, shard_batch
 
 
@@ -171,6 +171,46 @@ def test_stats_file_round_trip_and_errors(tmp_path):
         save_stats(tmp_path / "x.npz", sigma, sigma)
     with pytest.raises(ValueError, match="source must be"):
         load_stats(path, source="cache")
+
+
+def test_stats_file_checks_name_the_file_and_never_suggest_unpickling(tmp_path):
+    import pickle
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(6), sigma=np.eye(6))
+    assert check_stats_file(stats, 6) == "stats"
+    with pytest.raises(ValueError, match=r"--ref_stats .*stats.npz: 'mu' has shape \(6,\), expected \(8,\)"):
+        check_stats_file(stats, 8, "--ref_stats")
+    np.savez(tmp_path / "sigma.npz", mu=np.zeros(6), sigma=np.eye(5))
+    with pytest.raises(ValueError, match=r"'sigma' has shape \(5, 5\), expected \(6, 6\)"):
+        check_stats_file(tmp_path / "sigma.npz", 6)
+    np.savez(tmp_path / "nan.npz", mu=np.full(6, np.nan), sigma=np.eye(6))
+    with pytest.raises(ValueError, match="nan.npz: 'mu'/'sigma' contain non-finite values"):
+        check_stats_file(tmp_path / "nan.npz", 6)
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((4, 5, 7, 3), np.uint8))
+    assert check_stats_file(tmp_path / "images.npz", 6) == "images"    # any image size: embedded by the network
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 5, 7, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"at least 2 uint8 images \(N, H, W, 3\), found uint8 of shape \(1, 5, 7, 3\)"):
+        check_stats_file(tmp_path / "one.npz", 6)
+    np.savez(tmp_path / "keys.npz", mean=np.zeros(6))
+    with pytest.raises(KeyError, match=r"keys.npz: needs 'mu' and 'sigma' or an 'arr_0' image batch, found \['mean'\]"):
+        check_stats_file(tmp_path / "keys.npz", 6)
+    with pytest.raises(FileNotFoundError, match="none.npz not found"):
+        check_stats_file(tmp_path / "none.npz", 6)
+    # Files that are not .npz archives: one message naming the file, never numpy's hint to load pickles.
+    (tmp_path / "stats.pkl").write_bytes(pickle.dumps({"mu": np.zeros(6)}))
+    np.save(tmp_path / "mu.npy", np.zeros(6))
+    (tmp_path / "truncated.npz").write_bytes(stats.read_bytes()[:100])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "text.npz").write_text("mu sigma")
+    np.savez(tmp_path / "objects.npz", mu=np.array([{}], dtype=object), sigma=np.eye(6))
+    for bad, why in (("stats.pkl", "it holds pickled Python objects"), ("mu.npy", "holds a single .npy array"),
+                     ("truncated.npz", "a damaged or truncated zip archive"), ("empty.npz", "it is empty"),
+                     ("text.npz", "it is not a zip archive"), ("objects.npz", "'mu' cannot be read")):
+        for read in (lambda p: check_stats_file(p, 6), load_stats):
+            with pytest.raises(ValueError) as e:
+                read(tmp_path / bad)
+            assert str(tmp_path / bad) in str(e.value) and why in str(e.value), e.value
+            assert "allow_pickle" not in str(e.value) and "\n" not in str(e.value)
 
 
 def _toy_features(images):
