@@ -20,6 +20,7 @@ written.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 from typing import Any
 
@@ -153,8 +154,14 @@ def convert(ckpt_path: str, yaml_path: str, workdir: str) -> list[str]:
     return [workdir] + [s[0] for s in stages]
 
 
+def _not_orbax_info(record: pylogging.LogRecord) -> bool:
+    """Orbax logs several INFO lines per save; the command's own lines stay readable without them."""
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
 def main(argv):
     del argv
+    pylogging.getLogger("absl").addFilter(_not_orbax_info)
     written = convert(flags.FLAGS.ckpt, flags.FLAGS.yaml, flags.FLAGS.workdir)
     logging.info("wrote %s", ", ".join(written))
 

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from common_jax.torch_io import read_torch_state_dict
+from vqgan_jax import quantizers
 from vqgan_jax.model import VQGAN
 
 _TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel",
@@ -58,19 +59,19 @@ def config_from_taming(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
     model = {k: dd[k] for k in _DDCONFIG_KEYS if k in dd}
     model["ch_mult"] = tuple(int(c) for c in model["ch_mult"])
     model["attn_resolutions"] = tuple(int(r) for r in model["attn_resolutions"])
-    model["n_embed"] = int(params["n_embed"])
     model["embed_dim"] = int(params["embed_dim"])
-    model["quantizer"] = _TARGETS[target]
     if params.get("remap") is not None:
         raise ValueError("taming config: index remapping (params.remap) is not supported")
-    if model["quantizer"] == "gumbel":
-        model["kl_weight"] = float(params.get("kl_weight", 1e-8))
+    gumbel = target.endswith("GumbelVQ")
+    q = {"n_embed": int(params["n_embed"])}
+    if gumbel:
         sched = dict((params.get("temperature_scheduler_config") or {}).get("params") or {})
-        model["temperature"] = float(sched.get("lr_start", 1.0))
+        q.update(kl_weight=float(params.get("kl_weight", 1e-8)), temperature=float(sched.get("lr_start", 1.0)))
+    model["quantizer"] = quantizers.default_options(_TARGETS[target], **q)
     out = ml_collections.ConfigDict({"model": model})
     loss = dict((params.get("lossconfig") or {}).get("params") or {})
     out.loss = {k: loss[k] for k in _LOSS_KEYS if k in loss}
-    if model["quantizer"] == "gumbel" and params.get("temperature_scheduler_config"):
+    if gumbel and params.get("temperature_scheduler_config"):
         out.temperature_schedule = dict(params["temperature_scheduler_config"].get("params", {}))
     if target.endswith("VQSegmentationModel"):
         out.n_labels = int(params.get("n_labels", model.get("in_channels", 0)))
@@ -151,10 +152,9 @@ def from_taming(state_dict: Mapping[str, np.ndarray], config: Any) -> tuple[VQGA
             w = w.T
         flat[path] = jnp.asarray(w)
     variables = {"params": flax.traverse_util.unflatten_dict(flat)}
-    if model.use_ema and model.quantizer == "vq":
-        emb = variables["params"]["quantize"]["embedding"]
-        variables["codebook_ema"] = {"quantize": {"count": jnp.ones((model.n_embed,), jnp.float32),
-                                                  "sum": emb}}
+    q_state = model.quantizer_def().initial_state(variables["params"]["quantize"])
+    if q_state:
+        variables["codebook_ema"] = {"quantize": q_state}
     return model, variables
 
 
