@@ -3,6 +3,11 @@ sliding-window sampling and a training step.
 
     python bench/bench_sampling.py                 # all cases
     python bench/bench_sampling.py --cases a,c --repeats 5 --bf16
+    python bench/bench_sampling.py --cases a --no-reference --plain rowwise --plain threads
+
+``--plain NAMES`` (repeatable; NAMES a comma list of transformer_jax.cpu_backend.STRATEGIES, or ``all``) times
+JAX once more per case with those CPU strategies turned off, alternating with the default: the A/B that keeps
+or removes each CPU-only path (bench/README.md, "CPU strategies, measured again").
 
 If torch and taming-transformers are importable (``pip install -e ".[reference]"``), the reference
 (taming.modules.transformer.mingpt: GPT, sample_with_past, sample; a plain crop loop for the sliding window;
@@ -43,8 +48,11 @@ from flax.linen import meta  # noqa: E402
 from _timing import alternate, machine  # noqa: E402
 from bench_gpt_device import compile_train_step  # noqa: E402
 from transformer_jax.convert import to_mingpt  # noqa: E402
-from transformer_jax.gpt import GPT, prepare_decode_variables  # noqa: E402
-from transformer_jax.sampling import decode_threads, sample  # noqa: E402
+from transformer_jax import cpu_backend  # noqa: E402
+from transformer_jax.decode_kernels import prepare_decode_variables  # noqa: E402
+from transformer_jax.decode_threads import decode_threads  # noqa: E402
+from transformer_jax.gpt import GPT  # noqa: E402
+from transformer_jax.sampling import sample  # noqa: E402
 from transformer_jax.sliding_window import sample_sliding_window, window_offset  # noqa: E402
 
 SMALL = dict(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256)
@@ -65,8 +73,11 @@ def _reference():
 
 
 def _alternate(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Warm every function once, then alternate them ``repeats`` times; medians in seconds."""
-    wall, _ = alternate(fns, 1, repeats)
+    """Warm every function once, then alternate them ``repeats`` times; medians in seconds (every run printed)."""
+    wall, cpu = alternate(fns, 1, repeats)
+    for k, v in wall.items():
+        print(f"  runs of {k}: {' '.join(f'{t * 1e3:.0f}' for t in v)} ms wall, "
+              f"median {statistics.median(cpu[k]) * 1e3:.0f} ms process CPU")
     return {k: statistics.median(v) for k, v in wall.items()}
 
 
@@ -78,6 +89,14 @@ def _report(title: str, med: dict[str, float], extra: dict[str, str] | None = No
         print(f"  {k:>24s}: {t * 1e3:10.2f} ms{ratio}")
     for k, v in (extra or {}).items():
         print(f"  {k:>24s}: {v}")
+
+
+def _plain(fn: Callable[[], Any], names: str) -> Callable[[], Any]:
+    """``fn`` run (and so traced) with the CPU strategies ``names`` turned off."""
+    def run():
+        with cpu_backend.plain(*names.split(",")):
+            return fn()
+    return run
 
 
 def _init(cfg: dict, dtype: Any) -> tuple[GPT, Any]:
@@ -100,7 +119,8 @@ def _weight_bytes(params: Any) -> int:
                for x in jax.tree_util.tree_leaves(sub))
 
 
-def case_sampling(cfg: dict, steps: int, batch: int, repeats: int, ref, bf16: bool, label: str) -> None:
+def case_sampling(cfg: dict, steps: int, batch: int, repeats: int, ref, bf16: bool, label: str,
+                  plain: tuple[str, ...] = ()) -> None:
     dtype = jnp.bfloat16 if bf16 else jnp.float32
     model, v = _init(cfg, dtype)
     if bf16:  # bf16 weights in memory: halves the bytes read per step
@@ -113,6 +133,9 @@ def case_sampling(cfg: dict, steps: int, batch: int, repeats: int, ref, bf16: bo
     prefix = jnp.zeros((batch, 1), jnp.int32)
     keys = iter(jax.random.split(jax.random.key(1), 10 * repeats + 10))
     fns = {"jax": lambda: sample(model, v, prefix, steps, next(keys), top_k=100).block_until_ready()}
+    for names in plain:  # the unprepared variables: sample prepares them as the plain path does
+        fns[f"jax plain({names})"] = _plain(
+            lambda: sample(model, ref_v, prefix, steps, next(keys), top_k=100).block_until_ready(), names)
     if ref is not None:
         torch, mingpt = ref
         tm = _torch_model(ref, cfg, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), ref_v))
@@ -132,6 +155,9 @@ def case_sampling(cfg: dict, steps: int, batch: int, repeats: int, ref, bf16: bo
              "row chunks on threads": f"{chunks} (transformer_jax.sampling.decode_threads)",
              "weights read per step": f"{wb / 1e9:.3f} GB ({'bf16' if bf16 else 'f32'}, all chunks)",
              "achieved weight GB/s": f"{wb * steps / med['jax'] / 1e9:.1f} (copy bandwidth ~{COPY_GBPS} GB/s)"}
+    for names in plain:
+        with cpu_backend.plain(*names.split(",")):
+            extra[f"plain({names}) row chunks"] = str(decode_threads(model, batch))
     _report(f"({label}) {steps}-token sampling, batch {batch}, GPT {cfg['n_layer']}L x {cfg['n_embd']} "
             f"x {cfg['n_head']}h, vocab {cfg['vocab_size']}, top_k 100", med, extra)
 
@@ -155,7 +181,7 @@ def _torch_sliding(ref, tm, shape, window, batch, top_k):
     return idx
 
 
-def case_sliding(repeats: int, ref, bf16: bool) -> None:
+def case_sliding(repeats: int, ref, bf16: bool, plain: tuple[str, ...] = ()) -> None:
     shape, window, batch = (16, 32), 16, 4
     model, v = _init(SMALL, jnp.bfloat16 if bf16 else jnp.float32)
     prefix = jnp.zeros((batch, 1), jnp.int32)
@@ -166,20 +192,24 @@ def case_sliding(repeats: int, ref, bf16: bool) -> None:
     for name, opts in variants:
         fns[name] = (lambda o: lambda: sample_sliding_window(
             model, v, shape, window, next(keys), prefix=prefix, top_k=100, **o).block_until_ready())(opts)
+    for names in plain:
+        fns[f"jax plain({names})"] = _plain(lambda: sample_sliding_window(
+            model, v, shape, window, next(keys), prefix=prefix, top_k=100, method="cached").block_until_ready(), names)
     t0 = time.perf_counter()
     fns["jax"]()
     compile_s = time.perf_counter() - t0
     if ref is not None:
         tm = _torch_model(ref, SMALL, v)
         fns["taming crop loop"] = lambda: _torch_sliding(ref, tm, shape, window, batch, 100)
-    med = _alternate(fns, max(1, min(repeats, 2)))  # each run is hundreds of forwards
+    # Each run is hundreds of forwards: two repeats, unless an A/B asks for the repeats given.
+    med = _alternate(fns, repeats if plain else max(1, min(repeats, 2)))
     n = shape[0] * shape[1]
     _report(f"(c) sliding-window sampling, grid {shape}, window {window}, batch {batch}, small GPT (jax: cached)", med,
             {"first call (compile+run)": f"{compile_s:.2f} s",
              "per position": f"{med['jax'] / n * 1e3:.3f} ms"})
 
 
-def case_train(repeats: int, ref, bf16: bool) -> None:
+def case_train(repeats: int, ref, bf16: bool, plain: tuple[str, ...] = ()) -> None:
     batch, t = 16, 256
     opt = optax.adamw(3e-4, weight_decay=0.01)
     rng = np.random.default_rng(0)
@@ -197,6 +227,9 @@ def case_train(repeats: int, ref, bf16: bool) -> None:
 
     run_jax, flops, v = jax_step(jnp.bfloat16 if bf16 else jnp.float32)
     fns = {"jax": run_jax}
+    for names in plain:  # traced (compiled) with those strategies off
+        with cpu_backend.plain(*names.split(",")):
+            fns[f"jax plain({names})"] = jax_step(jnp.bfloat16 if bf16 else jnp.float32)[0]
     if bf16:  # the float32 step beside it: what bf16 compute gains within JAX
         fns["jax float32"] = jax_step(jnp.float32)[0]
     if ref is not None:
@@ -233,7 +266,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (and bf16 weights for sampling)")
     ap.add_argument("--no-reference", action="store_true", help="skip torch/taming even if importable")
+    ap.add_argument("--plain", action="append", default=[], metavar="NAMES",
+                    help="also time JAX with these CPU strategies off (comma list of "
+                    f"{', '.join(cpu_backend.STRATEGIES)}, or all), alternating with the default; repeatable")
     args = ap.parse_args()
+    plain = tuple(args.plain)
+    for names in plain:
+        cpu_backend._parse(names)  # an unknown name fails before any case runs
     cases = set(args.cases.split(","))
     # The train step runs with the train entry points' malloc setting, which is process-wide and slowed the
     # decode loops (~8%): with other cases it gets a process of its own, started after them.
@@ -241,16 +280,16 @@ def main() -> None:
     ref = None if args.no_reference else _reference()
     print(f"machine: {machine()}")
     if "a" in cases:
-        case_sampling(SMALL, 256, 4, args.repeats, ref, args.bf16, "a")
+        case_sampling(SMALL, 256, 4, args.repeats, ref, args.bf16, "a", plain)
     if "b" in cases:
-        case_sampling(LARGE, 64, 4, args.repeats, ref, args.bf16, "b")
+        case_sampling(LARGE, 64, 4, args.repeats, ref, args.bf16, "b", plain)
     if "c" in cases:
-        case_sliding(args.repeats, ref, args.bf16)
+        case_sliding(args.repeats, ref, args.bf16, plain)
     if "d" in cases and not train_apart:
-        case_train(args.repeats, ref, args.bf16)
+        case_train(args.repeats, ref, args.bf16, plain)
     if train_apart:
         sys.stdout.flush()
-        flags = ["--bf16"] * args.bf16 + ["--no-reference"] * args.no_reference
+        flags = ["--bf16"] * args.bf16 + ["--no-reference"] * args.no_reference + [f"--plain={n}" for n in plain]
         subprocess.run([sys.executable, os.path.abspath(__file__), "--cases", "d", "--repeats", str(args.repeats),
                         *flags], check=True)
 

@@ -13,7 +13,8 @@ def base_config(**gpt) -> ml_collections.ConfigDict:
         resid_pdrop=0.0, attn_pdrop=0.0, n_unmasked=0, dtype="", remat=False,
         # "" = explicit softmax attention on CPU, jax's default elsewhere; "cudnn": fused flash attention on
         # NVIDIA GPUs (with dtype="bfloat16"); "xla" or "explicit" force one path.
-        attention_impl=""))
+        attention_impl="",
+        block="mingpt"))         # transformer_jax/blocks/__init__.py lists the blocks
     c.gpt.update(gpt)
     c.cond = ml_collections.ConfigDict(dict(
         kind="class",            # unconditional | class | spatial

@@ -13,11 +13,14 @@ from scipy.special import erf
 from common_jax.mesh import LOGICAL_AXIS_RULES, logical_to_sharding, make_mesh
 from seeded_weights import golden, suggested_atol
 from transformer_jax.convert import from_mingpt, to_mingpt
-from transformer_jax.gpt import (DECODE_KERNELS, GPT, ROWWISE_MAX_KERNEL_BYTES, ROWWISE_MAX_ROWS, abstract_variables,
-                                 attention_mask, causal_attention, causal_query_blocks, init_cache, init_variables,
-                                 kernels_in_compute_dtype, logical_partition_specs, matmul, matmul_transposed,
-                                 mixed_dense, mixed_einsum, prepare_decode_variables, softmax_attention,
-                                 use_explicit_attention)
+from transformer_jax.attention import (attention_mask, causal_attention, causal_query_blocks, softmax_attention,
+                                       use_explicit_attention)
+from transformer_jax.cpu_products import (DECODE_KERNELS, ROWWISE_MAX_KERNEL_BYTES, ROWWISE_MAX_ROWS, matmul,
+                                          matmul_transposed)
+from transformer_jax.decode_kernels import prepare_decode_variables
+from transformer_jax.gpt import (GPT, abstract_variables, init_cache, init_variables, kernels_in_compute_dtype,
+                                 logical_partition_specs)
+from transformer_jax.mixed_products import mixed_dense, mixed_einsum
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,11 @@ import pytest
 
 from seeded_weights import golden
 from transformer_jax.convert import from_mingpt
-from transformer_jax.gpt import DECODE_KERNELS, GPT, prepare_decode_variables
-from transformer_jax.sampling import (_sampler, choose_tokens, decode_phases, decode_threads, filter_logits, row_chunks,
-                                      sample)
+from transformer_jax.cpu_products import DECODE_KERNELS
+from transformer_jax.decode_kernels import prepare_decode_variables
+from transformer_jax.decode_threads import decode_threads, row_chunks
+from transformer_jax.gpt import GPT
+from transformer_jax.sampling import _sampler, choose_tokens, decode_phases, filter_logits, sample
 
 
 @pytest.fixture(scope="module")

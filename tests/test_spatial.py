@@ -165,8 +165,8 @@ def test_class_conditional_sampler_draws_codebook_ids_only(runs):
     no_dropout = Sampler(gpt, variables, vq, vq_vars, cond, (8, 8))
     with pytest.raises(ValueError, match=r"guidance_scale needs a model trained with condition dropout"):
         no_dropout.sample_codes(jax.random.key(0), 2, labels=np.arange(2), guidance_scale=2.0)
-    # A bf16 GPT samples through kernel copies made once (transformer_jax.gpt.prepare_decode_variables), not per batch.
-    from transformer_jax.gpt import DECODE_KERNELS
+    # A bf16 GPT samples through kernel copies made once (decode_kernels.prepare_decode_variables), not per batch.
+    from transformer_jax.cpu_products import DECODE_KERNELS
     bf16 = Sampler(gpt.clone(dtype=jnp.bfloat16), variables, vq, vq_vars, c.cond, (8, 8))
     assert DECODE_KERNELS in bf16.decode_variables() and bf16.decode_variables() is bf16.decode_variables()
     codes = np.asarray(bf16.sample_codes(jax.random.key(0), 2, labels=np.arange(2)))

@@ -9,7 +9,7 @@ import numpy as np
 
 from common_jax.metrics import Progress, to_uint8
 from transformer_jax import conditioning as cond_lib
-from transformer_jax.gpt import prepare_decode_variables
+from transformer_jax.decode_kernels import prepare_decode_variables
 from transformer_jax.sampling import sample
 from transformer_jax.sliding_window import sample_sliding_window
 
@@ -175,7 +175,7 @@ class Sampler:
 
     # -- codes -----------------------------------------------------------------------------------
     def decode_variables(self) -> Any:
-        """The GPT's variables as the samplers read them (:func:`transformer_jax.gpt.prepare_decode_variables`),
+        """The GPT's variables as the samplers read them (``decode_kernels.prepare_decode_variables``),
         prepared on first use and kept, so each batch does not copy the kernels again."""
         if self._decode_vars is None:
             self._decode_vars = prepare_decode_variables(self.gpt, self.gpt_vars)

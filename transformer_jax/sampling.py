@@ -4,7 +4,8 @@
 conditioning prefix, then one ``lax.fori_loop`` per cache phase (:func:`decode_phases`) over the remaining
 steps, one token per step through the KV cache. Step ``t`` draws with ``jax.random.fold_in(rng, t)`` (all
 steps' uniforms are drawn up front, :func:`step_uniforms`), so results depend only on the key, not on how
-the batch is split into concurrently decoded row chunks on CPU (:func:`decode_threads`).
+the batch is split into concurrently decoded row chunks on CPU
+(:func:`transformer_jax.decode_threads.decode_threads`).
 
 Filtering semantics (shared by :func:`filter_logits` and the samplers): logits are divided by the
 temperature, then top-k keeps exactly ``k`` tokens, then top-p keeps the smallest set of the remaining
@@ -14,17 +15,19 @@ so the kept set is always well defined.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
-import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from common_jax.quick_compile import quick_jit
-from transformer_jax.gpt import GPT, even_bounds, init_cache, prepare_decode_variables, uses_decode_kernels
+from transformer_jax import cpu_backend
+from transformer_jax.attention import even_bounds
+from transformer_jax.decode_kernels import prepare_decode_variables, uses_decode_kernels
+from transformer_jax.decode_threads import row_chunks, run_row_chunks
+from transformer_jax.gpt import GPT, cache_bytes, decode_weight_bytes, init_cache
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -103,7 +106,7 @@ def _step_uniforms(rng: jax.Array, steps: int, batch: int) -> jax.Array:
     """(steps, batch, 1): row ``t`` holds the uniforms ``choose_tokens`` draws with ``fold_in(rng, t)``.
 
     Drawn for the whole batch before decoding, so a row's tokens do not depend on how the batch is split
-    into chunks (:func:`decode_threads`). Compiled quickly (it runs once per call of a sampler, in under a ms).
+    into chunks (:mod:`transformer_jax.decode_threads`). Compiled quickly (it runs once per call of a sampler).
     """
     return jax.vmap(lambda t: _uniform(jax.random.fold_in(rng, t), batch))(jnp.arange(steps))
 
@@ -158,84 +161,7 @@ def decode_phases(model: GPT, batch: int, length: int, steps: int) -> int:
     """
     if steps < 32:
         return 1
-    cache_bytes = 2 * model.n_layer * batch * length * model.n_embd * jnp.dtype(model.dtype).itemsize
-    return 4 if cache_bytes >= _weight_bytes(model) / 4 else 1
-
-
-def _weight_bytes(model: GPT) -> int:
-    """Bytes of the matmul weights one decode step reads (blocks and head), in the compute dtype."""
-    return (12 * model.n_layer * model.n_embd + model.vocab_size) * model.n_embd * jnp.dtype(model.dtype).itemsize
-
-
-# Weights up to this size (in the compute dtype) fit the last-level cache of the CPU this was measured on (32 MB
-# L3), so concurrent chunks reading them all share it instead of contending for DRAM (the 4-layer GPT: 13.6 MB).
-THREADS_MAX_WEIGHT_BYTES = 32 << 20
-
-
-def decode_threads(model: GPT, batch: int) -> int:
-    """How many row chunks of the batch :func:`sample` decodes concurrently on host threads (1 = one program).
-
-    XLA:CPU runs a decode step's small ops (matmuls with a few rows, per-head attention over the cache) one
-    after another, mostly on one core; programs started from separate threads run on separate cores. Each
-    chunk reads all the weights, so this pays while they stay cached: the 4-layer GPT (13.6 MB) at batch 4 on
-    2 cores ran 1.6-2x faster as 2 chunks, while the 24-layer GPT (2.7 GB) ran 2x slower, and 4 chunks on 2
-    cores ran slower than one program. So: on CPU, when the weights are at most
-    :data:`THREADS_MAX_WEIGHT_BYTES`, one chunk per available core (no more chunks than rows), else 1. Measured
-    on 2 cores only: pass ``threads=`` to :func:`sample`, or set ``TAMING_JAX_DECODE_THREADS`` (e.g. for the
-    launch scripts), to choose otherwise.
-    """
-    env = os.environ.get("TAMING_JAX_DECODE_THREADS", "")
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"TAMING_JAX_DECODE_THREADS must be a positive int, got {env!r}")
-        return min(batch, int(env))
-    if jax.default_backend() != "cpu" or batch < 2 or _weight_bytes(model) > THREADS_MAX_WEIGHT_BYTES:
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(batch, cores))
-
-
-def _placed_or_traced(*trees: Any) -> bool:
-    """Whether any leaf is a tracer or an array spread over several devices (then the batch is not split)."""
-    for leaf in jax.tree_util.tree_leaves(trees):
-        if isinstance(leaf, jax.core.Tracer):
-            return True
-        if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1:
-            return True
-    return False
-
-
-def row_chunks(model: GPT, batch: int, threads: int | None, *inputs: Any) -> list[tuple[int, int]]:
-    """The (start, end) row chunks a sampler decodes concurrently: at most ``threads`` of them (default
-    :func:`decode_threads`), one chunk when any input is traced or spread over several devices.
-
-    All chunks have one size, so they run one compiled program: where that size does not divide the batch, the
-    last chunk overlaps the one before (3 rows on 2 threads: rows 0-1 and 1-2) and :func:`run_row_chunks` drops
-    the repeated rows. The repeats run on otherwise idle cores, while the largest chunk sets the time anyway;
-    two sizes compiled two programs (3 rows of the tests' 2-layer GPT on 2 cores: first call 5.1 s against 3.5 s;
-    256 tokens of the 4-layer GPT then ran at the same speed within noise, 387-424 against 354-468 ms).
-    """
-    _check_optional_positive_int("threads", threads)
-    if _placed_or_traced(*inputs):
-        threads = 1  # under a transformation, or placed on a mesh: one program
-    elif threads is None:
-        threads = decode_threads(model, batch)
-    size = -(-batch // max(1, min(threads, batch)))  # ceil
-    starts = [min(start, batch - size) for start in range(0, batch, size)]  # the last one may step back
-    return [(start, start + size) for start in starts]
-
-
-def run_row_chunks(run: Callable[[int, int], Any], rows: list[tuple[int, int]]) -> Any:
-    """``run(start, end)`` for each row chunk (in increasing order, possibly overlapping), concurrently on host
-    threads when there are several (XLA:CPU runs a program started from one thread inline on it); outputs
-    concatenated along axis 0, each row once."""
-    if len(rows) == 1:
-        return run(*rows[0])
-    with concurrent.futures.ThreadPoolExecutor(len(rows)) as pool:
-        outs = list(pool.map(lambda r: jax.block_until_ready(run(*r)), rows))
-    # Chunk k's first (end of chunk k-1) - (start of chunk k) rows were already given by chunk k-1.
-    skips = [0] + [prev[1] - cur[0] for prev, cur in zip(rows[:-1], rows[1:])]
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate([x[k:] for x, k in zip(xs, skips)], axis=0), *outs)
+    return 4 if cache_bytes(model, batch, length) >= decode_weight_bytes(model) / 4 else 1
 
 
 def _grow_cache(cache: Any, length: int) -> Any:
@@ -244,14 +170,20 @@ def _grow_cache(cache: Any, length: int) -> Any:
                  for kv in cache)
 
 
-@functools.lru_cache(maxsize=64)
 def _sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided: bool, phases: int = 1,
              vocab_limit: int | None = None):
+    """The jitted sampling program for one (model, static options) under the CPU strategies in force now."""
+    return _compiled_sampler(model, steps, top_k, use_top_p, guided, phases, vocab_limit, cpu_backend.turned_off())
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool, guided: bool, phases: int,
+                      vocab_limit: int | None, cpu_plain: frozenset):
     """The jitted sampling program for one (model, static options); jit caches per input shape.
 
     The steps after the prefill run as ``phases`` loops (1 to max(1, steps - 1)); phase k's cache holds only
     the positions written up to its last step, grown (zero-padded) between phases. Masking makes the result
-    independent of it.
+    independent of it. ``cpu_plain`` (:func:`transformer_jax.cpu_backend.turned_off`) keys the cache only.
     """
     bounds = [1 + k for k in even_bounds(steps - 1, phases)]  # step ranges, from step 1
 
@@ -319,12 +251,12 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     ``top_k=1`` decodes greedily. Classifier-free guidance: give ``guidance_scale`` and an
     ``uncond_prefix`` of the same shape; both run as one doubled batch and the logits are mixed as
     ``uncond + s (cond - uncond)`` before filtering. ``cache_phases`` (default :func:`decode_phases`)
-    and ``threads`` (default :func:`decode_threads`: on CPU, row chunks of the batch run as concurrent
-    programs, and the call then returns once they are done; one program under jit or for inputs spread
-    over several devices) trade compile time or host threads for speed only: every value draws the same
-    numbers for each row, so tokens are equal up to float rounding (on CPU products of up to 4 rows run a
-    row at a time, :func:`transformer_jax.gpt.matmul`; a matmul over more rows may round a logit
-    differently from one over fewer, which can flip a near-tie).
+    and ``threads`` (default :func:`transformer_jax.decode_threads.decode_threads`: on CPU, row chunks of
+    the batch run as concurrent programs, and the call then returns once they are done; one program under
+    jit or for inputs spread over several devices) trade compile time or host threads for speed only: every
+    value draws the same numbers for each row, so tokens are equal up to float rounding (on CPU products of
+    up to 4 rows run a row at a time, :func:`transformer_jax.cpu_products.matmul`; a matmul over more rows
+    may round a logit differently from one over fewer, which can flip a near-tie).
 
     ``vocab_limit``: draw only ids below it, e.g. the first-stage codebook size when the vocabulary also
     holds condition tokens (class or null tokens after the codes), which are no image codes.

@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.gpt import GPT, init_cache, prepare_decode_variables, uses_decode_kernels
+from transformer_jax import cpu_backend
+from transformer_jax.decode_kernels import prepare_decode_variables, uses_decode_kernels
+from transformer_jax.decode_threads import row_chunks, run_row_chunks
+from transformer_jax.gpt import GPT, cache_bytes, init_cache
 from transformer_jax.sampling import (_check_optional_positive_int, _check_options, _check_positive_int, _check_tokens,
-                                      checked_vocab_limit, choose_with_uniform, row_chunks, run_row_chunks,
-                                      step_uniforms)
+                                      checked_vocab_limit, choose_with_uniform, step_uniforms)
 
 # Default memory for the cached method's window caches; fewer slots than window columns are shared
 # round-robin (still exact, more recomputation).
@@ -66,7 +68,8 @@ def _crop(g: jax.Array, i0: Any, j0: Any, w: int) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: int | None,
-                     use_top_p: bool, buckets: int | None, return_logits: bool, vocab_limit: int | None):
+                     use_top_p: bool, buckets: int | None, return_logits: bool, vocab_limit: int | None,
+                     cpu_plain: frozenset = frozenset()):  # cpu_plain (cpu_backend.turned_off) keys the cache only
     w = window
 
     def run(variables, prefix, cond_grid, u, temperature, top_p):
@@ -109,7 +112,8 @@ def _sliding_sampler(model: GPT, height: int, width: int, window: int, top_k: in
 
 @functools.lru_cache(maxsize=32)
 def _cached_sampler(model: GPT, height: int, width: int, window: int, top_k: int | None,
-                    use_top_p: bool, slots: int, chunk: int, return_logits: bool, vocab_limit: int | None):
+                    use_top_p: bool, slots: int, chunk: int, return_logits: bool, vocab_limit: int | None,
+                    cpu_plain: frozenset = frozenset()):  # cpu_plain (cpu_backend.turned_off) keys the cache only
     w = window
 
     def run(variables, prefix, cond_grid, u, temperature, top_p):
@@ -240,13 +244,13 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     if n_ctx < model.n_unmasked:
         raise ValueError(f"conditioning length {n_ctx} is shorter than n_unmasked {model.n_unmasked}")
     if method == "cached":
-        slot_bytes = (model.n_layer * 2 * batch * model.n_embd * (n_ctx + window * window - 1)
-                      * jnp.dtype(model.dtype).itemsize)
+        slot_bytes = cache_bytes(model, batch, n_ctx + window * window - 1)
         slots = min(cache_slots or max(1, CACHE_BYTES_BUDGET // slot_bytes), wd - window + 1)
         fn = _cached_sampler(model, h, wd, window, top_k, top_p is not None, slots, chunk or window,
-                             return_logits, vocab_limit)
+                             return_logits, vocab_limit, cpu_backend.turned_off())
     else:
-        fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits, vocab_limit)
+        fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits, vocab_limit,
+                              cpu_backend.turned_off())
     if uses_decode_kernels(model):  # once for all row chunks, outside their programs (variables may be prepared)
         variables = prepare_decode_variables(model, variables)
     rows = row_chunks(model, batch, threads, variables, prefix, cond_grid, rng, temperature, top_p)

@@ -24,7 +24,7 @@ from common_jax import run_setup, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from transformer_jax import codes as codes_lib
 from transformer_jax import conditioning as cond_lib
-from transformer_jax.gpt import GPT, is_kernel_path
+from transformer_jax.gpt import GPT, gpt_from_config, is_kernel_path  # noqa: F401 (gpt_from_config: callers)
 from vqgan_jax.segmentation import one_hot_segmentation
 
 LN2 = math.log(2.0)
@@ -35,18 +35,6 @@ class GPTState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-def gpt_from_config(cfg: Any) -> GPT:
-    """GPT from ``config.gpt`` (fields of :class:`GPT`; ``dtype`` as a string, '' = float32)."""
-    d = dict(cfg)
-    fields = set(GPT.__dataclass_fields__) - {"parent", "name"}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ValueError(f"gpt config: unknown keys {unknown}; known: {sorted(fields)}")
-    dt = d.get("dtype", "")
-    d["dtype"] = jnp.dtype(dt) if isinstance(dt, str) and dt else (dt or jnp.float32)
-    return GPT(**d)
 
 
 def learning_rate(config: Any) -> optax.Schedule:
