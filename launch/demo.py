@@ -32,20 +32,22 @@ _WORKDIR = flags.DEFINE_string("workdir", "demo_run", "output folder (rerun to r
 _VQ_STEPS = flags.DEFINE_integer("vqgan_steps", 1200, "stage-one steps")
 _GPT_STEPS = flags.DEFINE_integer("gpt_steps", 600, "stage-two steps")
 _PANORAMA = flags.DEFINE_integer("panorama_width", 6, "panorama width in training-crop widths")
+_CROPS = flags.DEFINE_integer("crops_per_photo", 256, "training crops cut from each of the 10 photos")
+_PER_CLASS = flags.DEFINE_integer("samples_per_class", 8, "images sampled per class for the grid")
 
 
-def demo_configs(workdir: str, vq_steps: int, gpt_steps: int):
+def demo_configs(workdir: str, vq_steps: int, gpt_steps: int, crops_per_photo: int = 256):
     data_dir = os.path.join(workdir, "data")
     vq = vqgan_tiny.get_config()
     vq.data.data_dir = data_dir
-    vq.data.builtin_crops_per_photo = 256
+    vq.data.builtin_crops_per_photo = crops_per_photo
     vq.total_steps = vq_steps
     vq.loss.disc_start = vq_steps * 2 // 3          # GAN on for the last third, as taming starts it late
     vq.eval_every = vq.image_every = vq.checkpoint.every = max(vq_steps // 4, 1)
     vq.log_every = 50
     gpt = transformer_tiny.get_config()
     gpt.data.data_dir = data_dir
-    gpt.data.builtin_crops_per_photo = 256
+    gpt.data.builtin_crops_per_photo = crops_per_photo
     gpt.first_stage.workdir = os.path.join(workdir, "vqgan")
     gpt.total_steps = gpt_steps
     gpt.eval_every = gpt.checkpoint.every = max(gpt_steps // 3, 1)
@@ -62,7 +64,7 @@ def vqgan_metrics(vq_workdir: str, vq_config) -> dict:
     loader = data_lib.make_loader(data_dir, name, "validation", 32, train=False,
                                   image_size=int(vq_config.data.image_size), seed=0, num_epochs=1)
     fn = jax.jit(lambda v, x: model.apply(v, x))
-    p, l1, used, n = 0.0, 0.0, np.zeros(model.n_embed, bool), 0
+    p, l1, used, n = 0.0, 0.0, np.zeros(model.codebook_size, bool), 0
     for batch in loader:
         m = batch["mask"]
         xrec, enc = fn(variables, jnp.asarray(batch["image"]))
@@ -99,13 +101,13 @@ def gpt_metrics(gpt_workdir: str) -> dict:
     return {"heldout_nll_bits_per_token": bits / count, "heldout_unigram_entropy_bits": entropy}
 
 
-def write_samples(workdir: str, gpt_workdir: str, panorama_width: int) -> dict:
+def write_samples(workdir: str, gpt_workdir: str, panorama_width: int, per_class: int = 8) -> dict:
     from transformer_jax.sampler import Sampler
     sampler = Sampler.from_workdirs(gpt_workdir)
-    per_class, n_classes = 8, sampler.cond.n_classes
+    n_classes = sampler.cond.n_classes
     labels = np.repeat(np.arange(n_classes, dtype=np.int32), per_class)
     t0 = time.time()
-    images = sampler.sample(jax.random.key(0), len(labels), labels, batch_size=40, top_k=64)
+    images = sampler.sample(jax.random.key(0), len(labels), labels, batch_size=min(40, len(labels)), top_k=64)
     t_grid = time.time() - t0
     save_png(os.path.join(workdir, "samples_per_class.png"), image_grid(images, per_class))
     h, w = sampler.grid
@@ -114,15 +116,16 @@ def write_samples(workdir: str, gpt_workdir: str, panorama_width: int) -> dict:
     t_pano = time.time() - t0
     save_png(os.path.join(workdir, "panorama.png"), pano[0])
     return {"samples_per_class_png": "samples_per_class.png", "panorama_png": "panorama.png",
-            "panorama_shape": list(pano.shape[1:3]), "sample_seconds_80_images": round(t_grid, 2),
+            "panorama_shape": list(pano.shape[1:3]), f"sample_seconds_{len(labels)}_images": round(t_grid, 2),
             "panorama_seconds": round(t_pano, 2)}
 
 
-def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int) -> dict:
+def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int, crops_per_photo: int = 256,
+             samples_per_class: int = 8) -> dict:
     from transformer_jax.train import train as train_gpt
     from vqgan_jax.train import train as train_vq
     workdir = setup_run.check_workdir(workdir)
-    vq_cfg, gpt_cfg = demo_configs(workdir, vq_steps, gpt_steps)
+    vq_cfg, gpt_cfg = demo_configs(workdir, vq_steps, gpt_steps, crops_per_photo)
     t0 = time.time()
     logging.info("[1/3] stage one: tiny VQGAN for %d steps", vq_steps)
     train_vq(vq_cfg, os.path.join(workdir, "vqgan"))
@@ -133,7 +136,7 @@ def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int) -
     summary["gpt"] = gpt_metrics(os.path.join(workdir, "gpt"))
     logging.info("stage two: %s", summary["gpt"])
     logging.info("[3/3] sampling a grid per class and a panorama")
-    summary["samples"] = write_samples(workdir, os.path.join(workdir, "gpt"), panorama_width)
+    summary["samples"] = write_samples(workdir, os.path.join(workdir, "gpt"), panorama_width, samples_per_class)
     summary["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -142,7 +145,8 @@ def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int) -
 
 def main(argv):
     del argv
-    summary = run_demo(_WORKDIR.value, _VQ_STEPS.value, _GPT_STEPS.value, _PANORAMA.value)
+    summary = run_demo(_WORKDIR.value, _VQ_STEPS.value, _GPT_STEPS.value, _PANORAMA.value, _CROPS.value,
+                       _PER_CLASS.value)
     print(json.dumps(summary, indent=2))
 
 

@@ -62,9 +62,10 @@ def outputs(tmp_path_factory):
     # the resumed run reaches the config check at once.
     photos, vq = os.path.join(tmp, "photos"), os.path.join(tmp, "vq")
     stage.write_stage_one_workdir(photos, vq, step=2)
+    before = _files(vq)
     cases["n_embed_disagrees_with_checkpoint"] = (
-        ["launch.train_vqgan", f"--workdir={vq}", f"--config.data.data_dir={photos}", "--config.model.n_embed=64"],
-        ["--config.model.n_embed=64 disagrees with checkpoint in", vq, "128"])
+        ["launch.train_vqgan", f"--workdir={vq}", f"--config.data.data_dir={photos}", "--config.model.quantizer.n_embed=64"],
+        ["--config.model.quantizer.n_embed=64 disagrees with checkpoint in", vq, "128"])
     start("n_embed_disagrees_with_checkpoint")
     cases["sample_on_a_stage_one_workdir"] = (
         ["launch.sample", f"--workdir={vq}", f"--out={tmp}/out"],
@@ -78,7 +79,7 @@ def outputs(tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
         results[name] = (proc.returncode, out, cases[name][1])
-    return results
+    return {"results": results, "tmp": tmp, "vq": vq, "vq_before": before}
 
 
 NAMES = ["workdir_under_file", "unknown_config_key", "missing_config_file", "missing_workdir_flag",
@@ -86,13 +87,34 @@ NAMES = ["workdir_under_file", "unknown_config_key", "missing_config_file", "mis
          "sample_workdir_without_checkpoints", "gpt_without_first_stage", "sample_on_a_stage_one_workdir"]
 
 
-def test_every_case_ran(outputs):
-    assert sorted(outputs) == sorted(NAMES)
+def _files(root):
+    """{path: (size, mtime)} of every file below ``root``."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            st = os.stat(os.path.join(d, n))
+            out[os.path.relpath(os.path.join(d, n), root)] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
+@pytest.mark.slow
+def test_refused_runs_write_nothing(outputs):
+    # Nothing already written is lost: every file of the stage-one workdir that two refused runs resumed or
+    # sampled from is still there, unchanged (no checkpoint written, rotated or touched), and no refused run
+    # left checkpoints or samples behind.
+    tmp = outputs["tmp"]
+    after = _files(outputs["vq"])
+    assert {k: after.get(k) for k in outputs["vq_before"]} == outputs["vq_before"]
+    assert sorted(os.listdir(os.path.join(outputs["vq"], "checkpoints"))) == ["2"]
+    assert not os.path.exists(os.path.join(tmp, "out"))
+    for d in ("w", "gpt", "nothing_here"):
+        assert not os.path.exists(os.path.join(tmp, d, "checkpoints")), d
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_invocation_prints_one_clear_line(outputs, name):
-    rc, out, must_contain = outputs[name]
+    rc, out, must_contain = outputs["results"][name]
     assert rc not in (0, None), out
     assert "Traceback" not in out, out
     # Progress logging before the failure (absl's "I1126 13:27:08.26 ..." lines, TensorFlow's start-up
