@@ -8,7 +8,7 @@ from configs import vqgan_gumbel_f8_8192, vqgan_tiny
 from vqgan_jax.train import VQGANTask
 
 MICRO = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32, resolution=16,
-             embed_dim=32, n_embed=64)
+             embed_dim=32, quantizer=dict(n_embed=64))
 
 
 def micro(base, **loss):
@@ -24,17 +24,16 @@ def images(seed):
     return {"image": np.random.default_rng(seed).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)}
 
 
-def _expected_codebook_step(task, prev, batch, thr):
+def _expected_codebook_step(task, encode, prev, batch, thr):
     """numpy, from the step's inputs: the EMA statistics, code usage and codebook after one train step, and which
     codes were dead (re-seeded from encoder outputs) on the way."""
-    variables = {"params": prev.params, "codebook_ema": prev.codebook_ema}
-    z = np.asarray(task.model.apply(variables, batch["image"], method="encode").z, np.float64)
+    z = np.asarray(encode({"params": prev.params, "codebook_ema": prev.codebook_ema}, batch["image"]), np.float64)
     z = z.reshape(-1, z.shape[-1])
     cb = np.asarray(prev.params["quantize"]["embedding"], np.float64)
     n = cb.shape[0]
     idx = np.argmin((z ** 2).sum(1, keepdims=True) + (cb ** 2).sum(1) - 2 * z @ cb.T, axis=1)
     onehot = np.eye(n)[idx]
-    decay = float(task.model.ema_decay)
+    decay = float(task.quantizer.ema_decay)
     ema = prev.codebook_ema["quantize"]
     count = decay * np.asarray(ema["count"], np.float64) + (1 - decay) * onehot.sum(0)
     total = decay * np.asarray(ema["sum"], np.float64) + (1 - decay) * onehot.T @ z
@@ -49,14 +48,15 @@ def _expected_codebook_step(task, prev, batch, thr):
 def test_ema_codebook_restart_and_generator_ema():
     thr, gen_decay = 0.995, 0.9
     c = micro(vqgan_tiny, dead_code_threshold=thr, generator_ema=gen_decay)
-    c.model.use_ema = True
+    c.model.quantizer.use_ema = True
     task = VQGANTask(c)
     state = jit_init(task.init_state)(jax.random.key(0))
     step = jax.jit(task.train_step)
+    encode = jax.jit(lambda v, x: task.model.apply(v, x, method="encode").z)
     restarted_total = 0
     for i in range(2):
         batch = images(i)
-        want = _expected_codebook_step(task, state, batch, thr)
+        want = _expected_codebook_step(task, encode, state, batch, thr)
         new, m = step(state, batch, jax.random.key(i + 1))
         ema = new.codebook_ema["quantize"]
         # EMA statistics: decay * previous + (1 - decay) * this batch's counts and sums of assigned encoder outputs
