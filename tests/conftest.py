@@ -19,7 +19,8 @@ LONGEST_FIRST = ("test_multihost.py", "test_sampling.py", "test_vqgan_train.py",
 # Long tests in files whose marks live with their owners' changes; marked `slow` here so that the quick subset
 # (`-m "not slow"`, tests/README.md) leaves them out. Everything else marks itself in its own file.
 SLOW_ELSEWHERE = ("test_inception.py::test_sharded_batch_equals_one_device",
-                  "test_data.py::test_worker_processes_give_same_batches")
+                  "test_data.py::test_worker_processes_give_same_batches",
+                  "test_sampling.py::test_cache_phases_give_the_same_tokens")
 
 
 def pytest_collection_modifyitems(config, items):
