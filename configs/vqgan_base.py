@@ -4,18 +4,24 @@ from __future__ import annotations
 import ml_collections
 
 from configs.loop import loop_config
+from vqgan_jax import quantizers
 
 
-def vqgan_model(**overrides) -> ml_collections.ConfigDict:
-    """taming's ddconfig fields + embed_dim/n_embed + quantizer options (defaults: ImageNet f16-1024)."""
+def vqgan_model(quantizer: str | dict = "vq", **overrides) -> ml_collections.ConfigDict:
+    """taming's ddconfig fields + embed_dim + ``quantizer`` (defaults: ImageNet f16-1024, VQ with 1024 codes).
+
+    ``quantizer``: a kind (``vq``, ``gumbel``, ``fsq``, ``lfq``) or a dict with ``kind`` and options; the
+    result holds every option of that kind (``vqgan_jax.quantizers``). Options may also be given flat here
+    (``n_embed=16384``, ``kl_weight=1e-8``): they go under ``model.quantizer``.
+    """
+    q = {"kind": quantizer} if isinstance(quantizer, str) else dict(quantizer)
+    q.update({k: overrides.pop(k) for k in list(overrides) if k in quantizers.options_of(q.get("kind", "vq"))})
+    if "n_embed" in quantizers.options_of(q.get("kind", "vq")):
+        q.setdefault("n_embed", 1024)
     m = ml_collections.ConfigDict(dict(
         ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=256,
         resolution=256, in_channels=3, out_ch=3, dropout=0.0, double_z=False,
-        embed_dim=256, n_embed=1024, quantizer="vq", beta=0.25, legacy=True,
-        kl_weight=5e-4, temperature=1.0,
-        # beyond taming (off by default)
-        l2_normalize=False, codebook_dim=0, use_ema=False, ema_decay=0.99, entropy_weight=0.0,
-        dtype="", remat=False))
+        embed_dim=256, quantizer=quantizers.default_options(**q), dtype="", remat=False))
     m.update(overrides)
     return m
 

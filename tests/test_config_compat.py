@@ -66,8 +66,8 @@ def test_a_shape_key_change_is_refused_in_one_line():
 # ------------------------------------------------------------------------ every task's declared keys
 def _perturbed(value, key):
     """Another valid value of a config field, to see whether it changes the state's shapes."""
-    special = {"ch_mult": (1, 2, 2, 4), "attn_resolutions": (16, 8), "quantizer": "gumbel",
-               "dtype": "bfloat16", "attention_impl": "explicit"}
+    special = {"ch_mult": (1, 2, 2, 4), "attn_resolutions": (16, 8), "dtype": "bfloat16",
+               "attention_impl": "explicit"}
     if key in special:
         return special[key]
     if isinstance(value, bool):
@@ -94,20 +94,26 @@ def _shapes(tree):
 def test_shape_keys_cover_every_model_key_that_changes_the_weights(task_cls, get_config, section, init):
     """Every model key the task does not declare is perturbed: none may change the weights' shapes (a key
     missing from the list would let a resume reach the restore with the wrong shapes)."""
-    small = {"model": dict(ch=32, ch_mult=(1, 2), attn_resolutions=(16,), z_channels=32, embed_dim=8, n_embed=16),
+    small = {"model": dict(ch=32, ch_mult=(1, 2), attn_resolutions=(16,), z_channels=32, embed_dim=8,
+                           quantizer=dict(n_embed=16)),
              "gpt": dict(n_layer=1, n_embd=32)}[section]  # fewer layers to trace, the same kinds of fields
-    declared = {"model": "model.n_embed", "gpt": "gpt.n_layer"}[section]
+    declared = {"model": "model.quantizer.n_embed", "gpt": "gpt.n_layer"}[section]
 
     def shapes_with(key=None):
         cfg = get_config()
         cfg[section].update(small)
-        if key is not None:
-            cfg[section][key] = _perturbed(cfg[section][key], key)
+        if key is not None:  # a dotted key below the section (model.quantizer.beta)
+            *parents, leaf = key.split(".")
+            node = cfg[section]
+            for p in parents:
+                node = node[p]
+            node[leaf] = _perturbed(node[leaf], leaf)
         return _shapes(jax.eval_shape(lambda: init(cfg)))
 
     want = shapes_with()
-    undeclared = [k for k in sorted(get_config()[section]) if f"{section}.{k}" not in task_cls.shape_keys]
-    assert shapes_with(declared.split(".")[1]) != want  # the check sees a shape change at all
+    undeclared = [k for k in sorted(flatten(config_to_dict(get_config()[section])))
+                  if f"{section}.{k}" not in task_cls.shape_keys]
+    assert shapes_with(declared.split(".", 1)[1]) != want  # the check sees a shape change at all
     assert [k for k in undeclared if shapes_with(k) != want] == []
     # what the issue names as changeable on resume stays changeable
     assert {"remat", "dtype"} <= set(undeclared) and any(k.endswith("dropout") or k.endswith("pdrop")

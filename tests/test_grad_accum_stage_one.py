@@ -15,7 +15,7 @@ from vqgan_jax.segmentation import SegmentationVQTask
 from vqgan_jax.train import VQGANTask
 
 MICRO = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), z_channels=16, resolution=8,
-             embed_dim=16, n_embed=64)
+             embed_dim=16, quantizer=dict(n_embed=64))
 BATCH = 4
 
 
@@ -27,7 +27,8 @@ def _sgd_task(task):
 
 def _vqgan(accum):
     c = vqgan_tiny.get_config()
-    c.model.update(MICRO, use_ema=True)
+    c.model.update(MICRO)
+    c.model.quantizer.use_ema = True
     # disc_start far away: the generator loss is a per-example mean (no batch-dependent adaptive weight).
     c.loss.update(dict(disc_ndf=8, disc_num_layers=1, perceptual_weight=0.0, disc_start=10**6,
                        dead_code_threshold=0.995))
@@ -136,9 +137,9 @@ def test_segmentation_eval_counts_only_real_examples():
 
 
 def test_segmentation_refuses_the_ema_codebook_and_restart():
-    for model, loss in (({"use_ema": True}, {}), ({}, {"dead_code_threshold": 1.0})):
+    for model, loss in (({"quantizer": {"use_ema": True}}, {}), ({}, {"dead_code_threshold": 1.0})):
         c = vqgan_segmentation_tiny.get_config()
         c.model.update(model)
         c.loss.update(loss)
-        with pytest.raises(ValueError, match="segmentation task: model.use_ema"):
+        with pytest.raises(ValueError, match="segmentation task: model.quantizer.use_ema"):
             SegmentationVQTask(c)

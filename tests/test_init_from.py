@@ -50,7 +50,7 @@ def flat(tree):
 
 def test_params_and_ema_codebook_come_from_the_source(sources):
     from vqgan_jax.train import VQGANTask
-    c = vq_config(sources["vqgan"], use_ema=True)
+    c = vq_config(sources["vqgan"], quantizer={"use_ema": True})
     c.loss.generator_ema = 0.999
     task = VQGANTask(c)
     fresh = jit_init(task.init_state)(jax.random.key(0))
@@ -76,7 +76,7 @@ def test_params_and_ema_codebook_come_from_the_source(sources):
 def test_shape_and_stage_mismatches_are_refused(sources):
     from configs import transformer_uncond
     from vqgan_jax.train import VQGANTask
-    c = vq_config(sources["vqgan"], n_embed=64)
+    c = vq_config(sources["vqgan"], quantizer={"n_embed": 64})
     state = jit_init(VQGANTask(c).init_state)(jax.random.key(0))
     with pytest.raises(ValueError) as e:
         init_from_workdir(state, sources["vqgan"], c)

@@ -32,7 +32,7 @@ def lpips_pair():
 def _task(pw, lpips):
     c = vqgan_tiny.get_config()
     c.model.update(dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), z_channels=16,
-                        resolution=RES, embed_dim=16, n_embed=32))
+                        resolution=RES, embed_dim=16, quantizer=dict(n_embed=32)))
     c.loss.update(dict(disc_ndf=8, disc_num_layers=1, perceptual_weight=pw, disc_start=10**6))
     c.data.global_batch_size = 2
     task = VQGANTask(c, lpips if pw > 0 else None)

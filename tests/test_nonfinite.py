@@ -108,7 +108,7 @@ def test_sampler_refuses_a_nan_gpt_and_a_nan_vqgan(runs):
     with pytest.raises(NonFiniteWeightsError) as e:     # or one given instead
         Sampler.from_workdirs(str(root / "gpt"), first_stage_workdir=str(root / "vq_nan"))
     assert str(e.value).startswith(refusal(runs, "vq_nan")), e.value
-    assert Sampler.from_workdirs(str(root / "gpt")).n_codes == runs["vq_cfg"].model.n_embed
+    assert Sampler.from_workdirs(str(root / "gpt")).n_codes == runs["vq_cfg"].model.quantizer.n_embed
 
 
 def test_stage_two_refuses_a_nan_stage_one_before_any_work(runs, tmp_path):

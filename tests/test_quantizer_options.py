@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import vqgan_gumbel_f8_8192, vqgan_tiny
-from vqgan_jax.quantize import VectorQuantizer
+from vqgan_jax.quantizers.vq import VectorQuantizer
 from vqgan_jax.train import VQGANTask
 
 N_EMBED, DIM, BETA = 16, 8, 0.25
@@ -99,15 +99,16 @@ def test_entropy_weight_adds_sample_entropy_minus_batch_entropy():
 
 
 def test_gumbel_refuses_vq_only_options_and_restart_refuses_codebook_dim():
-    for key, value in (("model.use_ema", True), ("model.l2_normalize", True), ("model.codebook_dim", 4),
-                       ("model.entropy_weight", 0.1), ("loss.dead_code_threshold", 1.0)):
+    for key, value in (("model.quantizer.use_ema", True), ("model.quantizer.l2_normalize", True),
+                       ("model.quantizer.codebook_dim", 4), ("model.quantizer.entropy_weight", 0.1),
+                       ("loss.dead_code_threshold", 1.0)):
         c = vqgan_gumbel_f8_8192.get_config()
-        section, leaf = key.split(".")
-        c[section][leaf] = value
-        with pytest.raises(ValueError, match=rf"^model.quantizer='gumbel' does not use {key} "):
+        *section, leaf = key.split(".")
+        (c.model.quantizer if section[1:] else c[section[0]])[leaf] = value
+        with pytest.raises(ValueError, match=rf"^model.quantizer.kind='gumbel' does not use {key} "):
             VQGANTask(c)
     c = vqgan_tiny.get_config()
-    c.model.codebook_dim = 4
+    c.model.quantizer.codebook_dim = 4
     c.loss.dead_code_threshold = 1.0
-    with pytest.raises(ValueError, match=r"^loss.dead_code_threshold > 0 with model.codebook_dim"):
+    with pytest.raises(ValueError, match=r"^loss.dead_code_threshold > 0 with model.quantizer.codebook_dim"):
         VQGANTask(c)

@@ -59,7 +59,6 @@ def test_training_lowers_bce_and_converter_round_trips():
     assert after["pixel_accuracy"] / after["count"] > majority
     # the trained weights go to taming's VQSegmentationModel key names and back
     cfg = ml_collections.ConfigDict({"model": seg_config().model.to_dict()})
-    cfg.model.codebook_dim = None
     sd = convert.to_taming({"params": state.params}, cfg)
     sd["colorize"] = np.zeros((3, 5, 1, 1), np.float32)     # taming's visualisation buffer is ignored
     taming_cfg = {"target": "taming.models.vqgan.VQSegmentationModel", "params": {

@@ -66,7 +66,7 @@ def test_corrupted_state_dict_names_every_offending_key(small):
 def test_config_disagreeing_with_weights_is_reported(small):
     sd, cfg, _ = small
     cfg = cfg.copy_and_resolve_references()
-    cfg.model.n_embed = 256
+    cfg.model.quantizer.n_embed = 256
     with pytest.raises(ValueError, match=r"quantize.embedding.weight': expected shape \(256, 32\), found \(128, 32\)"):
         convert.from_taming(sd, cfg)
 
@@ -91,7 +91,8 @@ def gumbel():
 
 def test_gumbel_config_and_round_trip(gumbel):
     cfg, model, variables, x = gumbel
-    assert cfg.model.quantizer == "gumbel" and cfg.model.kl_weight == 1e-8 and cfg.model.temperature == 0.9
+    q = cfg.model.quantizer
+    assert q.kind == "gumbel" and q.n_embed == 64 and q.kl_weight == 1e-8 and q.temperature == 0.9
     assert cfg.loss.disc_start == 1 and cfg.base_learning_rate == 4.5e-6
     sd = convert.to_taming(variables, cfg)
     assert sd["quantize.proj.weight"].shape == (64, 32, 1, 1)

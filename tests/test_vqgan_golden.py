@@ -54,7 +54,7 @@ def test_decode_and_reconstruction_match_golden(gold):
 @pytest.mark.parametrize("legacy", [True, False])
 def test_quantizer_loss_gradients_match_golden(gold, legacy):
     model, variables, x, manifest, data, sd, cfg = gold
-    from vqgan_jax.quantize import VectorQuantizer
+    from vqgan_jax.quantizers.vq import VectorQuantizer
     vq = VectorQuantizer(128, 32, beta=0.25, legacy=legacy)
     z = jnp.asarray(data["output/z"].transpose(0, 2, 3, 1))
     emb = variables["params"]["quantize"]["embedding"]

@@ -56,11 +56,11 @@ class Sampler:
         self.gpt, self.gpt_vars, self.vqgan, self.vq_vars = gpt, gpt_vars, vqgan, vq_vars
         self.cond, self.grid = cond, tuple(int(g) for g in code_grid)
         cond_lib.check_cond_config(cond, gpt.vocab_size)
-        if vqgan.n_embed > gpt.vocab_size:
-            raise ValueError(f"the first-stage codebook ({vqgan.n_embed} codes) exceeds the GPT's vocab_size "
+        if vqgan.codebook_size > gpt.vocab_size:
+            raise ValueError(f"the first-stage codebook ({vqgan.codebook_size} codes) exceeds the GPT's vocab_size "
                              f"{gpt.vocab_size}")
         # Image positions draw codes only: ids past the codebook (class or null tokens) decode to nothing.
-        self.n_codes = int(vqgan.n_embed)
+        self.n_codes = int(vqgan.codebook_size)
         self._decode = jax.jit(lambda v, c: vqgan.apply(v, c, method="decode_code"))
         self.cond_stage = cond_stage
         # The cond stage's code grid at the training size (None: unknown, no cond stage given).

@@ -25,6 +25,7 @@ from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from transformer_jax import codes as codes_lib
 from transformer_jax import conditioning as cond_lib
 from transformer_jax.gpt import GPT, gpt_from_config, is_kernel_path  # noqa: F401 (gpt_from_config: callers)
+from vqgan_jax.quantizers import codebook_size
 from vqgan_jax.segmentation import one_hot_segmentation
 
 LN2 = math.log(2.0)
@@ -208,9 +209,10 @@ def stage_one_grid(config: Any, vq_model_cfg: Any, role: str = "first_stage") ->
     if role == "first_stage" and tuple(config.data.code_grid) != grid:
         raise ValueError(f"data.code_grid={tuple(config.data.code_grid)} but the stage-one model (f={f}) gives "
                          f"{grid} codes for data.image_size={config.data.image_size}")
-    if config.gpt.vocab_size < vq_model_cfg.n_embed:
+    n_codes = codebook_size(vq_model_cfg)
+    if config.gpt.vocab_size < n_codes:
         raise ValueError(f"gpt.vocab_size={config.gpt.vocab_size} is smaller than the {role} model's codebook "
-                         f"(n_embed={vq_model_cfg.n_embed})")
+                         f"({n_codes} codes)")
     return grid
 
 
@@ -254,7 +256,7 @@ def train(config, workdir: str) -> training.RunResult:
         name = codes_lib.prepare_codes(data_dir, image_name, int(d.image_size), encoders, stage_one_id,
                                        int(d.eval_batch_size))
         run_setup.check_dataset_on_all_processes(data_dir, name)     # every process's shard is there
-        codes_lib.warn_if_collapsed(data_dir, name, int(vq_cfg.n_embed), float(d.get("min_codebook_usage", 0.01)))
+        codes_lib.warn_if_collapsed(data_dir, name, codebook_size(vq_cfg), float(d.get("min_codebook_usage", 0.01)))
         train_loader = data_lib.make_loader(data_dir, name, "train", int(d.global_batch_size), train=True,
                                             image_size=None, seed=int(config.seed), features=code_features)
         eval_loader = lambda: data_lib.make_loader(data_dir, name, "validation", int(d.eval_batch_size),

@@ -1,6 +1,7 @@
 """VQGAN: taming's Encoder / Decoder around a vector quantizer, NHWC.
 
-Configured by the fields of taming's ``ddconfig`` plus ``embed_dim`` and ``n_embed``; parameter names mirror
+Configured by the fields of taming's ``ddconfig`` plus ``embed_dim`` and ``quantizer`` (a sub-config: ``kind`` and
+that kind's options, :mod:`vqgan_jax.quantizers`); parameter names mirror
 taming's state-dict keys (``down_0_block_1`` <-> ``down.0.block.1``) so checkpoints convert one to one.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 
 from common_jax.layers import Conv
 from vqgan_jax.layers import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample, swish
-from vqgan_jax.quantize import GumbelQuantize, VectorQuantizer
+from vqgan_jax import quantizers
 
 
 def _block(remat: bool):
@@ -101,7 +102,7 @@ class EncodeOutput(NamedTuple):
     indices: jax.Array      # (B, h, w) int32
     loss: jax.Array         # codebook (+ commitment / KL) loss
     perplexity: jax.Array
-    usage: jax.Array        # (n_embed,) counts in this batch
+    usage: jax.Array        # (codebook_size,) counts in this batch
 
 
 class VQGAN(nn.Module):
@@ -117,24 +118,17 @@ class VQGAN(nn.Module):
     dropout: float = 0.0
     double_z: bool = False
     embed_dim: int = 256
-    n_embed: int = 1024
-    quantizer: str = "vq"          # "vq" (VectorQuantizer2) or "gumbel" (GumbelQuantize)
-    beta: float = 0.25
-    legacy: bool = True
-    kl_weight: float = 5e-4
-    temperature: float = 1.0
-    l2_normalize: bool = False
-    codebook_dim: int | None = None
-    use_ema: bool = False
-    ema_decay: float = 0.99
-    entropy_weight: float = 0.0
+    # ``model.quantizer`` as sorted (option, value) pairs, "kind" among them (hashable, as module fields are)
+    quantizer: tuple = (("kind", "vq"), ("n_embed", 1024))
     dtype: Any = None               # compute dtype (e.g. jnp.bfloat16); params stay float32
     remat: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> "VQGAN":
-        """Build from a config/dict holding (a subset of) this module's fields; unknown keys are an error."""
-        d = dict(cfg)
+        """Build from a config/dict holding (a subset of) this module's fields; unknown keys are an error.
+
+        A config of the previous layout (quantizer options flat on the model) is moved first."""
+        d = quantizers.migrate_model_config(cfg)
         fields = set(cls.__dataclass_fields__) - {"parent", "name"}
         unknown = sorted(set(d) - fields)
         if unknown:
@@ -144,11 +138,19 @@ class VQGAN(nn.Module):
                 d[k] = tuple(int(v) for v in d[k])
         if isinstance(d.get("dtype"), str):
             d["dtype"] = jnp.dtype(d["dtype"]) if d["dtype"] else None
+        quantizers.build(d["quantizer"], int(d.get("embed_dim", cls.embed_dim)))  # refuse bad options here
+        d["quantizer"] = tuple(sorted(quantizers.build_options(d["quantizer"]).items()))
         return cls(**d)
 
+    def quantizer_def(self) -> Any:
+        """The quantizer as an unbound module: its codebook size, options and state-update rules."""
+        return quantizers.build(dict(self.quantizer), self.embed_dim, parent=None)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer_def().codebook_size
+
     def setup(self):
-        if self.quantizer not in ("vq", "gumbel"):
-            raise ValueError(f"VQGAN: quantizer must be 'vq' or 'gumbel', got {self.quantizer!r}")
         dd = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
                   dropout=self.dropout, dtype=self.dtype, remat=self.remat)
@@ -156,14 +158,7 @@ class VQGAN(nn.Module):
         self.decoder = Decoder(out_ch=self.out_ch, **dd)
         self.quant_conv = Conv(self.embed_dim, (1, 1))
         self.post_quant_conv = Conv(self.z_channels, (1, 1))
-        if self.quantizer == "vq":
-            self.quantize = VectorQuantizer(
-                self.n_embed, self.embed_dim, beta=self.beta, legacy=self.legacy,
-                l2_normalize=self.l2_normalize, codebook_dim=self.codebook_dim, use_ema=self.use_ema,
-                ema_decay=self.ema_decay, entropy_weight=self.entropy_weight)
-        else:
-            self.quantize = GumbelQuantize(self.n_embed, self.embed_dim, kl_weight=self.kl_weight,
-                                           temperature=self.temperature)
+        self.quantize = quantizers.build(dict(self.quantizer), self.embed_dim)
 
     @property
     def downsample_factor(self) -> int:
@@ -173,10 +168,7 @@ class VQGAN(nn.Module):
         """Images NHWC in [-1, 1] -> codes and quantized latents."""
         h = self.encoder(x, deterministic=not train)
         z = self.quant_conv(h).astype(jnp.float32)
-        if self.quantizer == "gumbel":
-            q = self.quantize(z, train=train, temperature=temperature)
-        else:
-            q = self.quantize(z, train=train)
+        q = self.quantize(z, train=train, temperature=temperature)
         return EncodeOutput(h, z, q.z_q, q.indices, q.loss, q.perplexity, q.usage)
 
     def decode_pre_out(self, z_q: jax.Array, train: bool = False) -> jax.Array:

@@ -51,16 +51,14 @@ class SegmentationVQTask:
     shape_keys = MODEL_SHAPE_KEYS  # the stage-one model's; this task has no discriminator
 
     def __init__(self, config: Any):
-        m = dict(config.model)
-        m["codebook_dim"] = m.get("codebook_dim") or None
-        self.model = VQGAN.from_config(m)
+        self.model = VQGAN.from_config(config.model)
         self.n_labels = int(config.model.in_channels)
         if int(config.model.out_ch) != self.n_labels:
             raise ValueError(f"segmentation model: out_ch ({config.model.out_ch}) must equal in_channels "
                              f"(n_labels = {self.n_labels})")
         # This task keeps no EMA codebook state and no usage statistics: refuse what it would ignore.
-        if m.get("use_ema") or float(config.loss.get("dead_code_threshold", 0.0) or 0.0) > 0:
-            raise ValueError("segmentation task: model.use_ema and loss.dead_code_threshold are not "
+        if self.model.quantizer_def().keeps_state or float(config.loss.get("dead_code_threshold", 0.0) or 0.0) > 0:
+            raise ValueError("segmentation task: model.quantizer.use_ema and loss.dead_code_threshold are not "
                              "supported here (stage-one images only); set them to False / 0")
         self.codebook_weight = float(config.loss.get("codebook_weight", 1.0))
         self.grad_accum = int(config.optim.get("grad_accum_steps", 1) or 1)

@@ -19,7 +19,7 @@ from common_jax import run_setup, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from vqgan_jax import losses
 from vqgan_jax.model import VQGAN
-from vqgan_jax.quantize import ema_apply, ema_codebook, restart_dead_codes
+from vqgan_jax import quantizers
 
 LpipsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -35,30 +35,12 @@ class VQGANState:
     code_usage: jax.Array       # EMA of per-step code counts: codebook health, dead-code restart
     # Optional parts are empty dicts (no leaves) when off, so every state has the same tree shape.
     ema_params: Any = struct.field(default_factory=dict)    # generator weight EMA (loss.generator_ema > 0)
-    codebook_ema: Any = struct.field(default_factory=dict)  # EMA codebook statistics (model.use_ema)
+    codebook_ema: Any = struct.field(default_factory=dict)  # quantizer state (the VQ's EMA codebook statistics)
     lpips: Any = struct.field(default_factory=dict)         # frozen LPIPS variables; never optimised
 
 
 def model_from_config(config: Any) -> VQGAN:
-    m = dict(config.model)
-    if not m.get("codebook_dim"):
-        m["codebook_dim"] = None
-    return VQGAN.from_config(m)
-
-
-def check_quantizer_options(config: Any) -> None:
-    """Refuse quantizer options that the chosen quantizer would silently ignore in training."""
-    m = config.model
-    thr = float(config.loss.get("dead_code_threshold", 0.0) or 0.0)
-    if m.get("quantizer", "vq") == "gumbel":
-        on = [f"model.{k}" for k in ("l2_normalize", "codebook_dim", "use_ema", "entropy_weight") if m.get(k)]
-        on += ["loss.dead_code_threshold"] if thr > 0 else []
-        if on:
-            raise ValueError(f"model.quantizer='gumbel' does not use {', '.join(on)} (options of the 'vq' "
-                             "quantizer): turn them off or set model.quantizer='vq'")
-    elif thr > 0 and m.get("codebook_dim"):
-        raise ValueError("loss.dead_code_threshold > 0 with model.codebook_dim: the restart re-seeds codes from "
-                         "encoder outputs, which live in embed_dim, not codebook_dim; set one of them to 0")
+    return VQGAN.from_config(config.model)
 
 
 def learning_rate(config: Any) -> float:
@@ -78,7 +60,7 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
 # task trains the same model and declares the same keys.
 MODEL_SHAPE_KEYS = tuple(f"model.{k}" for k in (
     "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution", "in_channels", "out_ch",
-    "double_z", "embed_dim", "n_embed", "quantizer", "codebook_dim", "use_ema"))
+    "double_z", "embed_dim")) + quantizers.shape_keys()
 
 
 class VQGANTask:
@@ -95,8 +77,9 @@ class VQGANTask:
         if self.loss_cfg.use_actnorm:
             raise ValueError("loss.use_actnorm=True: ActNorm's data-dependent init is not supported in "
                              "training; use BatchNorm (use_actnorm=False)")
-        check_quantizer_options(config)
         self.model = model_from_config(config)
+        quantizers.check_training(config)
+        self.quantizer = self.model.quantizer_def()
         self.disc = losses.build_discriminator(self.loss_cfg)
         if float(self.loss_cfg.perceptual_weight) > 0 and lpips is None:
             raise ValueError("loss.perceptual_weight > 0 needs LPIPS weights: pass "
@@ -121,7 +104,7 @@ class VQGANTask:
             step=jnp.zeros((), jnp.int32), params=params, opt_g=self.tx_g.init(params),
             disc_params=dvars["params"], disc_stats=dvars.get("batch_stats", {}),
             opt_d=self.tx_d.init(dvars["params"]),
-            code_usage=jnp.ones((self.model.n_embed,), jnp.float32),
+            code_usage=jnp.ones((self.quantizer.codebook_size,), jnp.float32),
             ema_params=params if ema_gen > 0 else {},
             codebook_ema=gvars.get("codebook_ema", {}),
             lpips=self._lpips_vars if self._lpips_vars is not None else {})
@@ -136,7 +119,7 @@ class VQGANTask:
     def _temperature(self, step: jax.Array) -> Any:
         """Gumbel temperature: taming's LambdaWarmUpCosineScheduler when configured, else the model's."""
         sched = self.config.get("temperature_schedule")
-        if self.model.quantizer != "gumbel" or not sched:
+        if not self.quantizer.uses_temperature or not sched:
             return None
         warm, total = float(sched.warm_up_steps), float(sched.max_decay_steps)
         t = jnp.clip((step - warm) / max(total - warm, 1.0), 0.0, 1.0)
@@ -213,8 +196,8 @@ class VQGANTask:
             xrec, enc = self.model.apply(full_vars, x)
             codebook_ema = None
             if state.codebook_ema:
-                codebook_ema = {"quantize": ema_apply(state.codebook_ema["quantize"], aux["ema_batch"],
-                                                      float(self.model.ema_decay))}
+                codebook_ema = {"quantize": self.quantizer.ema_step(state.codebook_ema["quantize"],
+                                                                    aux["ema_batch"])}
             aux = dict(aux, xrec=jax.lax.stop_gradient(xrec), z=jax.lax.stop_gradient(enc.z),
                        codebook_ema=codebook_ema)
         upd, opt_g = self.tx_g.update(g_grads, state.opt_g, state.params)
@@ -231,20 +214,19 @@ class VQGANTask:
         upd, opt_d = self.tx_d.update(d_grads, state.opt_d, state.disc_params)
         disc_params = optax.apply_updates(state.disc_params, upd)
 
-        usage = aux["usage"] * (self.model.n_embed / jnp.maximum(aux["usage"].sum(), 1.0))
+        usage = aux["usage"] * (self.quantizer.codebook_size / jnp.maximum(aux["usage"].sum(), 1.0))
         code_usage = 0.99 * state.code_usage + 0.01 * usage   # in units of "uniform share" per code
         codebook_ema = state.codebook_ema
         if codebook_ema and aux["codebook_ema"]:
             codebook_ema = aux["codebook_ema"]
-            params = _set_codebook(params, ema_codebook(codebook_ema["quantize"]))
-        restarted = jnp.float32(0.0)
+        # The quantizer's own rules: its EMA codebook into the parameters, dead-code restart.
         thr = float(self.loss_cfg.get("dead_code_threshold", 0.0) or 0.0)
-        if thr > 0 and self.model.quantizer == "vq" and not self.model.codebook_dim:
-            z_flat = aux["z"].reshape(-1, aux["z"].shape[-1])
-            new_cb, restarted = restart_dead_codes(params["quantize"]["embedding"], code_usage, z_flat,
-                                                   k_restart, thr)
-            params = _set_codebook(params, new_cb)
-            code_usage = jnp.where(code_usage < thr, 1.0, code_usage)
+        z_flat = aux["z"].reshape(-1, aux["z"].shape[-1])
+        q_params, code_usage, restarted = self.quantizer.after_step(
+            params.get("quantize", {}), codebook_ema.get("quantize", {}) if codebook_ema else {}, code_usage,
+            z_flat, k_restart, thr)
+        if q_params:
+            params = {**params, "quantize": q_params}
         ema_params = state.ema_params
         if ema_params:
             decay = float(self.loss_cfg.generator_ema)
@@ -278,7 +260,7 @@ class VQGANTask:
         out = {"l1": jnp.sum(l1 * mask), "psnr": jnp.sum(psnr(x, xrec) * mask), "count": jnp.sum(mask)}
         if self.lpips_model is not None:
             out["lpips"] = jnp.sum(self.lpips_model.apply(state.lpips, x, xrec) * mask)
-        used = jnp.zeros((self.model.n_embed,)).at[enc.indices.reshape(x.shape[0], -1)].max(
+        used = jnp.zeros((self.quantizer.codebook_size,)).at[enc.indices.reshape(x.shape[0], -1)].max(
             jnp.broadcast_to(mask[:, None], enc.indices.reshape(x.shape[0], -1).shape))
         out["batch_codebook_usage"] = jnp.mean(used) * jnp.sum(mask)
         return out
@@ -289,12 +271,6 @@ class VQGANTask:
         xrec, _ = self.model.apply({"params": self._eval_params(state)}, x)
         pairs = jnp.stack([x, jnp.clip(xrec, -1, 1)], axis=1).reshape(-1, *x.shape[1:])
         return {"reconstructions": jnp.round((pairs + 1) * 127.5).astype(jnp.uint8)}
-
-
-def _set_codebook(params: Any, codebook: jax.Array) -> Any:
-    q = dict(params["quantize"])
-    q["embedding"] = codebook.astype(q["embedding"].dtype)
-    return {**params, "quantize": q}
 
 
 TASKS = ("vqgan", "segmentation")

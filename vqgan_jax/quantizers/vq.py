@@ -1,4 +1,4 @@
-"""Vector quantizers: taming's VectorQuantizer2 and GumbelQuantize, plus training options beyond taming.
+"""taming's VectorQuantizer2 (``model.quantizer.kind='vq'``), plus training options beyond taming.
 
 Options (all off by default, so the default is numerically taming's quantizer):
 - ``l2_normalize``: codes and inputs are unit-normalised before the nearest-code search (cosine codebook).
@@ -6,41 +6,27 @@ Options (all off by default, so the default is numerically taming's quantizer):
 - ``use_ema``: codebook updated by exponential moving averages of assigned inputs (no codebook gradient,
   the loss keeps only the commitment term).
 - ``entropy_weight``: penalty that pushes per-sample assignments to be confident and batch usage to be uniform.
-- Dead-code restart lives in :func:`restart_dead_codes`, applied by the train step between updates.
+- Dead-code restart (``loss.dead_code_threshold``): :func:`restart_dead_codes`, applied after each update by
+  :meth:`VectorQuantizer.after_step`.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common_jax.layers import Conv
+from vqgan_jax.quantizers.base import QuantizerHooks, QuantizerOutput, entropy_terms, usage_stats
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-class QuantizerOutput(NamedTuple):
-    z_q: jax.Array          # (B, h, w, C), straight-through
-    indices: jax.Array      # (B, h, w) int32
-    loss: jax.Array         # scalar codebook + commitment (+ entropy / KL) loss
-    perplexity: jax.Array   # scalar, exp(entropy of the batch's code usage)
-    usage: jax.Array        # (n_embed,) float32 counts of each code in the batch
-
-
-def _usage_stats(indices: jax.Array, n_embed: int) -> tuple[jax.Array, jax.Array]:
-    counts = jnp.zeros((n_embed,), jnp.float32).at[indices.reshape(-1)].add(1.0)
-    p = counts / jnp.maximum(counts.sum(), 1.0)
-    perplexity = jnp.exp(-jnp.sum(p * jnp.log(p + 1e-10)))
-    return counts, perplexity
 
 
 def _l2n(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(QuantizerHooks, nn.Module):
     """taming's VectorQuantizer2: nearest code by squared distance, straight-through estimator.
 
     ``legacy=True`` (VQModel's default) puts β on the codebook term, ``legacy=False`` on the commitment term;
@@ -51,11 +37,24 @@ class VectorQuantizer(nn.Module):
     beta: float = 0.25
     legacy: bool = True
     l2_normalize: bool = False
-    codebook_dim: int | None = None
+    codebook_dim: int = 0           # 0: codes live in embed_dim
     use_ema: bool = False
     ema_decay: float = 0.99
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
+
+    shape_options = ("n_embed", "codebook_dim", "use_ema")
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.n_embed)
+
+    @classmethod
+    def check_training(cls, kind: str, options: Mapping[str, Any], loss_cfg: Any) -> None:
+        if float(loss_cfg.get("dead_code_threshold", 0.0) or 0.0) > 0 and options.get("codebook_dim"):
+            raise ValueError("loss.dead_code_threshold > 0 with model.quantizer.codebook_dim: the restart re-seeds "
+                             "codes from encoder outputs, which live in embed_dim, not codebook_dim; set one of "
+                             "them to 0")
 
     def setup(self):
         dim = self.codebook_dim or self.embed_dim
@@ -86,7 +85,7 @@ class VectorQuantizer(nn.Module):
              - 2.0 * jnp.matmul(z_flat, e.T, precision=HIGHEST))
         return jnp.argmin(d, axis=1).astype(jnp.int32), d
 
-    def __call__(self, z: jax.Array, train: bool = False) -> QuantizerOutput:
+    def __call__(self, z: jax.Array, train: bool = False, temperature: Any = None) -> QuantizerOutput:
         z = z.astype(jnp.float32)
         b, h, w, _ = z.shape
         zp = self.project_in(z) if self.codebook_dim else z
@@ -112,7 +111,7 @@ class VectorQuantizer(nn.Module):
         if self.codebook_dim:
             zq = self.project_out(zq)
         indices = idx.reshape(b, h, w)
-        usage, perplexity = _usage_stats(indices, self.n_embed)
+        usage, perplexity = usage_stats(indices, self.n_embed)
         return QuantizerOutput(zq, indices, loss, perplexity, usage)
 
     def _ema_update(self, z_flat: jax.Array, idx: jax.Array) -> None:
@@ -127,6 +126,38 @@ class VectorQuantizer(nn.Module):
         """Codes (B, h, w) -> quantized vectors (B, h, w, embed_dim), as ``get_codebook_entry``."""
         zq = jnp.take(self.codebook(), indices, axis=0)
         return self.project_out(zq) if self.codebook_dim else zq
+
+    # -- state beside the parameters, updated by the train step through these (unbound) methods --------
+    @property
+    def keeps_state(self) -> bool:
+        return bool(self.use_ema)
+
+    def initial_state(self, params: Mapping[str, Any]) -> dict:
+        """EMA statistics of a fresh EMA codebook at ``params``: count 1 per code, sum = the codebook."""
+        if not self.use_ema:
+            return {}
+        emb = params["embedding"]
+        return {"count": jnp.ones(emb.shape[:1], jnp.float32), "sum": emb}
+
+    def ema_step(self, state: Any, batch_stats: Any) -> Any:
+        """EMA statistics after one step of (micro-batch-summed) batch statistics."""
+        return ema_apply(state, batch_stats, float(self.ema_decay)) if state else state
+
+    def after_step(self, params: Any, state: Any, code_usage: jax.Array, z_flat: jax.Array, rng: jax.Array,
+                   restart_threshold: float) -> tuple[Any, jax.Array, jax.Array]:
+        """Write the EMA codebook into the parameters, then restart codes used less than the threshold."""
+        if state:
+            params = _with_codebook(params, ema_codebook(state))
+        restarted = jnp.float32(0.0)
+        if restart_threshold > 0:
+            new_cb, restarted = restart_dead_codes(params["embedding"], code_usage, z_flat, rng, restart_threshold)
+            params = _with_codebook(params, new_cb)
+            code_usage = jnp.where(code_usage < restart_threshold, 1.0, code_usage)
+        return params, code_usage, restarted
+
+
+def _with_codebook(params: Any, codebook: jax.Array) -> Any:
+    return {**params, "embedding": codebook.astype(params["embedding"].dtype)}
 
 
 def ema_batch_statistics(z_flat: jax.Array, idx: jax.Array, n_embed: int) -> dict:
@@ -154,11 +185,7 @@ def ema_codebook(ema_vars: dict, eps: float = 1e-5) -> jax.Array:
 
 def entropy_penalty(affinity: jax.Array, temperature: float) -> jax.Array:
     """Mean per-sample entropy minus entropy of the mean assignment (low = confident and diverse)."""
-    p = jax.nn.softmax(affinity / temperature, axis=-1)
-    logp = jax.nn.log_softmax(affinity / temperature, axis=-1)
-    sample_entropy = -jnp.mean(jnp.sum(p * logp, axis=-1))
-    avg = jnp.mean(p, axis=0)
-    avg_entropy = -jnp.sum(avg * jnp.log(avg + 1e-10))
+    sample_entropy, avg_entropy = entropy_terms(affinity, temperature)
     return sample_entropy - avg_entropy
 
 
@@ -172,46 +199,3 @@ def restart_dead_codes(codebook: jax.Array, usage: jax.Array, z_flat: jax.Array,
     pick = jax.random.randint(rng, (codebook.shape[0],), 0, z_flat.shape[0])
     candidates = z_flat[pick].astype(codebook.dtype)
     return jnp.where(dead[:, None], candidates, codebook), dead.sum()
-
-
-class GumbelQuantize(nn.Module):
-    """taming's GumbelQuantize: logits from a 1x1 conv, Gumbel-softmax over codes, KL to uniform prior.
-
-    ``train=True`` samples (straight-through hard samples if ``straight_through``), ``train=False`` is the
-    deterministic argmax path used for encoding (taming adds Gumbel noise even in eval; we do not).
-    """
-    n_embed: int
-    embed_dim: int
-    kl_weight: float = 5e-4
-    temperature: float = 1.0
-    straight_through: bool = True
-    dtype: Any = None
-
-    def setup(self):
-        self.proj = Conv(self.n_embed, (1, 1), dtype=self.dtype, name="proj")
-        self.embed = self.param(
-            "embed", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("codes", "code_dim")),
-            (self.n_embed, self.embed_dim), jnp.float32)
-
-    def __call__(self, z: jax.Array, train: bool = False, temperature: jax.Array | float | None = None
-                 ) -> QuantizerOutput:
-        logits = self.proj(z).astype(jnp.float32)
-        tau = self.temperature if temperature is None else temperature
-        if train:
-            g = jax.random.gumbel(self.make_rng("gumbel"), logits.shape, jnp.float32)
-            soft = jax.nn.softmax((logits + g) / tau, axis=-1)
-            idx = jnp.argmax(soft, axis=-1).astype(jnp.int32)
-            if self.straight_through:
-                hard = jax.nn.one_hot(idx, self.n_embed, dtype=soft.dtype)
-                soft = hard + soft - jax.lax.stop_gradient(soft)
-        else:
-            idx = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            soft = jax.nn.one_hot(idx, self.n_embed, dtype=jnp.float32)
-        zq = jnp.einsum("bhwn,nd->bhwd", soft, self.embed, precision=HIGHEST)
-        qy = jax.nn.softmax(logits, axis=-1)
-        loss = self.kl_weight * jnp.mean(jnp.sum(qy * jnp.log(qy * self.n_embed + 1e-10), axis=-1))
-        usage, perplexity = _usage_stats(idx, self.n_embed)
-        return QuantizerOutput(zq, idx, loss, perplexity, usage)
-
-    def embed_code(self, indices: jax.Array) -> jax.Array:
-        return jnp.take(self.embed, indices, axis=0)
