@@ -64,14 +64,16 @@ def offline_lpips(random_vgg: bool):
 def build_vqgan(model_cfg: dict, loss_cfg: dict, lr: float, b1: float = 0.5, b2: float = 0.9) -> Any:
     """taming ``VQModel`` with ``VQLPIPSWithDiscriminator``, in train mode, with ``learning_rate`` set.
 
-    ``model_cfg``: ddconfig fields plus ``embed_dim`` and ``n_embed``; ``loss_cfg``: the loss's
+    ``model_cfg``: ddconfig fields plus ``embed_dim`` and the VQ quantizer's ``quantizer.n_embed`` (or a flat
+    ``n_embed``, the previous layout); ``loss_cfg``: the loss's
     constructor arguments (disc_start, disc_num_layers, disc_ndf, perceptual_weight, ...).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from taming.models.vqgan import VQModel
     m = dict(model_cfg)
-    n_embed, embed_dim = int(m.pop("n_embed")), int(m.pop("embed_dim"))
+    quantizer = dict(m.pop("quantizer", None) or {})
+    n_embed, embed_dim = int(m.pop("n_embed", None) or quantizer["n_embed"]), int(m.pop("embed_dim"))
     ddconfig = {k: m[k] for k in ("double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch",
                                   "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")}
     ddconfig["ch_mult"] = list(ddconfig["ch_mult"])

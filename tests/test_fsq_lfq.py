@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import transformer_tiny, vqgan_tiny
+from configs import transformer_tiny, vqgan_tiny, vqgan_tiny_fsq, vqgan_tiny_lfq
 from configs.vqgan_base import vqgan_model
 from vqgan_jax import quantizers
 from vqgan_jax.model import VQGAN
@@ -233,9 +233,13 @@ def tiny_config(quantizer, embed_dim):
 
 
 TRAIN_STEPS = 40
-KINDS = {"vq": ({"kind": "vq", "n_embed": 128}, 32),          # configs/vqgan_tiny as it is
-         "fsq": ({"kind": "fsq", "levels": (8, 4, 4)}, 3),    # 128 codes
-         "lfq": ({"kind": "lfq"}, 7)}                         # 2^7 = 128 codes
+# 128 codes each: VQ n_embed 128, FSQ levels (8, 4, 4), LFQ 7 bits
+KINDS = {"vq": vqgan_tiny.get_config, "fsq": vqgan_tiny_fsq.get_config, "lfq": vqgan_tiny_lfq.get_config}
+
+
+def test_the_tiny_fsq_and_lfq_configs_have_vq_tiny_codebook_size():
+    for get_config in KINDS.values():
+        assert quantizers.codebook_size(get_config().model) == 128
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +260,8 @@ def demo_runs(tmp_path_factory):
                               num_epochs=1) as loader:
         held = [(np.asarray(b["image"]), np.asarray(b["mask"])) for b in loader]
     out = {}
-    for kind, (q, dim) in KINDS.items():
-        c = tiny_config(q, dim)
+    for kind, get_config in KINDS.items():
+        c = get_config()
         c.loss.disc_start = 10 ** 6
         c.optim.base_learning_rate *= 2      # as tests/test_vqgan_train's short training
         task = VQGANTask(c)
