@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from common_jax import run_setup
+from common_jax.cli_errors import install_excepthook, run_main
 
 VQ_TARGETS = ("taming.models.vqgan.VQModel", "taming.models.vqgan.GumbelVQ",
               "taming.models.vqgan.VQSegmentationModel")
@@ -128,7 +128,7 @@ def convert(ckpt_path: str, yaml_path: str, workdir: str) -> list[str]:
         write_workdir(workdir, config, variables)
         return [workdir]
 
-    from transformer_jax.codes import stage_one_fingerprint
+    from transformer_jax.code_encoder import stage_one_fingerprint
     from transformer_jax.net2net import load_taming_transformer
     from vqgan_jax.pretrained import load_vqgan
     tt = load_taming_transformer(ckpt_path, yaml_path)
@@ -173,4 +173,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "workdir to write (Net2NetTransformer: also <workdir>_first_stage, "
                                          "<workdir>_cond_stage)")
     flags.mark_flags_as_required(["ckpt", "yaml", "workdir"])
-    app.run(run_setup.run_main(main))
+    install_excepthook()
+    app.run(run_main(main))

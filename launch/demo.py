@@ -26,7 +26,9 @@ from absl import app, flags, logging  # noqa: E402
 from common_jax import data as data_lib  # noqa: E402
 from common_jax.metrics import image_grid, save_png  # noqa: E402
 from configs import transformer_tiny, vqgan_tiny  # noqa: E402
-from common_jax import run_setup as setup_run  # noqa: E402
+from common_jax.cli_errors import install_excepthook, run_main  # noqa: E402
+from common_jax.dataset_resolution import resolve_dataset  # noqa: E402
+from common_jax.workdir_checks import check_workdir  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_run", "output folder (rerun to resume)")
 _VQ_STEPS = flags.DEFINE_integer("vqgan_steps", 1200, "stage-one steps")
@@ -60,7 +62,7 @@ def vqgan_metrics(vq_workdir: str, vq_config) -> dict:
     from vqgan_jax.pretrained import load_vqgan
     from vqgan_jax.train import psnr
     model, variables, _ = load_vqgan(vq_workdir)
-    data_dir, name = setup_run.resolve_dataset(vq_config.data, vq_workdir)
+    data_dir, name = resolve_dataset(vq_config.data, vq_workdir)
     loader = data_lib.make_loader(data_dir, name, "validation", 32, train=False,
                                   image_size=int(vq_config.data.image_size), seed=0, num_epochs=1)
     fn = jax.jit(lambda v, x: model.apply(v, x))
@@ -80,11 +82,12 @@ def gpt_metrics(gpt_workdir: str) -> dict:
     """Held-out NLL (bits per token) against the unigram entropy of the held-out codes."""
     from common_jax.pretrained import load_workdir, params_fingerprint
     from transformer_jax.codes import codes_dataset_name
-    from transformer_jax.train import GPTState, TransformerTask, unigram_entropy_bits
+    from transformer_jax.code_encoder import unigram_entropy_bits
+    from transformer_jax.train import GPTState, TransformerTask
     from vqgan_jax.pretrained import load_vqgan
     config, state, _ = load_workdir(gpt_workdir)
     _, vq_vars, _ = load_vqgan(config.first_stage.workdir)
-    data_dir, image_name = setup_run.resolve_dataset(config.data, gpt_workdir)
+    data_dir, image_name = resolve_dataset(config.data, gpt_workdir)
     name = codes_dataset_name(data_dir, image_name, int(config.data.image_size), params_fingerprint(vq_vars))
     task = TransformerTask(config)
     st = GPTState(step=jnp.zeros((), jnp.int32), params=state["params"], opt_state=None)
@@ -124,7 +127,7 @@ def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int, c
              samples_per_class: int = 8) -> dict:
     from transformer_jax.train import train as train_gpt
     from vqgan_jax.train import train as train_vq
-    workdir = setup_run.check_workdir(workdir)
+    workdir = check_workdir(workdir)
     vq_cfg, gpt_cfg = demo_configs(workdir, vq_steps, gpt_steps, crops_per_photo)
     t0 = time.time()
     logging.info("[1/3] stage one: tiny VQGAN for %d steps", vq_steps)
@@ -151,4 +154,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(setup_run.run_main(main))
+    install_excepthook()
+    app.run(run_main(main))

@@ -28,7 +28,10 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from common_jax import run_setup
+from common_jax import multihost
+from common_jax.cli_errors import install_excepthook, run_main
+from common_jax.dataset_resolution import check_dataset_on_all_processes
+from common_jax.workdir_checks import check_workdir
 
 _MODE = flags.DEFINE_enum("mode", None, ["samples", "reconstruction"], "what to evaluate")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (JSON result, resumable state)")
@@ -66,7 +69,7 @@ def _check_same_everywhere(what: str, fingerprint: Callable[[], str]) -> None:
     one result without an error, so all processes refuse before any work. ``fingerprint`` (a pass over all the
     weights) is computed only when there are several processes."""
     if jax.process_count() > 1:
-        run_setup.check_same_on_all_processes(fingerprint(), what,
+        multihost.check_same_on_all_processes(fingerprint(), what,
                                               "give every host identical copies (or one shared path)")
 
 
@@ -88,7 +91,7 @@ def _image_loader(batch_size: int):
     from common_jax import data as data_lib
     if not _DATASET.value or not _DATA_DIR.value:
         raise ValueError("--dataset and --data_dir are required for dataset images")
-    run_setup.check_dataset_on_all_processes(os.path.expanduser(_DATA_DIR.value), _DATASET.value)
+    check_dataset_on_all_processes(os.path.expanduser(_DATA_DIR.value), _DATASET.value)
     return data_lib.make_loader(os.path.expanduser(_DATA_DIR.value), _DATASET.value, _SPLIT.value,
                                 batch_size * jax.process_count(), train=False, image_size=_IMAGE_SIZE.value,
                                 seed=0, num_epochs=1)
@@ -271,8 +274,8 @@ def eval_reconstruction(workdir: str) -> dict:
 
 def main(argv):
     del argv
-    run_setup.maybe_initialize_distributed("auto")
-    workdir = run_setup.check_workdir(_WORKDIR.value)
+    multihost.maybe_initialize_distributed("auto")
+    workdir = check_workdir(_WORKDIR.value)
     if _CHUNK.value < 1 or _BATCH.value < 1:
         raise ValueError(f"--chunk_size and --batch_size must be >= 1, got {_CHUNK.value}, {_BATCH.value}")
     check_inputs()
@@ -288,4 +291,5 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["mode", "workdir", "inception_weights"])
-    app.run(run_setup.run_main(main))
+    install_excepthook()
+    app.run(run_main(main))

@@ -19,7 +19,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from common_jax.metrics import image_grid, save_png
-from common_jax import run_setup as setup_run
+from common_jax.cli_errors import install_excepthook, run_main
+from common_jax.workdir_checks import check_workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "stage-two workdir (its config names the stage-one model)")
 _FIRST_STAGE = flags.DEFINE_string("first_stage_workdir", "", "override the stage-one workdir")
@@ -104,7 +105,7 @@ def write_spatial(sampler, out: str, seg_path: str, per_class: int, opts: dict, 
                   height: int = 0, width: int = 0) -> list[str]:
     """Samples conditioned on one label map: a grid at the training size, else one sliding-window image."""
     from common_jax.datasets import read_label_map
-    from vqgan_jax.segmentation import label_palette
+    from vqgan_jax.label_maps import label_palette
     if not seg_path:
         raise ValueError("this model is spatially conditioned: pass --segmentation=<label-map PNG>")
     seg = read_label_map(seg_path)
@@ -138,7 +139,7 @@ def main(argv):
     del argv
     from transformer_jax.sampler import Sampler, sampling_options
     opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
-    out = setup_run.check_workdir(_OUT.value)
+    out = check_workdir(_OUT.value)
     sampler = Sampler.from_workdirs(_WORKDIR.value, _FIRST_STAGE.value, _COND_STAGE.value)
     classes = parse_classes(sampler, _CLASSES.value)
     if sampler.cond.kind == "spatial":
@@ -155,4 +156,5 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir", "out"])
-    app.run(setup_run.run_main(main))
+    install_excepthook()
+    app.run(run_main(main))

@@ -8,8 +8,10 @@ from common_jax.host_memory import keep_freed_host_memory
 
 keep_freed_host_memory()  # first, before any library starts threads (see common_jax/host_memory.py)
 
-from common_jax.run_setup import train_app  # noqa: E402
+from common_jax.cli_errors import install_excepthook  # noqa: E402
+from common_jax.train_app import train_app  # noqa: E402
 from vqgan_jax.train import train  # noqa: E402
 
 if __name__ == "__main__":
+    install_excepthook()
     train_app(train, "configs/vqgan_tiny.py")

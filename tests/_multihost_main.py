@@ -46,8 +46,8 @@ if a.num_processes > 1:
     # The same environment variables a user's launcher sets; the entry points' code path starts it.
     os.environ.update(JAX_COORDINATOR_ADDRESS=a.coordinator, JAX_NUM_PROCESSES=str(a.num_processes),
                       JAX_PROCESS_ID=str(a.process_id))
-    from common_jax import run_setup  # noqa: E402
-    run_setup.maybe_initialize_distributed("auto")
+    from common_jax import multihost  # noqa: E402
+    multihost.maybe_initialize_distributed("auto")
     assert jax.process_count() == a.num_processes, jax.process_count()
 
 import numpy as np  # noqa: E402
@@ -191,7 +191,7 @@ def encode_alone() -> str:
     from common_jax.datasets import builtin_photos_name
     from common_jax.pretrained import params_fingerprint
     from transformer_jax import codes as codes_lib
-    from transformer_jax.train import make_encoder
+    from transformer_jax.code_encoder import make_encoder
     from vqgan_jax.pretrained import load_vqgan
     from vqgan_jax.train import model_from_config
     out = os.path.join(a.root, "codes")

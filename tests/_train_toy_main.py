@@ -51,7 +51,9 @@ from absl import logging  # noqa: E402
 
 import toy_task  # noqa: E402
 from common_jax.metrics import to_host  # noqa: E402
-from common_jax.run_setup import check_same_on_all_processes, check_workdir, resolve_dataset  # noqa: E402
+from common_jax.dataset_resolution import resolve_dataset  # noqa: E402
+from common_jax.multihost import check_same_on_all_processes  # noqa: E402
+from common_jax.workdir_checks import check_workdir  # noqa: E402
 from common_jax.training import run  # noqa: E402
 
 

@@ -13,7 +13,8 @@ from common_jax.mesh import make_mesh
 from common_jax.training import run
 from configs import transformer_tiny, vqgan_tiny
 from configs.loop import loop_config
-from transformer_jax.train import TransformerTask, gpt_from_config
+from transformer_jax.gpt import gpt_from_config
+from transformer_jax.train import TransformerTask
 from vqgan_jax.segmentation import SegmentationVQTask
 from vqgan_jax.train import VQGANTask, model_from_config
 

@@ -80,7 +80,7 @@ def test_files_are_lightning_1_0_checkpoints_in_both_serialisations(ckpts):
                                          ("segmentation", "")])
 def test_vq_models_match_taming(ckpts, expected, name, suffix):
     from vqgan_jax.convert import load_taming_checkpoint
-    from vqgan_jax.segmentation import one_hot_segmentation
+    from vqgan_jax.label_maps import one_hot_segmentation
     model, variables = load_taming_checkpoint(ckpts[name + suffix], yaml_path(name))
     if name == "segmentation":
         x = one_hot_segmentation(jnp.asarray(expected["segmentation/maps"]), N_LABELS)

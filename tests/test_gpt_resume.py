@@ -10,7 +10,8 @@ import _stage_main as stage
 from common_jax import datasets
 from common_jax.pretrained import params_fingerprint
 from transformer_jax.codes import codes_dataset_name
-from transformer_jax.train import train, unigram_entropy_bits
+from transformer_jax.code_encoder import unigram_entropy_bits
+from transformer_jax.train import train
 from vqgan_jax.pretrained import load_vqgan
 
 TOTAL, EVERY = 6, 2

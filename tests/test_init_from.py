@@ -99,10 +99,10 @@ def heldout_l1(config, params, workdir) -> float:
     """Mean L1 of ``params``' reconstructions over the held-out split (the loop's eval step)."""
     from types import SimpleNamespace
 
-    from common_jax import run_setup
+    from common_jax import dataset_resolution
     from vqgan_jax.train import VQGANTask
     task = VQGANTask(config)
-    _, eval_loader, _, _ = run_setup.image_loaders(config, workdir, ("image",))
+    _, eval_loader, _, _ = dataset_resolution.image_loaders(config, workdir, ("image",))
     step = jax.jit(lambda p, b: task.eval_step(SimpleNamespace(params=p, ema_params={}), b))
     sums = [jax.device_get(step(params, b)) for b in eval_loader()]
     return float(sum(s["l1"] for s in sums) / sum(s["count"] for s in sums))

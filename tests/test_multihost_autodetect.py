@@ -7,7 +7,7 @@ coordinator from the environment there); with JAX_COORDINATOR_ADDRESS it gets al
 import jax
 import pytest
 
-from common_jax import run_setup
+from common_jax import multihost
 
 VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID",
         "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID")
@@ -43,24 +43,24 @@ def test_auto_detection(calls, monkeypatch, name):
     env, want = CASES[name]
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    run_setup.maybe_initialize_distributed("auto")
+    multihost.maybe_initialize_distributed("auto")
     assert calls == ([] if want is None else [want])
 
 
 def test_on_and_off_override_the_environment(calls, monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    run_setup.maybe_initialize_distributed("off")
+    multihost.maybe_initialize_distributed("off")
     assert calls == []
     monkeypatch.delenv("SLURM_NTASKS")
-    run_setup.maybe_initialize_distributed("on")
+    multihost.maybe_initialize_distributed("on")
     assert calls == [{}]
 
 
 def test_bad_mode_and_incomplete_coordinator_are_one_clear_error(calls, monkeypatch):
     with pytest.raises(ValueError, match=r"^--multihost must be auto, on or off, got 'yes'$"):
-        run_setup.maybe_initialize_distributed("yes")
+        multihost.maybe_initialize_distributed("yes")
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "h:1")
     monkeypatch.setenv("JAX_PROCESS_ID", "0")
     with pytest.raises(ValueError, match=r"^JAX_COORDINATOR_ADDRESS=h:1 is set but JAX_NUM_PROCESSES is not"):
-        run_setup.maybe_initialize_distributed("auto")
+        multihost.maybe_initialize_distributed("auto")
     assert calls == []

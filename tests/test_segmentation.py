@@ -9,7 +9,8 @@ import pytest
 from common_jax.training import jit_init
 from configs.vqgan_base import base_config, vqgan_model
 from vqgan_jax import convert
-from vqgan_jax.segmentation import SegmentationVQTask, bce_with_quant_loss, one_hot_segmentation
+from vqgan_jax.label_maps import one_hot_segmentation
+from vqgan_jax.segmentation import SegmentationVQTask, bce_with_quant_loss
 
 
 def seg_config(n_labels=5):
@@ -84,7 +85,7 @@ def test_unknown_stage_one_task_is_refused_before_any_work(tmp_path):
 
 
 def test_label_palette_is_fixed_and_covers_every_label():
-    from vqgan_jax.segmentation import label_palette
+    from vqgan_jax.label_maps import label_palette
     p = np.asarray(label_palette(182))
     assert p.shape == (182, 3) and p.dtype == np.uint8
     np.testing.assert_array_equal(p, np.asarray(label_palette(182)))

@@ -129,7 +129,7 @@ def test_class_conditional_sampler_draws_codebook_ids_only(runs):
     from common_jax.training import jit_init
     from transformer_jax.gpt import init_variables
     from transformer_jax.sampler import Sampler
-    from transformer_jax.train import gpt_from_config
+    from transformer_jax.gpt import gpt_from_config
     from vqgan_jax.pretrained import load_vqgan
     c = transformer_tiny.get_config()
     gpt = gpt_from_config(c.gpt)

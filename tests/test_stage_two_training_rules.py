@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import transformer_tiny
-from transformer_jax.train import TransformerTask, gpt_from_config, learning_rate, make_optimizer
+from transformer_jax.gpt import gpt_from_config
+from transformer_jax.train import TransformerTask, learning_rate, make_optimizer
 
 V = 139            # transformer_tiny's vocabulary: 128 codes, 10 classes at 128..137, null token 138
 GRID = (4, 4)

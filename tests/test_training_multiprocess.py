@@ -64,31 +64,31 @@ def _gathering(monkeypatch, views):
 def test_gathered_digests_name_the_processes_that_differ_from_process_0(monkeypatch):
     # Every process receives the same gathered digests and derives the same list of processes that differ
     # from process 0.
-    from common_jax import run_setup
+    from common_jax import multihost
     views = ["a", "b", "a", "c"]
     digests, sent = _gathering(monkeypatch, views)
     for me in range(4):
         _as_process(monkeypatch, me, count=4)
-        assert run_setup._processes_differing_from_0(views[me]) == [1, 3]
+        assert multihost.processes_differing_from_0(views[me]) == [1, 3]
     np.testing.assert_array_equal(np.stack(sent), digests)       # each process sent the digest of its own view
     _gathering(monkeypatch, ["a"] * 4)
-    assert run_setup._processes_differing_from_0("a") == []
+    assert multihost.processes_differing_from_0("a") == []
 
 
 def test_weights_that_differ_between_the_processes_are_refused(monkeypatch):
     # Stage two checks the stage-one weights each host loaded (from its own disk, possibly another copy): every
     # process refuses before any training, naming the processes that differ from process 0.
-    from common_jax import run_setup
+    from common_jax import multihost
     views = ["weights of process 0", "weights of process 1"]
     _gathering(monkeypatch, views)
     for me in range(2):
         _as_process(monkeypatch, me)
         with pytest.raises(ValueError) as e:
-            run_setup.check_same_on_all_processes(views[me], "the toy weights", "load them from one place")
+            multihost.check_same_on_all_processes(views[me], "the toy weights", "load them from one place")
         assert str(e.value) == ("the toy weights differ between processes: process 1 loaded other ones than "
                                 "process 0; load them from one place")
     _gathering(monkeypatch, ["weights"] * 2)
-    run_setup.check_same_on_all_processes("weights", "the toy weights", "load them from one place")
+    multihost.check_same_on_all_processes("weights", "the toy weights", "load them from one place")
 
 
 def test_dataset_copies_that_differ_between_the_processes_are_refused(monkeypatch, tmp_path):
@@ -96,22 +96,22 @@ def test_dataset_copies_that_differ_between_the_processes_are_refused(monkeypatc
     # view of data_dir. A faithful copy (same names, sizes and modification times) passes; the same dataset
     # prepared again on another host (another modification time) is refused, after every attempt. Process 1's
     # view of the dataset (``other``) reaches process 0 through the stubbed gathering.
-    from common_jax import datasets, run_setup
+    from common_jax import dataset_resolution, datasets, multihost
     from common_jax.datasets import prepare_builtin_photos
     name = prepare_builtin_photos(tmp_path / "d0", crop_size=16, crops_per_photo=2).name
     shutil.copytree(tmp_path / "d0", tmp_path / "copy")              # copy2: modification times kept
     prepare_builtin_photos(tmp_path / "again", crop_size=16, crops_per_photo=2)
     sleeps = []
-    monkeypatch.setattr(run_setup.time, "sleep", sleeps.append)
+    monkeypatch.setattr(dataset_resolution.time, "sleep", sleeps.append)
     _as_process(monkeypatch, 0)
     mine = datasets.dataset_fingerprint(str(tmp_path / "d0"), name)
     digests, sent = _gathering(monkeypatch, [mine, datasets.dataset_fingerprint(str(tmp_path / "copy"), name)])
-    run_setup.check_dataset_on_all_processes(str(tmp_path / "d0"), name)
+    dataset_resolution.check_dataset_on_all_processes(str(tmp_path / "d0"), name)
     assert len(sent) == 1 and not sleeps
     np.testing.assert_array_equal(sent[0], digests[0])              # process 0 sent its own view of d0
     _gathering(monkeypatch, [mine, datasets.dataset_fingerprint(str(tmp_path / "again"), name)])
     with pytest.raises(ValueError) as e:
-        run_setup.check_dataset_on_all_processes(str(tmp_path / "d0"), name)
+        dataset_resolution.check_dataset_on_all_processes(str(tmp_path / "d0"), name)
     assert str(e.value).startswith(
         f"the files of dataset '{name}' in data_dir {tmp_path}/d0 differ between processes: process 1 "
         "sees other ones than process 0; data_dir must be one shared path on all hosts"), str(e.value)
@@ -122,10 +122,10 @@ def test_a_dataset_difference_is_looked_at_again_before_refusing(monkeypatch, tm
     # The retries of the comparison, in one process with the gathering stubbed: a difference that is gone on a
     # later look (another host's files reaching an NFS attribute cache late) passes; one that stays through all
     # attempts is refused; a dataset missing everywhere, once all agree, raises its own "not prepared" error.
-    from common_jax import datasets, run_setup
+    from common_jax import dataset_resolution, datasets, multihost
     looks, sleeps = [], []
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(run_setup.time, "sleep", sleeps.append)
+    monkeypatch.setattr(dataset_resolution.time, "sleep", sleeps.append)
     monkeypatch.setattr(datasets, "dataset_fingerprint", lambda data_dir, name: f"files of {name}")
 
     def differing(answers):
@@ -134,24 +134,24 @@ def test_a_dataset_difference_is_looked_at_again_before_refusing(monkeypatch, tm
             return answers[len(looks) - 1]
         return gather
 
-    monkeypatch.setattr(run_setup, "_processes_differing_from_0", differing([[1], [1], []]))
-    run_setup.check_dataset_on_all_processes(str(tmp_path), "photos", attempts=4, wait_s=0.5)
+    monkeypatch.setattr(multihost, "processes_differing_from_0", differing([[1], [1], []]))
+    dataset_resolution.check_dataset_on_all_processes(str(tmp_path), "photos", attempts=4, wait_s=0.5)
     assert looks == ["files of photos"] * 3 and sleeps == [0.5, 0.5]
 
     looks.clear()
     sleeps.clear()
-    monkeypatch.setattr(run_setup, "_processes_differing_from_0", differing([[1, 3]] * 3))
+    monkeypatch.setattr(multihost, "processes_differing_from_0", differing([[1, 3]] * 3))
     with pytest.raises(ValueError, match="processes 1, 3 see other ones than process 0"):
-        run_setup.check_dataset_on_all_processes(str(tmp_path), "photos", attempts=3, wait_s=0.5)
+        dataset_resolution.check_dataset_on_all_processes(str(tmp_path), "photos", attempts=3, wait_s=0.5)
     assert len(looks) == 3 and sleeps == [0.5, 0.5]                  # no wait after the last look
 
     def missing(data_dir, name):
         raise datasets.DatasetNotPreparedError(f"dataset {name} not prepared in {data_dir}")
     looks.clear()
     monkeypatch.setattr(datasets, "dataset_fingerprint", missing)
-    monkeypatch.setattr(run_setup, "_processes_differing_from_0", differing([[]]))
+    monkeypatch.setattr(multihost, "processes_differing_from_0", differing([[]]))
     with pytest.raises(datasets.DatasetNotPreparedError, match="not prepared"):
-        run_setup.check_dataset_on_all_processes(str(tmp_path), "photos")
+        dataset_resolution.check_dataset_on_all_processes(str(tmp_path), "photos")
     assert looks == ["missing"]
 
 

@@ -7,7 +7,8 @@ import pytest
 from common_jax.mesh import LOGICAL_AXIS_RULES, batch_sharding, make_mesh, replicated
 from common_jax.training import jit_init, state_shardings
 from configs import transformer_tiny
-from transformer_jax.train import TransformerTask, unigram_entropy_bits
+from transformer_jax.code_encoder import unigram_entropy_bits
+from transformer_jax.train import TransformerTask
 
 
 def tiny_config(**over):

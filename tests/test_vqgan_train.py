@@ -13,7 +13,7 @@ import pytest
 import _stage_main as stage
 from _stage_main import vqgan_config
 from common_jax import data as data_lib
-from common_jax import datasets, run_setup, training
+from common_jax import dataset_resolution, datasets, training
 from common_jax.mesh import LOGICAL_AXIS_RULES, batch_sharding, make_mesh, replicated, shard_batch
 from common_jax.training import jit_init, state_shardings
 from vqgan_jax.train import VQGANTask, learning_rate
@@ -151,8 +151,8 @@ def trained(photos, tmp_path_factory):
                                      "checkpoint.every": TRAIN_STEPS, "data.eval_examples": 160})
     config.optim.base_learning_rate *= 2
     task = VQGANTask(config)
-    train_loader, eval_loader, _, _ = run_setup.image_loaders(config, workdir)
-    run_setup.cap_eval_steps(config)
+    train_loader, eval_loader, _, _ = dataset_resolution.image_loaders(config, workdir)
+    dataset_resolution.cap_eval_steps(config)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     # The fresh state the loop starts from (its init key is the first half of split(key(seed))).
     init_key = jax.random.split(jax.random.key(int(config.seed)))[0]

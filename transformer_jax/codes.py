@@ -12,7 +12,6 @@ from absl import logging
 from common_jax import data as data_lib
 from common_jax import datasets
 from common_jax.metrics import progress_iter
-from common_jax.pretrained import params_fingerprint
 
 
 Encoders = Mapping[str, tuple[str, Callable[[np.ndarray], Any]]]   # out key -> (batch key, batch -> codes)
@@ -24,12 +23,6 @@ def codes_dataset_name(data_dir: str, image_dataset: str, image_size: int, stage
     images = datasets.dataset_fingerprint(data_dir, image_dataset)
     h = hashlib.sha1(f"{image_dataset}|{images}|{image_size}|{stage_one_id}".encode()).hexdigest()[:12]
     return f"codes_{h}"
-
-
-def stage_one_fingerprint(*variables: Any) -> str:
-    """Identity of the stage-one weights a stage-two run encodes with: the first stage's, then the cond stage's
-    (spatial conditioning). Training records it and the Sampler compares against it, so both build it here."""
-    return "".join(params_fingerprint(v) for v in variables)
 
 
 def encode_examples(loader: data_lib.Loader, encoders: Encoders, num_batches: int) -> Iterator[dict]:

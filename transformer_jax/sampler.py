@@ -76,8 +76,8 @@ class Sampler:
         """From a stage-two workdir; the stage-one (and cond-stage) models are the ones its config names
         unless overridden."""
         from common_jax.pretrained import check_stage, load_workdir
-        from transformer_jax.codes import stage_one_fingerprint
-        from transformer_jax.train import gpt_from_config
+        from transformer_jax.code_encoder import stage_one_fingerprint
+        from transformer_jax.gpt import gpt_from_config
         from vqgan_jax.pretrained import load_vqgan
         config, state, _ = load_workdir(transformer_workdir)
         check_stage(config, transformer_workdir, "stage-two (transformer)")
@@ -106,7 +106,7 @@ class Sampler:
         if self.cond_stage is None:
             raise ValueError("encode_condition needs the cond-stage (segmentation) model: this Sampler was "
                              "built without one (a spatially conditioned workdir provides it)")
-        from transformer_jax.train import make_encoder
+        from transformer_jax.code_encoder import make_encoder
         model, variables, n_labels = self.cond_stage
         seg = np.asarray(segmentation)
         if seg.ndim != 3 or not np.issubdtype(seg.dtype, np.integer):
@@ -169,7 +169,7 @@ class Sampler:
         """Identity of every weight this sampler uses (GPT, first stage, cond stage), e.g. to check that the
         processes of a job loaded the same ones."""
         from common_jax.pretrained import params_fingerprint
-        from transformer_jax.codes import stage_one_fingerprint
+        from transformer_jax.code_encoder import stage_one_fingerprint
         stages = [self.vq_vars] + ([] if self.cond_stage is None else [self.cond_stage[1]])
         return params_fingerprint(self.gpt_vars) + stage_one_fingerprint(*stages)
 

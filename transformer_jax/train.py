@@ -20,13 +20,13 @@ from flax import struct
 
 from common_jax import checkpoint as ckpt
 from common_jax import data as data_lib
-from common_jax import run_setup, training
+from common_jax import dataset_resolution, multihost, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from transformer_jax import codes as codes_lib
 from transformer_jax import conditioning as cond_lib
-from transformer_jax.gpt import GPT, gpt_from_config, is_kernel_path  # noqa: F401 (gpt_from_config: callers)
+from transformer_jax.code_encoder import make_encoder, stage_one_fingerprint
+from transformer_jax.gpt import GPT, gpt_from_config, is_kernel_path
 from vqgan_jax.quantizers import codebook_size
-from vqgan_jax.segmentation import one_hot_segmentation
 
 LN2 = math.log(2.0)
 
@@ -173,34 +173,6 @@ class EncodingLoader:
         self.loader.set_state(state)
 
 
-def make_encoder(vqgan: Any, variables: Any, n_labels: int = 0) -> Callable[[np.ndarray], jax.Array]:
-    """Jitted inputs -> codes of a frozen stage-one model (variables passed as an argument, not baked in).
-
-    ``n_labels > 0``: the inputs are (B, H, W) label maps, one-hot encoded first (the segmentation model).
-    """
-    def encode(v, x):
-        x = one_hot_segmentation(x, n_labels) if n_labels else x
-        return vqgan.apply(v, x, method="encode").indices
-    fn = jax.jit(encode)
-    # The frozen weights live on one local device, under a one-device mesh: the training loop calls this
-    # (EncodingLoader) inside its own mesh context, which jit rejects for single-device arguments.
-    device = jax.local_devices()[0]
-    variables = jax.device_put(variables, device)
-    local = jax.sharding.Mesh(np.array([device]), ("data",))
-
-    def run(inputs: np.ndarray) -> jax.Array:
-        with jax.set_mesh(local):
-            return fn(variables, jnp.asarray(inputs))
-    return run
-
-
-def unigram_entropy_bits(codes: np.ndarray, vocab: int) -> float:
-    """Entropy (bits/token) of the empirical code distribution: the NLL a context-free model reaches."""
-    counts = np.bincount(np.asarray(codes).reshape(-1), minlength=vocab).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
-
-
 def stage_one_grid(config: Any, vq_model_cfg: Any, role: str = "first_stage") -> tuple[int, int]:
     """The code grid a stage-one model gives for ``data.image_size``; its codebook must fit the GPT's
     vocabulary, and the first stage's grid must be ``data.code_grid``."""
@@ -241,8 +213,8 @@ def train(config, workdir: str) -> training.RunResult:
         encoders["cond_codes"] = ("segmentation", make_encoder(cvq, cvars, int(ccfg.in_channels)))
         stage_vars.append(cvars)
         features, code_features = ("image", "segmentation"), ("codes", "cond_codes")
-    stage_one_id = codes_lib.stage_one_fingerprint(*stage_vars)
-    run_setup.check_same_on_all_processes(
+    stage_one_id = stage_one_fingerprint(*stage_vars)
+    multihost.check_same_on_all_processes(
         stage_one_id, "the stage-one weights (first_stage, cond_stage)",
         "give every host the same checkpoint, e.g. one shared first_stage.workdir")
     check_stage_one_unchanged(workdir, stage_one_id)
@@ -250,12 +222,12 @@ def train(config, workdir: str) -> training.RunResult:
         config.stage_one_fingerprint = stage_one_id     # saved with every checkpoint's config
     task = TransformerTask(config, cond_grid)
     d = config.data
-    data_dir, image_name = run_setup.resolve_dataset(d, workdir)
-    run_setup.cap_eval_steps(config)
+    data_dir, image_name = dataset_resolution.resolve_dataset(d, workdir)
+    dataset_resolution.cap_eval_steps(config)
     if d.pre_encoded:
         name = codes_lib.prepare_codes(data_dir, image_name, int(d.image_size), encoders, stage_one_id,
                                        int(d.eval_batch_size))
-        run_setup.check_dataset_on_all_processes(data_dir, name)     # every process's shard is there
+        dataset_resolution.check_dataset_on_all_processes(data_dir, name)     # every process's shard is there
         codes_lib.warn_if_collapsed(data_dir, name, codebook_size(vq_cfg), float(d.get("min_codebook_usage", 0.01)))
         train_loader = data_lib.make_loader(data_dir, name, "train", int(d.global_batch_size), train=True,
                                             image_size=None, seed=int(config.seed), features=code_features)
@@ -263,7 +235,7 @@ def train(config, workdir: str) -> training.RunResult:
                                                    train=False, image_size=None, seed=0, num_epochs=1,
                                                    features=code_features)
     else:
-        train_images, eval_images, _, _ = run_setup.image_loaders(config, workdir, features)
+        train_images, eval_images, _, _ = dataset_resolution.image_loaders(config, workdir, features)
         train_loader = EncodingLoader(train_images, encoders)
         eval_loader = lambda: EncodingLoader(eval_images(), encoders)
     logging.info("stage two (%s conditioning) on %s codes (%s), global batch %d", config.cond.kind, image_name,

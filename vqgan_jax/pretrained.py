@@ -9,7 +9,6 @@ import ml_collections
 from common_jax.pretrained import check_finite, check_stage, load_workdir
 from vqgan_jax import convert
 from vqgan_jax.model import VQGAN
-from vqgan_jax.train import model_from_config
 
 
 def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", use_ema: bool = True,
@@ -24,7 +23,7 @@ def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", 
         config, state, _ = load_workdir(workdir)
         check_stage(config, workdir, "stage-one (VQGAN)", f"as {role}.workdir")
         params = state.get("ema_params") if use_ema and state.get("ema_params") else state["params"]
-        return model_from_config(config), {"params": jax.tree.map(jax.numpy.asarray, params)}, config.model
+        return VQGAN.from_config(config.model), {"params": jax.tree.map(jax.numpy.asarray, params)}, config.model
     if taming_ckpt and taming_yaml:
         model, variables = convert.load_taming_checkpoint(taming_ckpt, taming_yaml)
         check_finite(variables, taming_ckpt, "the file is damaged, or holds the state of a diverged run")

@@ -10,23 +10,13 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
+from vqgan_jax.label_maps import label_palette, one_hot_segmentation
 from vqgan_jax.model import VQGAN
 from vqgan_jax.train import MODEL_SHAPE_KEYS
-
-
-def one_hot_segmentation(labels: jax.Array, n_labels: int) -> jax.Array:
-    """(B, H, W) integer label map -> (B, H, W, n_labels) float32 one-hot, the model's input."""
-    return jax.nn.one_hot(jnp.asarray(labels, jnp.int32), n_labels, dtype=jnp.float32)
-
-
-def label_palette(n_labels: int) -> jax.Array:
-    """(n_labels, 3) uint8: a fixed colour per class id, for viewing label maps (as taming's colorize)."""
-    return jnp.asarray(np.random.default_rng(0).integers(0, 256, (n_labels, 3), dtype=np.uint8))
 
 
 def bce_with_quant_loss(logits: jax.Array, target: jax.Array, codebook_loss: jax.Array,

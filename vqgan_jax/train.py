@@ -15,7 +15,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from common_jax import run_setup, training
+from common_jax import dataset_resolution, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from vqgan_jax import losses
 from vqgan_jax.model import VQGAN
@@ -295,7 +295,7 @@ def train(config, workdir: str) -> training.RunResult:
             lpips = load_lpips(config.lpips_weights)
         # validates the config before any data work; images only (paired datasets have no label)
         task, features = VQGANTask(config, lpips), ("image",)
-    train_loader, eval_loader, _, name = run_setup.image_loaders(config, workdir, features)
-    run_setup.cap_eval_steps(config)
+    train_loader, eval_loader, _, name = dataset_resolution.image_loaders(config, workdir, features)
+    dataset_resolution.cap_eval_steps(config)
     logging.info("stage one (%s) on %s, global batch %d", kind, name, config.data.global_batch_size)
     return training.run(config, workdir, task, train_loader, eval_loader)
