@@ -279,20 +279,23 @@ def _grid_cols(n: int) -> int:
     return max(1, int(math.ceil(math.sqrt(n))))
 
 
-def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Iterable,
-        eval_loader_factory: Callable[[], Iterable] | None = None, *,
-        writer: Any = None, tensorboard: bool | None = None,
-        mesh: jax.sharding.Mesh | None = None,
-        stop_after: int | None = None, quiet_orbax: bool = True) -> RunResult:
-    """Train ``task`` until ``config.total_steps`` (resuming from ``workdir`` if it holds a checkpoint).
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The loop's config fields, read and checked once (the loop has no defaults of its own)."""
+    total: int
+    seed: int
+    log_every: int
+    eval_every: int
+    eval_steps: int
+    image_every: int
+    ckpt_every: int
+    keep: Any
+    async_save: bool
+    shape_keys: tuple[str, ...]
+    max_skips: int
 
-    ``writer``: a clu-style metric writer (default: TensorBoard + logging on process 0, or logging only
-    with ``tensorboard=False``; ``tensorboard`` defaults to ``config.tensorboard``).
-    Resuming compares the config keys of ``task.shape_keys`` with the checkpoint's config. ``stop_after``:
-    return after this many steps in this call (tests, debugging), saving a checkpoint there.
-    ``quiet_orbax``: hide orbax's INFO logs during the run.
-    Returns the final state (on the mesh) and the last metrics.
-    """
+
+def _settings(config: Any, task: Task) -> _Settings:
     total = get(config, "total_steps")
     if total is None:
         raise ValueError("run: config.total_steps is required (number of optimisation steps)")
@@ -313,7 +316,308 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
     if max_skips < 0:
         raise ValueError(f"run: config.max_skipped_steps must be >= 0 (0: stop at the first non-finite loss or "
                          f"gradient norm; N: skip up to N such steps), got {max_skips}")
+    return _Settings(total, seed, log_every, eval_every, eval_steps, image_every, ckpt_every, keep, async_save,
+                     shape_keys, max_skips)
 
+
+@dataclasses.dataclass
+class _Run:
+    """What every phase of one ``run`` call reads. ``manager`` is the open checkpoint manager: restoring may
+    replace it (unreadable checkpoints moved aside reopen it), and the run closes whichever one is current."""
+    config: Any
+    workdir: str
+    settings: _Settings
+    mesh: jax.sharding.Mesh
+    writer: Any
+    train_loader: Iterator
+    eval_loader_factory: Callable[[], Iterable] | None
+    is_main: bool
+    manager: Any = None
+
+    def open_manager(self) -> Any:
+        s = self.settings
+        return ckpt.make_manager(self.workdir, keep=s.keep, every=s.ckpt_every, async_save=s.async_save)
+
+    def newest_checkpoint(self) -> str:
+        """Where the newest good checkpoint is, for the divergence error line."""
+        self.manager.wait_until_finished()
+        good = ckpt.latest_step(self.manager)
+        return (f"the newest good checkpoint is step {good} in {self.manager.directory}" if good is not None
+                else f"there is no checkpoint in {self.manager.directory} yet")
+
+
+@dataclasses.dataclass
+class _Start:
+    """Where the loop starts: the state on the mesh, its step, the run's steps skipped before it, and the
+    state's abstract shapes and shardings."""
+    state: PyTree
+    step: int
+    skipped_before: int
+    abstract: PyTree
+    shardings: PyTree
+
+
+def restore_or_init(r: _Run, task: Task, init_key: jax.Array) -> _Start:
+    """Phase 1 (under the mesh): the newest readable checkpoint of the workdir with the data position, its
+    config checked against this one; or a fresh state, with ``init_from``'s weights when fine-tuning."""
+    config = r.config
+    abstract = jax.eval_shape(task.init_state, init_key)
+    shardings = state_shardings(task, abstract, r.mesh)
+
+    where = f"checkpoint in {r.workdir}"
+    r.manager, start, restored = ckpt.restore_newest(
+        r.manager, abstract, shardings,
+        check_meta=lambda meta: _log_lines(check_config_compatible(meta.get("config", {}), config,
+                                                                   r.settings.shape_keys, source=where)),
+        reopen=r.open_manager)
+    skipped_before = 0
+    if start is not None:
+        state, meta, data_item = restored
+        skipped_before = int(meta.get("skipped_steps", 0))
+        if hasattr(r.train_loader, "set_state") and data_item:
+            local = ckpt.local_process_state(data_item, where)
+            if local is None:
+                logging.warning("%s holds no data-iterator state; the data stream restarts", where)
+            else:
+                r.train_loader.set_state(local)
+        logging.info("resumed from step %d of %s", start, r.manager.directory)
+        if get(config, "init_from", ""):
+            logging.info("init_from=%s is ignored: the run resumes from its own checkpoint",
+                         get(config, "init_from"))
+    else:
+        state = jit_init(task.init_state, shardings)(init_key)
+        start = 0
+        logging.info("initialised a fresh state (no checkpoint in %s)", r.manager.directory)
+        if get(config, "init_from", ""):     # fine-tuning: weights from another workdir
+            from common_jax.init_from import init_from_workdir
+            state = init_from_workdir(state, get(config, "init_from"), config)
+    if r.is_main:
+        with open(os.path.join(r.workdir, "config.json"), "w") as f:
+            json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+        n_params = sum(x.size for x in jax.tree.leaves(abstract))
+        logging.info("train state: %d values; mesh %s", n_params, dict(r.mesh.shape))
+    return _Start(state, start, skipped_before, abstract, shardings)
+
+
+@dataclasses.dataclass
+class _Steps:
+    """The jitted functions of a run (each compiles at its first call). ``checked`` names the metrics the
+    divergence check reads; it is filled in when the train step is traced."""
+    train_step: Callable
+    eval_step: Callable | None
+    summaries: Callable | None
+    checked: list[str]
+
+
+def compile_steps(r: _Run, task: Task, shardings: PyTree) -> _Steps:
+    """Phase 2: the train step with its divergence record (and, with ``max_skipped_steps`` > 0, the skip of a
+    non-finite step), the eval step and the image summaries, jitted on the run's shardings."""
+    max_skips = r.settings.max_skips
+    repl = replicated(r.mesh)
+    batch_shard = batch_sharding(r.mesh, 1)  # prefix: leading dim split over (data, fsdp), rest replicated
+    checked: list[str] = []
+
+    def _train_step(state, batch, key, health):
+        new, metrics = task.train_step(state, batch, jax.random.fold_in(key, state.step))
+        checked[:] = _checked(metrics)
+        values = jnp.stack([jnp.sum(jnp.asarray(metrics[k], jnp.float32)) for k in checked])
+        bad = ~jnp.all(jnp.isfinite(values))
+        values = jnp.pad(values, (0, MAX_CHECKED_METRICS - len(checked)))
+        first = bad & (health["first_step"] < 0)
+        health = {"bad": health["bad"] + bad.astype(jnp.int32),
+                  "first_step": jnp.where(first, new.step, health["first_step"]),
+                  "first_values": jnp.where(first, values, health["first_values"]),
+                  "last_step": jnp.where(bad, new.step, health["last_step"]),
+                  "last_values": jnp.where(bad, values, health["last_values"])}
+        if max_skips > 0:  # compiled in only when skipping is allowed
+            kept = state.replace(step=new.step)
+            new = jax.tree.map(lambda k, n: jnp.where(bad, k, n), kept, new)
+        return new, metrics, health
+
+    train_step = jax.jit(_train_step, in_shardings=(shardings, batch_shard, repl, repl),
+                         out_shardings=(shardings, repl, repl), donate_argnums=(0, 3))
+    eval_fn = summaries_fn = None
+    if r.eval_loader_factory is not None and hasattr(task, "eval_step"):
+        eval_fn = jax.jit(task.eval_step, in_shardings=(shardings, batch_shard), out_shardings=repl)
+    if hasattr(task, "summaries"):
+        summaries_fn = jax.jit(task.summaries, in_shardings=(shardings, batch_shard), out_shardings=repl)
+    return _Steps(train_step, eval_fn, summaries_fn, checked)
+
+
+class _Health:
+    """The device-side divergence record the train step updates, read by the host only where the loop syncs."""
+
+    def __init__(self, r: _Run, steps: _Steps, skipped_before: int) -> None:
+        self.record = jax.device_put(_fresh_health(), replicated(r.mesh))
+        self._run, self._checked, self._skipped_before = r, steps.checked, skipped_before
+        self._reported = 0
+
+    def check(self) -> int:
+        """Raise TrainingDiverged on a non-finite step (beyond max_skipped_steps); returns the number of
+        skipped steps of the run. Reads the device record: call it only where the loop syncs."""
+        max_skips, checked = self._run.settings.max_skips, self._checked
+        h = jax.device_get(self.record)
+        n_bad = int(h["bad"])
+        if n_bad == 0:
+            return self._skipped_before
+        hint = ("lower the learning rate" + ("" if max_skips else
+                ", or let --config.max_skipped_steps=N skip up to N isolated bad steps"))
+        if max_skips == 0:
+            raise TrainingDiverged(
+                f"training diverged at step {int(h['first_step'])}: "
+                f"{_nonfinite_text(checked, h['first_values'])} (non-finite); no checkpoint of the "
+                f"diverged state was written; {self._run.newest_checkpoint()}; {hint}")
+        total_skipped = self._skipped_before + n_bad
+        if total_skipped > max_skips:
+            raise TrainingDiverged(
+                f"training diverged: {total_skipped} steps of this run had non-finite values, more than "
+                f"max_skipped_steps={max_skips} (the last at step {int(h['last_step'])}: "
+                f"{_nonfinite_text(checked, h['last_values'])}); no checkpoint was written after it; "
+                f"{self._run.newest_checkpoint()}; {hint}")
+        if n_bad > self._reported:
+            logging.warning("skipped %d step(s) with non-finite values (the last at step %d: %s); the "
+                            "state is unchanged by them; %d of at most %d skipped in this run",
+                            n_bad - self._reported, int(h["last_step"]),
+                            _nonfinite_text(checked, h["last_values"]), total_skipped, max_skips)
+            self._reported = n_bad
+        return total_skipped
+
+
+def evaluate(r: _Run, eval_step: Callable, state: PyTree) -> dict:
+    """Phase 3 (at eval steps): the eval step's sums over the eval loader (``eval_steps`` batches, 0: all),
+    divided by the summed ``count`` (or the number of batches)."""
+    sums, n_batches = None, 0
+    for i, batch in enumerate(r.eval_loader_factory()):
+        if r.settings.eval_steps and i >= r.settings.eval_steps:
+            break
+        out = eval_step(state, shard_batch(batch, r.mesh))
+        sums = out if sums is None else mlib._tree_add(sums, out)
+        n_batches += 1
+    if sums is None:
+        raise ValueError("run: the eval loader yielded no batches")
+    host = {k: mlib.to_host(v) for k, v in sums.items()}
+    count = host.pop("count", None)
+    denom = float(count.sum()) if count is not None else float(n_batches)
+    if denom <= 0:
+        raise ValueError("run: eval 'count' summed to 0 (all examples masked?)")
+    return {k: float(v.sum()) / denom if v.ndim else float(v) / denom for k, v in host.items()}
+
+
+def _write_images(r: _Run, summaries: Callable, state: PyTree, batch: PyTree, step: int) -> None:
+    images = jax.device_get(summaries(state, batch))
+    for name, img in images.items():
+        img = mlib.to_host(img)
+        if img.dtype != jnp.uint8:
+            img = mlib.to_uint8(img)
+        grid = mlib.image_grid(img, _grid_cols(img.shape[0]))
+        r.writer.write_images(step, {name: grid[None]})
+        if r.is_main:
+            mlib.save_png(os.path.join(r.workdir, "images", f"{name}_{step:08d}.png"), grid)
+
+
+def _image_batch(r: _Run, fallback: PyTree) -> PyTree:
+    if r.eval_loader_factory is None:
+        return fallback
+    return shard_batch(next(iter(r.eval_loader_factory())), r.mesh)
+
+
+def train_loop(r: _Run, steps: _Steps, begin: _Start, base_key: jax.Array, stop_after: int | None) -> RunResult:
+    """Phase 4: train steps until ``total_steps`` (or ``stop_after`` steps), with logging, evaluation, image
+    summaries and checkpoints at their intervals; the divergence record is read before any of them, and a
+    preemption saves and stops."""
+    s, mesh, manager = r.settings, r.mesh, r.manager
+    health = _Health(r, steps, begin.skipped_before)
+    state, start, total, config = begin.state, begin.step, s.total, r.config
+    averager = mlib.MetricAverager()
+    progress = mlib.Progress(total, start=start)
+    t_start = time.monotonic()
+    train_metrics: dict = {}
+    eval_metrics: dict = {}
+    step = start
+    preempted = False
+    skipped = begin.skipped_before
+    end = total if stop_after is None else min(total, start + int(stop_after))
+    batch = None
+
+    if start >= end:
+        logging.info("nothing to do: step %d >= total_steps %d", start, end)
+    with _PreemptionFlag() as flag:
+        while step < end:
+            try:
+                host_batch = next(r.train_loader)
+            except StopIteration:
+                raise ValueError(f"run: the train loader ran out at step {step}; it must be "
+                                 f"infinite (repeat) for {total} steps") from None
+            if step == start:
+                _check_batch(host_batch, mesh, step)
+            batch = shard_batch(host_batch, mesh)
+            state, step_metrics, health.record = steps.train_step(state, batch, base_key, health.record)
+            step += 1
+            averager.add(step_metrics)
+            if step == start + 1:
+                # Time the compile once, and keep it out of the steps/s and ETA.
+                jax.block_until_ready(step_metrics)
+                logging.info("first step (incl. compilation) took %.1f s", time.monotonic() - t_start)
+                progress = mlib.Progress(total, start=step)
+
+            log_now = step % s.log_every == 0 or step == end
+            eval_now = steps.eval_step is not None and ((s.eval_every and step % s.eval_every == 0)
+                                                        or step == total)
+            images_now = steps.summaries is not None and ((s.image_every and step % s.image_every == 0)
+                                                          or step == total)
+            if flag.set or (jax.process_count() > 1 and manager.reached_preemption(step)):
+                preempted = True
+            save_now = step % s.ckpt_every == 0 or step == end or preempted
+            if log_now or eval_now or images_now or save_now:
+                skipped = health.check()  # before anything of this state is logged or saved
+
+            if log_now:
+                if int(state.step) != step:  # a task that forgets step+1 would repeat rngs
+                    raise ValueError(f"task.train_step must increment state.step: after {step} "
+                                     f"steps it is {int(state.step)}")
+                train_metrics = averager.result()
+                averager.reset()
+                rate = progress.update(step)
+                scalars = {f"train/{k}": v for k, v in train_metrics.items()}
+                scalars["steps_per_sec"] = rate
+                if s.max_skips:
+                    scalars["skipped_steps"] = skipped
+                r.writer.write_scalars(step, scalars)
+                logging.info("%s", progress.line(step))
+            if eval_now:
+                eval_metrics = evaluate(r, steps.eval_step, state)
+                r.writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+            if images_now:
+                _write_images(r, steps.summaries, state, _image_batch(r, batch), step)
+            if save_now:
+                data = r.train_loader.get_state() if hasattr(r.train_loader, "get_state") else None
+                ckpt.save(manager, step, state, {"config": config_to_dict(config), "skipped_steps": int(skipped)},
+                          data, force=True)
+            if preempted:
+                logging.warning("preemption signal: saved step %d, stopping", step)
+                break
+    return RunResult(state=state, step=step, train_metrics=train_metrics,
+                     eval_metrics=eval_metrics, preempted=preempted, skipped_steps=skipped)
+
+
+def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Iterable,
+        eval_loader_factory: Callable[[], Iterable] | None = None, *,
+        writer: Any = None, tensorboard: bool | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        stop_after: int | None = None, quiet_orbax: bool = True) -> RunResult:
+    """Train ``task`` until ``config.total_steps`` (resuming from ``workdir`` if it holds a checkpoint).
+
+    ``writer``: a clu-style metric writer (default: TensorBoard + logging on process 0, or logging only
+    with ``tensorboard=False``; ``tensorboard`` defaults to ``config.tensorboard``).
+    Resuming compares the config keys of ``task.shape_keys`` with the checkpoint's config. ``stop_after``:
+    return after this many steps in this call (tests, debugging), saving a checkpoint there.
+    ``quiet_orbax``: hide orbax's INFO logs during the run.
+    Returns the final state (on the mesh) and the last metrics.
+
+    The phases, in order: :func:`restore_or_init`, :func:`compile_steps`, :func:`train_loop` (which calls
+    :func:`evaluate` at eval steps).
+    """
+    settings = _settings(config, task)
     workdir = os.path.abspath(os.fspath(workdir))
     is_main = jax.process_index() == 0
     if is_main:
@@ -324,236 +628,26 @@ def run(config: Any, workdir: str | os.PathLike, task: Task, train_loader: Itera
         if tensorboard is None:
             tensorboard = bool(require(config, "tensorboard"))
         writer = mlib.create_writer(workdir, tensorboard=tensorboard)
-    train_loader = _require_loader_api(train_loader)
-
-    root_key = jax.random.key(seed)
-    init_key, base_key = jax.random.split(root_key)
-    repl = replicated(mesh)
-    batch_shard = batch_sharding(mesh, 1)  # prefix: leading dim split over (data, fsdp), rest replicated
+    r = _Run(config, workdir, settings, mesh, writer, _require_loader_api(train_loader), eval_loader_factory,
+             is_main)
+    init_key, base_key = jax.random.split(jax.random.key(settings.seed))
 
     quiet = _QuietOrbax() if quiet_orbax else None
     if quiet is not None:
         pylogging.getLogger("absl").addFilter(quiet)
-    manager = None
     try:
-        manager = ckpt.make_manager(workdir, keep=keep, every=ckpt_every, async_save=async_save)
+        r.manager = r.open_manager()
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            abstract = jax.eval_shape(task.init_state, init_key)
-            shardings = state_shardings(task, abstract, mesh)
-
-            where = f"checkpoint in {workdir}"
-            manager, start, restored = ckpt.restore_newest(
-                manager, abstract, shardings,
-                check_meta=lambda meta: _log_lines(check_config_compatible(meta.get("config", {}), config,
-                                                                           shape_keys, source=where)),
-                reopen=lambda: ckpt.make_manager(workdir, keep=keep, every=ckpt_every, async_save=async_save))
-            skipped_before = 0
-            if start is not None:
-                state, meta, data_item = restored
-                skipped_before = int(meta.get("skipped_steps", 0))
-                if hasattr(train_loader, "set_state") and data_item:
-                    local = ckpt.local_process_state(data_item, where)
-                    if local is None:
-                        logging.warning("%s holds no data-iterator state; the data stream restarts", where)
-                    else:
-                        train_loader.set_state(local)
-                logging.info("resumed from step %d of %s", start, manager.directory)
-                if get(config, "init_from", ""):
-                    logging.info("init_from=%s is ignored: the run resumes from its own checkpoint",
-                                 get(config, "init_from"))
-            else:
-                state = jit_init(task.init_state, shardings)(init_key)
-                start = 0
-                logging.info("initialised a fresh state (no checkpoint in %s)", manager.directory)
-                if get(config, "init_from", ""):     # fine-tuning: weights from another workdir
-                    from common_jax.init_from import init_from_workdir
-                    state = init_from_workdir(state, get(config, "init_from"), config)
-            if is_main:
-                with open(os.path.join(workdir, "config.json"), "w") as f:
-                    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-                n_params = sum(x.size for x in jax.tree.leaves(abstract))
-                logging.info("train state: %d values; mesh %s", n_params, dict(mesh.shape))
-
-            checked: list[str] = []  # the checked metric names, filled in when the step is traced
-
-            def _train_step(state, batch, key, health):
-                new, metrics = task.train_step(state, batch, jax.random.fold_in(key, state.step))
-                checked[:] = _checked(metrics)
-                values = jnp.stack([jnp.sum(jnp.asarray(metrics[k], jnp.float32)) for k in checked])
-                bad = ~jnp.all(jnp.isfinite(values))
-                values = jnp.pad(values, (0, MAX_CHECKED_METRICS - len(checked)))
-                first = bad & (health["first_step"] < 0)
-                health = {"bad": health["bad"] + bad.astype(jnp.int32),
-                          "first_step": jnp.where(first, new.step, health["first_step"]),
-                          "first_values": jnp.where(first, values, health["first_values"]),
-                          "last_step": jnp.where(bad, new.step, health["last_step"]),
-                          "last_values": jnp.where(bad, values, health["last_values"])}
-                if max_skips > 0:  # compiled in only when skipping is allowed
-                    kept = state.replace(step=new.step)
-                    new = jax.tree.map(lambda k, n: jnp.where(bad, k, n), kept, new)
-                return new, metrics, health
-
-            train_step = jax.jit(_train_step, in_shardings=(shardings, batch_shard, repl, repl),
-                                 out_shardings=(shardings, repl, repl), donate_argnums=(0, 3))
-            health = jax.device_put(_fresh_health(), repl)
-            reported_bad = 0
-
-            def newest_checkpoint() -> str:
-                manager.wait_until_finished()
-                good = ckpt.latest_step(manager)
-                return (f"the newest good checkpoint is step {good} in {manager.directory}" if good is not None
-                        else f"there is no checkpoint in {manager.directory} yet")
-
-            def check_health() -> int:
-                """Raise TrainingDiverged on a non-finite step (beyond max_skipped_steps); returns the number
-                of skipped steps of the run. Reads the device record: call it only where the loop syncs."""
-                nonlocal reported_bad
-                h = jax.device_get(health)
-                n_bad = int(h["bad"])
-                if n_bad == 0:
-                    return skipped_before
-                hint = ("lower the learning rate" + ("" if max_skips else
-                        ", or let --config.max_skipped_steps=N skip up to N isolated bad steps"))
-                if max_skips == 0:
-                    raise TrainingDiverged(
-                        f"training diverged at step {int(h['first_step'])}: "
-                        f"{_nonfinite_text(checked, h['first_values'])} (non-finite); no checkpoint of the "
-                        f"diverged state was written; {newest_checkpoint()}; {hint}")
-                total_skipped = skipped_before + n_bad
-                if total_skipped > max_skips:
-                    raise TrainingDiverged(
-                        f"training diverged: {total_skipped} steps of this run had non-finite values, more than "
-                        f"max_skipped_steps={max_skips} (the last at step {int(h['last_step'])}: "
-                        f"{_nonfinite_text(checked, h['last_values'])}); no checkpoint was written after it; "
-                        f"{newest_checkpoint()}; {hint}")
-                if n_bad > reported_bad:
-                    logging.warning("skipped %d step(s) with non-finite values (the last at step %d: %s); the "
-                                    "state is unchanged by them; %d of at most %d skipped in this run",
-                                    n_bad - reported_bad, int(h["last_step"]),
-                                    _nonfinite_text(checked, h["last_values"]), total_skipped, max_skips)
-                    reported_bad = n_bad
-                return total_skipped
-            eval_fn = summaries_fn = None
-            if eval_loader_factory is not None and hasattr(task, "eval_step"):
-                eval_fn = jax.jit(task.eval_step, in_shardings=(shardings, batch_shard), out_shardings=repl)
-            if hasattr(task, "summaries"):
-                summaries_fn = jax.jit(task.summaries, in_shardings=(shardings, batch_shard),
-                                       out_shardings=repl)
-
-            def meta_now(skipped: int) -> dict:
-                return {"config": config_to_dict(config), "skipped_steps": int(skipped)}
-
-            def data_now() -> Any:
-                return train_loader.get_state() if hasattr(train_loader, "get_state") else None
-
-            def evaluate(state) -> dict:
-                sums, n_batches = None, 0
-                for i, batch in enumerate(eval_loader_factory()):
-                    if eval_steps and i >= eval_steps:
-                        break
-                    out = eval_fn(state, shard_batch(batch, mesh))
-                    sums = out if sums is None else mlib._tree_add(sums, out)
-                    n_batches += 1
-                if sums is None:
-                    raise ValueError("run: the eval loader yielded no batches")
-                host = {k: mlib.to_host(v) for k, v in sums.items()}
-                count = host.pop("count", None)
-                denom = float(count.sum()) if count is not None else float(n_batches)
-                if denom <= 0:
-                    raise ValueError("run: eval 'count' summed to 0 (all examples masked?)")
-                return {k: float(v.sum()) / denom if v.ndim else float(v) / denom for k, v in host.items()}
-
-            def write_images(state, batch, step) -> None:
-                images = jax.device_get(summaries_fn(state, batch))
-                for name, img in images.items():
-                    img = mlib.to_host(img)
-                    if img.dtype != jnp.uint8:
-                        img = mlib.to_uint8(img)
-                    grid = mlib.image_grid(img, _grid_cols(img.shape[0]))
-                    writer.write_images(step, {name: grid[None]})
-                    if is_main:
-                        mlib.save_png(os.path.join(workdir, "images", f"{name}_{step:08d}.png"), grid)
-
-            def image_batch(fallback):
-                if eval_loader_factory is None:
-                    return fallback
-                return shard_batch(next(iter(eval_loader_factory())), mesh)
-
-            averager = mlib.MetricAverager()
-            progress = mlib.Progress(total, start=start)
-            t_start = time.monotonic()
-            train_metrics: dict = {}
-            eval_metrics: dict = {}
-            step = start
-            preempted = False
-            skipped = skipped_before
-            end = total if stop_after is None else min(total, start + int(stop_after))
-            batch = None
-
-            if start >= end:
-                logging.info("nothing to do: step %d >= total_steps %d", start, end)
-            with _PreemptionFlag() as flag:
-                while step < end:
-                    try:
-                        host_batch = next(train_loader)
-                    except StopIteration:
-                        raise ValueError(f"run: the train loader ran out at step {step}; it must be "
-                                         f"infinite (repeat) for {total} steps") from None
-                    if step == start:
-                        _check_batch(host_batch, mesh, step)
-                    batch = shard_batch(host_batch, mesh)
-                    state, step_metrics, health = train_step(state, batch, base_key, health)
-                    step += 1
-                    averager.add(step_metrics)
-                    if step == start + 1:
-                        # Time the compile once, and keep it out of the steps/s and ETA.
-                        jax.block_until_ready(step_metrics)
-                        logging.info("first step (incl. compilation) took %.1f s",
-                                     time.monotonic() - t_start)
-                        progress = mlib.Progress(total, start=step)
-
-                    log_now = step % log_every == 0 or step == end
-                    eval_now = eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total)
-                    images_now = summaries_fn is not None and ((image_every and step % image_every == 0)
-                                                               or step == total)
-                    if flag.set or (jax.process_count() > 1 and manager.reached_preemption(step)):
-                        preempted = True
-                    save_now = step % ckpt_every == 0 or step == end or preempted
-                    if log_now or eval_now or images_now or save_now:
-                        skipped = check_health()  # before anything of this state is logged or saved
-
-                    if log_now:
-                        if int(state.step) != step:  # a task that forgets step+1 would repeat rngs
-                            raise ValueError(f"task.train_step must increment state.step: after {step} "
-                                             f"steps it is {int(state.step)}")
-                        train_metrics = averager.result()
-                        averager.reset()
-                        rate = progress.update(step)
-                        scalars = {f"train/{k}": v for k, v in train_metrics.items()}
-                        scalars["steps_per_sec"] = rate
-                        if max_skips:
-                            scalars["skipped_steps"] = skipped
-                        writer.write_scalars(step, scalars)
-                        logging.info("%s", progress.line(step))
-                    if eval_now:
-                        eval_metrics = evaluate(state)
-                        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                    if images_now:
-                        write_images(state, image_batch(batch), step)
-                    if save_now:
-                        ckpt.save(manager, step, state, meta_now(skipped), data_now(), force=True)
-                    if preempted:
-                        logging.warning("preemption signal: saved step %d, stopping", step)
-                        break
-
+            begin = restore_or_init(r, task, init_key)
+            steps = compile_steps(r, task, begin.shardings)
+            result = train_loop(r, steps, begin, base_key, stop_after)
             writer.flush()
-            manager.wait_until_finished()
-            return RunResult(state=state, step=step, train_metrics=train_metrics,
-                             eval_metrics=eval_metrics, preempted=preempted, skipped_steps=skipped)
+            r.manager.wait_until_finished()
+            return result
     finally:
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
+        if r.manager is not None:
+            r.manager.wait_until_finished()
+            r.manager.close()
         if own_writer:
             writer.close()
         if quiet is not None:
