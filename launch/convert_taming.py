@@ -134,7 +134,7 @@ def convert(ckpt_path: str, yaml_path: str, workdir: str) -> list[str]:
     tt = load_taming_transformer(ckpt_path, yaml_path)
     params = dict(yaml_cfg.get("model", yaml_cfg)["params"])
     first = workdir + "_first_stage"
-    cond = workdir + "_cond_stage" if tt.cond.kind == "spatial" else ""
+    cond = workdir + "_cond_stage" if tt.cond_stage is not None else ""
     stages = [(first, params["first_stage_config"], tt.first_stage_variables)]
     if cond:
         stages.append((cond, params["cond_stage_config"], tt.cond_stage_variables))

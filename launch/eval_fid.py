@@ -187,12 +187,12 @@ def eval_samples(workdir: str) -> dict:
     sampler = Sampler.from_workdirs(_TRANSFORMER.value)
     _check_same_everywhere("the weights of --transformer_workdir", sampler.weights_fingerprint)
     # Everything that can be refused is checked before the reference statistics, not after them.
-    if sampler.cond.kind == "spatial":
+    if sampler.conditioning.takes_cond_codes:
         raise ValueError("--mode=samples draws unconditional or class-conditional models; this one is spatially "
                          "conditioned (its samples need label maps)")
     sampler.check_guidance(opts["guidance_scale"])
     labels = None
-    if sampler.cond.kind == "class":
+    if sampler.conditioning.takes_labels:
         labels = np.repeat(np.arange(sampler.cond.n_classes, dtype=np.int32), _PER_CLASS.value)
     n = len(labels) if labels is not None else _NUM_SAMPLES.value
     state = ChunkedStats(os.path.join(workdir, "samples_state.npz"), ("fake",), signature=_signature(

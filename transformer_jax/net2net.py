@@ -6,6 +6,7 @@ from typing import Any, Mapping, NamedTuple
 import ml_collections
 import numpy as np
 
+from transformer_jax import conditions
 from transformer_jax.convert import from_mingpt
 from vqgan_jax import convert as vq_convert
 
@@ -20,7 +21,7 @@ class TamingTransformer(NamedTuple):
     first_stage_variables: Any
     cond_stage: Any                   # a VQGAN for spatial conditioning, else None
     cond_stage_variables: Any
-    cond: ml_collections.ConfigDict   # conditioning as this project describes it (transformer_jax.conditioning)
+    cond: ml_collections.ConfigDict   # conditioning as this project describes it (transformer_jax.conditions)
     code_grid: tuple[int, int]        # image codes per side at the first stage's training resolution
 
     def sampler(self) -> Any:
@@ -98,7 +99,7 @@ def from_taming_transformer(state_dict: Mapping[str, Any], yaml_cfg: Mapping[str
     fs, fs_vars, fs_cfg = _stage(state_dict, params, "first_stage")
     cond = _cond_config(params, gpt.vocab_size)
     cs = cs_vars = None
-    if cond.kind == "spatial":
+    if conditions.from_config(cond).uses_cond_stage:
         cs, cs_vars, _ = _stage(state_dict, params, "cond_stage")
     side = int(fs_cfg.model.resolution) // 2 ** (len(fs_cfg.model.ch_mult) - 1)
     return TamingTransformer(gpt, gpt_vars, fs, fs_vars, cs, cs_vars, cond, (side, side))

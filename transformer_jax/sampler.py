@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from common_jax.metrics import Progress, to_uint8
-from transformer_jax import conditioning as cond_lib
+from transformer_jax import conditions
+from transformer_jax.conditions.class_label import class_ids
 from transformer_jax.decode_kernels import prepare_decode_variables
 from transformer_jax.sampling import sample
 from transformer_jax.sliding_window import sample_sliding_window
@@ -38,14 +39,6 @@ def _acceptance(p: Any, batch: int) -> np.ndarray:
     return np.broadcast_to(p, (batch,))
 
 
-def _class_labels(labels: Any) -> np.ndarray:
-    """``labels`` as a flat int32 array; fractional values are an error, not truncated to another class."""
-    arr = np.asarray(labels)
-    if arr.dtype.kind not in "iub" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
-        raise ValueError(f"labels must be integer class ids, got {arr.dtype} values {arr.reshape(-1)[:5].tolist()}")
-    return arr.astype(np.int32).reshape(-1)
-
-
 class Sampler:
     """Draws code grids with the KV-cached sampler (or the sliding window) and decodes them to images."""
 
@@ -55,7 +48,7 @@ class Sampler:
         conditioned model, for :meth:`encode_condition`."""
         self.gpt, self.gpt_vars, self.vqgan, self.vq_vars = gpt, gpt_vars, vqgan, vq_vars
         self.cond, self.grid = cond, tuple(int(g) for g in code_grid)
-        cond_lib.check_cond_config(cond, gpt.vocab_size)
+        self.conditioning = conditions.from_config(cond, gpt.vocab_size)
         if vqgan.codebook_size > gpt.vocab_size:
             raise ValueError(f"the first-stage codebook ({vqgan.codebook_size} codes) exceeds the GPT's vocab_size "
                              f"{gpt.vocab_size}")
@@ -88,7 +81,7 @@ class Sampler:
 
         vq, vq_vars, _ = stage("first_stage", first_stage_workdir)
         cond_stage = None
-        if config.cond.kind == "spatial":
+        if conditions.from_config(config.cond).uses_cond_stage:
             cvq, cvars, ccfg = stage("cond_stage", cond_stage_workdir)
             cond_stage = (cvq, cvars, int(ccfg.in_channels))
         # Other stage-one weights than the GPT was trained on decode its codes to wrong images, without an error.
@@ -117,53 +110,13 @@ class Sampler:
             self._encode_cond = make_encoder(model, variables, n_labels)
         return self._encode_cond(seg)
 
-    # -- prefixes --------------------------------------------------------------------------------
-    def _check_unused_conditions(self, labels: Any, cond_codes: Any) -> None:
-        """A condition the model does not take is an error, not silently ignored."""
-        kind = self.cond.kind
-        if labels is not None and kind != "class":
-            raise ValueError(f"labels are for class-conditional models; this one is {kind}")
-        if cond_codes is not None and kind != "spatial":
-            raise ValueError(f"cond_codes are for spatially conditioned models; this one is {kind}")
-
+    # -- prefixes ------------------------------------------------------------------------------------
     def _prefix(self, n: int, labels: np.ndarray | None, cond_codes: np.ndarray | None) -> jax.Array:
-        kind = self.cond.kind
-        if kind == "class" and labels is None:
-            raise ValueError("this model is class-conditional: pass labels (one per sample)")
-        if kind == "spatial" and cond_codes is None:
-            raise ValueError("this model is spatially conditioned: pass cond_codes (n, h, w)")
-        self._check_unused_conditions(labels, cond_codes)
-        batch = {}
-        if labels is not None:
-            labels = _class_labels(labels)
-            if len(labels) != n:
-                raise ValueError(f"got {len(labels)} labels for {n} samples")
-            bad = labels[(labels < 0) | (labels >= self.cond.n_classes)]
-            if bad.size:
-                raise ValueError(f"labels must be in [0, {self.cond.n_classes}), got {bad[:5].tolist()}")
-            batch["label"] = labels
-        if cond_codes is not None:
-            cond_codes = np.asarray(cond_codes)
-            # Another grid would give the model a prefix of a length it never saw: garbage, not an error.
-            want = (n, *self.cond_grid) if self.cond_grid else None
-            if (cond_codes.ndim != 3 or len(cond_codes) != n or (want and cond_codes.shape != want)
-                    or not np.issubdtype(cond_codes.dtype, np.integer)):
-                shape = f"{want}" if want else f"(n={n}, h, w)"
-                raise ValueError(f"cond_codes must be {shape} integer codes (the cond stage's grid at the training "
-                                 f"size), got {cond_codes.dtype} {cond_codes.shape}; sample_large takes larger maps")
-            batch["cond_codes"] = cond_codes.astype(np.int32).reshape(n, -1)
-        return cond_lib.cond_tokens(self.cond, batch, n)
+        return self.conditioning.sampling_prefix(n, dict(labels=labels, cond_codes=cond_codes), self.cond_grid)
 
     def check_guidance(self, guidance_scale: float | None) -> None:
         """Raise unless this model supports classifier-free guidance (or ``guidance_scale`` is None)."""
-        if guidance_scale is None:
-            return
-        if self.cond.kind == "unconditional":
-            raise ValueError("guidance_scale needs a conditional model; this one is unconditional")
-        if not self.cond.cfg_dropout > 0:
-            # The null prefix is then a token the model never saw in that role: no unconditional branch.
-            raise ValueError("guidance_scale needs a model trained with condition dropout (cond.cfg_dropout > 0); "
-                             f"this one has cond.cfg_dropout={self.cond.cfg_dropout}")
+        self.conditioning.check_guidance(guidance_scale)
 
     def weights_fingerprint(self) -> str:
         """Identity of every weight this sampler uses (GPT, first stage, cond stage), e.g. to check that the
@@ -190,7 +143,7 @@ class Sampler:
         self.check_guidance(guidance_scale)
         uncond = None
         if guidance_scale is not None:
-            uncond = cond_lib.null_tokens(self.cond, prefix)
+            uncond = self.conditioning.null_prefix(prefix)
         steps = self.grid[0] * self.grid[1]
         codes = sample(self.gpt, self.decode_variables(), prefix, steps, rng, top_k=top_k, top_p=top_p,
                        temperature=temperature, guidance_scale=guidance_scale, uncond_prefix=uncond,
@@ -225,7 +178,7 @@ class Sampler:
         """
         if n < 1 or batch_size < 1:
             raise ValueError(f"n and batch_size must be >= 1, got {n}, {batch_size}")
-        labels = None if labels is None else _class_labels(labels)
+        labels = None if labels is None else class_ids(labels)
         if labels is not None and len(labels) != n:
             raise ValueError(f"got {len(labels)} labels for {n} samples")
         if cond_codes is not None:
@@ -275,13 +228,8 @@ class Sampler:
         h, w = code_shape
         if self.grid[0] != self.grid[1]:
             raise ValueError(f"sliding-window sampling needs a square training window, got {self.grid}")
-        if self.cond.kind == "spatial":
-            if cond_codes is None:
-                raise ValueError("this model is spatially conditioned: pass cond_codes (n, h, w)")
-            self._check_unused_conditions(labels, None)
-            prefix, cond_grid = None, jnp.asarray(cond_codes, jnp.int32)
-        else:
-            prefix, cond_grid = self._prefix(n, labels, cond_codes), None
+        prefix, cond_grid = self.conditioning.window_condition(n, dict(labels=labels, cond_codes=cond_codes),
+                                                               self.cond_grid)
         codes = sample_sliding_window(self.gpt, self.decode_variables(), (h, w), self.grid[0], rng,
                                       prefix=prefix, cond_grid=cond_grid, top_k=top_k, top_p=top_p,
                                       temperature=temperature, vocab_limit=self.n_codes)

@@ -23,9 +23,10 @@ from common_jax import data as data_lib
 from common_jax import dataset_resolution, multihost, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from transformer_jax import codes as codes_lib
-from transformer_jax import conditioning as cond_lib
+from transformer_jax import conditions
 from transformer_jax.code_encoder import make_encoder, stage_one_fingerprint
 from transformer_jax.gpt import GPT, gpt_from_config, is_kernel_path
+from transformer_jax.objective import corrupt_tokens, token_nll
 from vqgan_jax.quantizers import codebook_size
 
 LN2 = math.log(2.0)
@@ -68,15 +69,14 @@ class TransformerTask:
     # prefix (which tokens the weights learnt). Any other gpt/cond key (remat, dtype, attention_impl, dropout
     # rates, pkeep, cfg_dropout) may change and is logged.
     shape_keys = tuple(f"gpt.{k}" for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
-                                            "n_unmasked", "block", "block_options")) + tuple(
-        f"cond.{k}" for k in ("kind", "n_classes", "class_offset", "sos_token", "null_token"))
+                                            "n_unmasked", "block", "block_options")) + conditions.shape_keys()
 
     def __init__(self, config: Any, cond_grid: tuple[int, int] | None = None):
         self.config = config
         self.model = gpt_from_config(config.gpt)
         self.cond = config.cond
-        cond_lib.check_cond_config(self.cond, self.model.vocab_size)
-        self.n_cond = cond_lib.prefix_length(self.cond, cond_grid)
+        self.conditioning = conditions.from_config(self.cond, self.model.vocab_size)
+        self.n_cond = self.conditioning.prefix_length(cond_grid)
         self.grid = tuple(config.data.code_grid)
         need = self.n_cond + self.grid[0] * self.grid[1] - 1
         if need > self.model.block_size:
@@ -101,13 +101,12 @@ class TransformerTask:
         codes = jnp.asarray(batch["codes"], jnp.int32)
         b = codes.shape[0]
         z = codes.reshape(b, -1)
-        c = cond_lib.cond_tokens(self.cond, batch, b)
         if rng is not None:
             k_cfg, k_keep = jax.random.split(rng)
-            c = cond_lib.drop_condition(k_cfg, c, self.cond.cfg_dropout, self.cond.null_token)
-            a = cond_lib.corrupt_tokens(k_keep, z, self.cond.pkeep, self.model.vocab_size)
+            c = self.conditioning.training_prefix(batch, b, k_cfg)
+            a = corrupt_tokens(k_keep, z, self.cond.pkeep, self.model.vocab_size)
         else:
-            a = z
+            c, a = self.conditioning.prefix(batch, b), z
         return jnp.concatenate([c, a], axis=1)[:, :-1], z
 
     def _nll(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -120,7 +119,7 @@ class TransformerTask:
         rngs = {"dropout": k_drop} if k_drop is not None else {}
         logits = self.model.apply({"params": params}, inp, deterministic=rng is None, rngs=rngs)
         logits = logits[:, self.n_cond - 1:]
-        return cond_lib.token_nll(logits, z), (jnp.argmax(logits, -1) == z)
+        return token_nll(logits, z), (jnp.argmax(logits, -1) == z)
 
     def train_step(self, state: GPTState, batch: Mapping[str, jax.Array], rng: jax.Array
                    ) -> tuple[GPTState, dict]:
@@ -205,14 +204,16 @@ def train(config, workdir: str) -> training.RunResult:
     stage_one_grid(config, vq_cfg)
     encoders: dict = {"codes": ("image", make_encoder(vq, vq_vars))}
     stage_vars = [vq_vars]
-    cond_grid, features, code_features = None, ("image", "label"), ("codes", "label")
-    if config.cond.kind == "spatial":
+    conditioning = conditions.from_config(config.cond)
+    cond_grid = None
+    features, code_features = ("image", conditioning.example_feature), ("codes", conditioning.batch_key)
+    if conditioning.uses_cond_stage:
         # The cond stage (taming's VQSegmentationModel) encodes the dataset's label maps to the prefix.
         cvq, cvars, ccfg = load_vqgan(**config.cond_stage, role="cond_stage")
         cond_grid = stage_one_grid(config, ccfg, "cond_stage")
-        encoders["cond_codes"] = ("segmentation", make_encoder(cvq, cvars, int(ccfg.in_channels)))
+        encoders[conditioning.batch_key] = (conditioning.example_feature,
+                                            make_encoder(cvq, cvars, int(ccfg.in_channels)))
         stage_vars.append(cvars)
-        features, code_features = ("image", "segmentation"), ("codes", "cond_codes")
     stage_one_id = stage_one_fingerprint(*stage_vars)
     multihost.check_same_on_all_processes(
         stage_one_id, "the stage-one weights (first_stage, cond_stage)",
