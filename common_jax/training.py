@@ -70,6 +70,8 @@ class Task(Protocol):
     ``shape_keys``: the dotted config keys (or whole sections) that define the state's shapes or the
     meaning of its weights. A resume refuses a change of one of them and logs a change of any other key of
     their sections (:func:`common_jax.config_utils.check_config_compatible`).
+    ``upgrade_saved_config(saved: dict) -> dict`` (optional): the config a checkpoint recorded, brought to
+    today's layout (keys added or moved since), so an older workdir resumes instead of being refused.
     """
 
     shape_keys: Sequence[str]
@@ -357,6 +359,13 @@ class _Start:
     shardings: PyTree
 
 
+def _saved_config(task: Task, meta: Mapping[str, Any]) -> dict:
+    """The checkpoint's config in today's layout (the task's ``upgrade_saved_config``, when it has one)."""
+    saved = dict(meta.get("config", {}))
+    upgrade = getattr(task, "upgrade_saved_config", None)
+    return upgrade(saved) if upgrade is not None and saved else saved
+
+
 def restore_or_init(r: _Run, task: Task, init_key: jax.Array) -> _Start:
     """Phase 1 (under the mesh): the newest readable checkpoint of the workdir with the data position, its
     config checked against this one; or a fresh state, with ``init_from``'s weights when fine-tuning."""
@@ -367,7 +376,7 @@ def restore_or_init(r: _Run, task: Task, init_key: jax.Array) -> _Start:
     where = f"checkpoint in {r.workdir}"
     r.manager, start, restored = ckpt.restore_newest(
         r.manager, abstract, shardings,
-        check_meta=lambda meta: _log_lines(check_config_compatible(meta.get("config", {}), config,
+        check_meta=lambda meta: _log_lines(check_config_compatible(_saved_config(task, meta), config,
                                                                    r.settings.shape_keys, source=where)),
         reopen=r.open_manager)
     skipped_before = 0

@@ -1,6 +1,8 @@
 """Config as the one source of truth: the loop's fields come from the configs only, and a resume compares each
 task's declared shape-defining keys (other changes are allowed and logged)."""
+import json
 import logging as pylogging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -229,3 +231,33 @@ def test_every_config_switch_the_docs_name_is_in_a_config():
     assert len(named) >= 3, named  # the pattern sees the READMEs' switches at all
     unknown = {k: doc for k, doc in named.items() if k not in keys and not any(x.startswith(k + ".") for x in keys)}
     assert unknown == {}
+
+
+# Configs as workdirs written before the quantizer sub-config and the block selector recorded them (config.json of
+# configs/*_tiny.py and vqgan_gumbel_f8_8192 at d9990da): such a workdir must resume under today's layout.
+_OLD_LAYOUTS = os.path.join(os.path.dirname(__file__), "old_configs")
+
+
+@pytest.mark.parametrize("name", ["vqgan_tiny", "vqgan_segmentation_tiny", "vqgan_gumbel_f8_8192",
+                                  "transformer_tiny", "transformer_spatial_tiny"])
+def test_workdirs_of_the_earlier_config_layout_resume(name):
+    import importlib
+
+    from common_jax import training
+
+    task = {"vqgan_tiny": VQGANTask, "vqgan_gumbel_f8_8192": VQGANTask, "vqgan_segmentation_tiny": SegmentationVQTask,
+            "transformer_tiny": TransformerTask, "transformer_spatial_tiny": TransformerTask}[name]
+    with open(os.path.join(_OLD_LAYOUTS, f"{name}.json")) as f:
+        saved = json.load(f)
+    today = importlib.import_module(f"configs.{name}").get_config()
+    with pytest.raises(ConfigMismatchError, match="older config layout"):
+        check_config_compatible(saved, today, task.shape_keys)  # what the loop did before the upgrade
+    notes = check_config_compatible(training._saved_config(task, {"config": saved}), today, task.shape_keys)
+    assert all(n.startswith("resuming with") and " added: " in n for n in notes), notes
+    # ... and a real change of a shape key in an old workdir is still refused
+    section = "model" if "model" in saved else "gpt"
+    key = "n_embed" if section == "model" else "n_layer"
+    changed = json.loads(json.dumps(saved))
+    changed[section][key] = changed[section][key] + 1
+    with pytest.raises(ConfigMismatchError, match=key):
+        check_config_compatible(training._saved_config(task, {"config": changed}), today, task.shape_keys)

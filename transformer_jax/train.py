@@ -71,6 +71,13 @@ class TransformerTask:
     shape_keys = tuple(f"gpt.{k}" for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd",
                                             "n_unmasked", "block", "block_options")) + conditions.shape_keys()
 
+    @staticmethod
+    def upgrade_saved_config(saved: dict) -> dict:
+        """A checkpoint's config in today's layout: runs from before the block selector used minGPT's block."""
+        if "gpt" not in saved:
+            return saved
+        return {**saved, "gpt": {"block": "mingpt", "block_options": {}, **saved["gpt"]}}
+
     def __init__(self, config: Any, cond_grid: tuple[int, int] | None = None):
         self.config = config
         self.model = gpt_from_config(config.gpt)

@@ -16,7 +16,7 @@ from flax import struct
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from vqgan_jax.label_maps import label_palette, one_hot_segmentation
 from vqgan_jax.model import VQGAN
-from vqgan_jax.train import MODEL_SHAPE_KEYS
+from vqgan_jax.train import MODEL_SHAPE_KEYS, upgrade_saved_model_config
 
 
 def bce_with_quant_loss(logits: jax.Array, target: jax.Array, codebook_loss: jax.Array,
@@ -39,6 +39,7 @@ class SegmentationVQTask:
     """Train step for the segmentation VQ model (batches hold ``segmentation``: (B, H, W) int labels)."""
 
     shape_keys = MODEL_SHAPE_KEYS  # the stage-one model's; this task has no discriminator
+    upgrade_saved_config = staticmethod(upgrade_saved_model_config)
 
     def __init__(self, config: Any):
         self.model = VQGAN.from_config(config.model)

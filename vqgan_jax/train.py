@@ -63,12 +63,22 @@ MODEL_SHAPE_KEYS = tuple(f"model.{k}" for k in (
     "double_z", "embed_dim")) + quantizers.shape_keys()
 
 
+def upgrade_saved_model_config(saved: dict) -> dict:
+    """``saved`` (a checkpoint's config) with its model section in today's layout (quantizer options of the
+    earlier flat layout moved under ``model.quantizer``), so a workdir written before resumes."""
+    if "model" not in saved:
+        return saved
+    return {**saved, "model": quantizers.migrate_model_config(saved["model"])}
+
+
 class VQGANTask:
     """Generator: L1 (+LPIPS) + adaptive-weight hinge GAN + codebook terms; discriminator: hinge/vanilla."""
 
     # ... and the discriminator's.
     shape_keys = MODEL_SHAPE_KEYS + ("loss.disc_in_channels", "loss.disc_num_layers", "loss.disc_ndf",
                                      "loss.use_actnorm")
+
+    upgrade_saved_config = staticmethod(upgrade_saved_model_config)
 
     def __init__(self, config: Any, lpips: tuple[Any, Any] | None = None):
         self.config = config
