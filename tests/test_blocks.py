@@ -12,6 +12,7 @@ import pytest
 
 from transformer_jax import blocks
 from transformer_jax.attention import attend
+from transformer_jax.blocks.base import BlockFields
 from transformer_jax.gpt import GPT, cache_bytes, decode_weight_bytes, gpt_from_config, init_cache
 from transformer_jax.gpt_layers import HeadsProjection, Linear, OutProjection
 
@@ -39,16 +40,8 @@ class RMSNorm(nn.Module):
         return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-5) * scale).astype(self.dtype)
 
 
-class TinyLlamaBlock(nn.Module):
+class TinyLlamaBlock(BlockFields):
     """A block that exists only in this test: what a new block file holds."""
-    n_head: int
-    n_embd: int
-    attn_pdrop: float = 0.0
-    resid_pdrop: float = 0.0
-    n_unmasked: int = 0
-    dtype: Any = jnp.float32
-    attention_impl: str = ""
-    options: tuple = ()
 
     learned_positions = False
 

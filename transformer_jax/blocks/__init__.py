@@ -3,7 +3,8 @@ project compares a block's name.
 
 A block module defines ``Block``, a Flax module that:
 
-- takes the fields ``n_head, n_embd, attn_pdrop, resid_pdrop, n_unmasked, dtype, attention_impl`` and
+- takes the fields of ``blocks.base.BlockFields`` (``n_head, n_embd, attn_pdrop, resid_pdrop, n_unmasked, dtype,
+  attention_impl``) and
   ``options`` (the block's own settings, ``gpt.block_options``, as sorted (name, value) pairs);
 - is called as ``block(x, deterministic, cache=None, pos=None) -> (x, cache)``: ``cache=None`` for a whole
   sequence, else the layer's KV cache with the tokens at positions [pos, pos + T) (see

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax.attention import attend
+from transformer_jax.blocks.base import BlockFields
 from transformer_jax.gpt_layers import HeadsProjection, LayerNorm, Linear, OutProjection
 
 
@@ -22,14 +23,8 @@ def write_cache(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, 
             lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, pos, 0)))
 
 
-class CausalSelfAttention(nn.Module):
-    n_head: int
-    n_embd: int
-    attn_pdrop: float = 0.0
-    resid_pdrop: float = 0.0
-    n_unmasked: int = 0
-    dtype: Any = jnp.float32
-    attention_impl: str = ""
+class CausalSelfAttention(BlockFields):
+    """Causal multi-head attention (its ``options`` are the block's, unused here)."""
 
     def setup(self) -> None:
         d = self.n_embd // self.n_head
@@ -55,15 +50,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(jnp.swapaxes(y, 1, 2)), deterministic=deterministic), cache
 
 
-class Block(nn.Module):
-    n_head: int
-    n_embd: int
-    attn_pdrop: float = 0.0
-    resid_pdrop: float = 0.0
-    n_unmasked: int = 0
-    dtype: Any = jnp.float32
-    attention_impl: str = ""
-    options: tuple = ()
+class Block(BlockFields):
 
     learned_positions = True  # the GPT adds learned absolute position embeddings
 

@@ -1,0 +1,20 @@
+"""The fields every GPT block takes (the registry's contract, ``transformer_jax.blocks``), declared once."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class BlockFields(nn.Module):
+    """``n_head, n_embd, attn_pdrop, resid_pdrop, n_unmasked, dtype, attention_impl, options``: what the GPT
+    passes each block, in this order (``options``: the block's own settings, sorted (name, value) pairs)."""
+    n_head: int
+    n_embd: int
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    n_unmasked: int = 0
+    dtype: Any = jnp.float32
+    attention_impl: str = ""
+    options: tuple = ()
