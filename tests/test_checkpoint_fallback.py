@@ -70,22 +70,7 @@ DAMAGE = {
 
 
 def _resume_logged(workdir, capfd):
-    records = []
-
-    class Grab(pylogging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    handler = Grab(level=pylogging.INFO)
-    absl_logger = pylogging.getLogger("absl")
-    old_level = absl_logger.level
-    absl_logger.addHandler(handler)
-    absl_logger.setLevel(pylogging.INFO)
-    try:
-        res = run(_cfg(TOTAL), workdir, toy_task.ToyTask(), toy_task.ToyLoader(16), tensorboard=False)
-    finally:
-        absl_logger.removeHandler(handler)
-        absl_logger.setLevel(old_level)
+    res, records = toy_task.run_logged(_cfg(TOTAL), workdir, tensorboard=False)
     return res, records, capfd.readouterr().err
 
 

@@ -22,23 +22,8 @@ def _leaves(state):
 
 def _run_logged(cfg, workdir, **kwargs):
     """``run`` on the toy task with the absl log records (INFO and up) captured: (result, messages)."""
-    records = []
-
-    class Grab(pylogging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Grab(level=pylogging.INFO)
-    absl_logger = pylogging.getLogger("absl")
-    old_level = absl_logger.level
-    absl_logger.addHandler(handler)
-    absl_logger.setLevel(pylogging.INFO)
-    try:
-        res = run(cfg, workdir, toy_task.ToyTask(), toy_task.ToyLoader(16), **kwargs)
-    finally:
-        absl_logger.removeHandler(handler)
-        absl_logger.setLevel(old_level)
-    return res, records
+    res, records = toy_task.run_logged(cfg, workdir, **kwargs)
+    return res, [r.getMessage() for r in records]
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 (mutable, BatchNorm-like state), plus a deterministic checkpointable loader."""
 from __future__ import annotations
 
+import logging as pylogging
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from common_jax.training import accumulate_gradients, specs_from_boxed_init
+from common_jax.training import accumulate_gradients, run, specs_from_boxed_init
 from configs.loop import loop_config
 
 D_IN, D_HID, D_OUT = 8, 16, 8
@@ -157,3 +158,24 @@ def toy_config(total_steps: int = 6, data: int = -1, fsdp: int = 1, every: int =
     })
     cfg.update(kw)
     return cfg
+
+
+def run_logged(cfg, workdir, **kwargs):
+    """``training.run`` on the toy task with the absl log records (INFO and up) captured: (result, records)."""
+    records = []
+
+    class Grab(pylogging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Grab(level=pylogging.INFO)
+    absl_logger = pylogging.getLogger("absl")
+    old_level = absl_logger.level
+    absl_logger.addHandler(handler)
+    absl_logger.setLevel(pylogging.INFO)
+    try:
+        res = run(cfg, workdir, ToyTask(), ToyLoader(16), **kwargs)
+    finally:
+        absl_logger.removeHandler(handler)
+        absl_logger.setLevel(old_level)
+    return res, records
