@@ -3,7 +3,7 @@ sliding-window sampling and a training step.
 
     python bench/bench_sampling.py                 # all cases
     python bench/bench_sampling.py --cases a,c --repeats 5 --bf16
-    python bench/bench_sampling.py --cases d --no-reference --plain explicit_attention
+    python bench/bench_sampling.py --cases a --no-reference --plain rowwise --plain threads
 
 ``--plain NAMES`` (repeatable; NAMES a comma list of transformer_jax.cpu_backend.STRATEGIES, or ``all``) times
 JAX once more per case with those CPU strategies turned off, alternating with the default: the A/B that keeps
@@ -50,6 +50,7 @@ from bench_gpt_device import compile_train_step  # noqa: E402
 from transformer_jax.convert import to_mingpt  # noqa: E402
 from transformer_jax import cpu_backend  # noqa: E402
 from transformer_jax.decode_kernels import prepare_decode_variables  # noqa: E402
+from transformer_jax.decode_threads import decode_threads  # noqa: E402
 from transformer_jax.gpt import GPT  # noqa: E402
 from transformer_jax.sampling import sample  # noqa: E402
 from transformer_jax.sliding_window import sample_sliding_window, window_offset  # noqa: E402
@@ -146,12 +147,17 @@ def case_sampling(cfg: dict, steps: int, batch: int, repeats: int, ref, bf16: bo
     sample(model, v, prefix, steps, jax.random.key(0), top_k=100).block_until_ready()
     compile_s = time.perf_counter() - t0
     med = _alternate(fns, repeats)
-    wb = _weight_bytes(ref_v["params"])
+    chunks = decode_threads(model, batch)  # each concurrently decoded row chunk reads all the weights
+    wb = _weight_bytes(ref_v["params"]) * chunks
     extra = {"prepare_decode_variables": f"{prepare_s:.2f} s (once per model)",
              "first call (compile+run)": f"{compile_s:.2f} s",
              "per token step": f"{med['jax'] / steps * 1e3:.3f} ms",
-             "weights read per step": f"{wb / 1e9:.3f} GB ({'bf16' if bf16 else 'f32'})",
+             "row chunks on threads": f"{chunks} (transformer_jax.sampling.decode_threads)",
+             "weights read per step": f"{wb / 1e9:.3f} GB ({'bf16' if bf16 else 'f32'}, all chunks)",
              "achieved weight GB/s": f"{wb * steps / med['jax'] / 1e9:.1f} (copy bandwidth ~{COPY_GBPS} GB/s)"}
+    for names in plain:
+        with cpu_backend.plain(*names.split(",")):
+            extra[f"plain({names}) row chunks"] = str(decode_threads(model, batch))
     _report(f"({label}) {steps}-token sampling, batch {batch}, GPT {cfg['n_layer']}L x {cfg['n_embd']} "
             f"x {cfg['n_head']}h, vocab {cfg['vocab_size']}, top_k 100", med, extra)
 

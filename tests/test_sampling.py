@@ -1,5 +1,7 @@
 """Sampling: logit filters on constructed distributions, KV-cached sampling vs plain full-model loops,
 determinism, classifier-free guidance, compile caching and argument errors."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from seeded_weights import golden
 from transformer_jax.convert import from_mingpt
 from transformer_jax.cpu_products import DECODE_KERNELS
 from transformer_jax.decode_kernels import prepare_decode_variables
+from transformer_jax.decode_threads import decode_threads, row_chunks
 from transformer_jax.gpt import GPT
 from transformer_jax.sampling import _sampler, choose_tokens, decode_phases, filter_logits, sample
 
@@ -17,7 +20,8 @@ from transformer_jax.sampling import _sampler, choose_tokens, decode_phases, fil
 def gpt():
     sd, manifest, data = golden("gpt_small")
     model, variables = from_mingpt(sd, 138, 65, 2, 4, 64)
-    # Four rows: the golden input's three, and a fourth from its first row's later tokens.
+    # Four rows (the golden input's three, and a fourth from its first row's later tokens): on 2 cores sample()
+    # decodes them as two equal row chunks, one compiled program, where three rows would compile two.
     idx = data["input/idx"]
     prefix = jnp.asarray(np.concatenate([idx[:, :5], idx[:1, 5:10]]), jnp.int32)
     return model, variables, prefix
@@ -123,8 +127,8 @@ def test_greedy_equals_full_model_loop(gpt, forward):
 
 
 def test_bf16_samples_the_same_from_prepared_or_plain_variables(gpt):
-    # On CPU a bf16 model decodes through (out, in) kernel copies; sample() makes them when not given them, outside
-    # its program, so prepared variables (what the Sampler keeps) draw the same tokens.
+    # On CPU a bf16 model decodes through (out, in) kernel copies; sample() makes them when not given them, once
+    # for all row chunks, so prepared variables (what the Sampler keeps) draw the same tokens.
     model, variables, prefix = gpt
     bf16 = model.clone(dtype=jnp.bfloat16)
     prepared = prepare_decode_variables(bf16, variables)
@@ -178,6 +182,44 @@ def _same_tokens_for_each(gpt, forward, name, values, steps, sampled):
         np.testing.assert_array_equal(other, one)
 
 
+def test_row_chunks_on_threads_give_the_same_tokens(gpt, forward, monkeypatch):
+    # Splitting the batch into concurrently decoded row chunks (even or not) must not change any row's tokens
+    # (each row keeps its own draws).
+    model, variables, prefix = gpt
+    _same_tokens_for_each(gpt, forward, "threads", (2, 3, 8), 24, sampled=2)
+    # Chunks share one size; where it does not divide the batch the last chunk overlaps the one before, and
+    # each row is returned once, with its own draws.
+    small = GPT(vocab_size=1024, block_size=257, n_layer=4, n_head=4, n_embd=256)
+    assert row_chunks(small, 3, 2) == [(0, 2), (1, 3)] and row_chunks(small, 5, 2) == [(0, 3), (2, 5)]
+    assert row_chunks(small, 5, 4) == [(0, 2), (2, 4), (3, 5)] and row_chunks(small, 4, 3) == [(0, 2), (2, 4)]
+    assert row_chunks(small, 3, 1) == [(0, 3)] and row_chunks(small, 3, 8) == [(0, 1), (1, 2), (2, 3)]
+    for kw in ({}, {"guidance_scale": 2.0, "uncond_prefix": jnp.full_like(prefix[:3], 7)}):
+        one, split = (np.asarray(sample(model, variables, prefix[:3], 21, jax.random.key(5), top_k=40, top_p=0.9,
+                                        threads=n, **kw)) for n in (1, 2))
+        assert split.shape == (3, 21)
+        np.testing.assert_array_equal(split, one)
+    # Under jit (traced inputs) the batch stays one program.
+    whole = np.asarray(sample(model, variables, prefix, 6, jax.random.key(5)))
+    traced = jax.jit(lambda x: sample(model, variables, x, 6, jax.random.key(5), threads=2))(prefix)
+    np.testing.assert_array_equal(np.asarray(traced), whole)
+    traced = jax.jit(lambda k: sample(model, variables, prefix, 6, k, threads=2))(jax.random.key(5))
+    np.testing.assert_array_equal(np.asarray(traced), whole)
+    # The default: one chunk per core on CPU while the weights stay cached, never for one row or large models;
+    # TAMING_JAX_DECODE_THREADS overrides it.
+    monkeypatch.delenv("TAMING_JAX_DECODE_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert decode_threads(small, 4) == min(4, cores) and decode_threads(small, 1) == 1
+    assert decode_threads(GPT(vocab_size=1024, block_size=257, n_layer=24, n_head=16, n_embd=1536), 4) == 1
+    monkeypatch.setenv("TAMING_JAX_DECODE_THREADS", "3")
+    assert decode_threads(small, 8) == 3 and decode_threads(small, 2) == 2
+    monkeypatch.setenv("TAMING_JAX_DECODE_THREADS", "two")
+    with pytest.raises(ValueError, match="TAMING_JAX_DECODE_THREADS must be a positive int, got 'two'"):
+        decode_threads(small, 4)
+    monkeypatch.delenv("TAMING_JAX_DECODE_THREADS")
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        sample(model, variables, prefix, 8, jax.random.key(0), threads=0)
+
+
 def test_cache_phases_give_the_same_tokens(gpt, forward):
     # A decode loop whose cache grows through phases must draw exactly the tokens of one full-length cache,
     # including an uneven split.
@@ -216,15 +258,17 @@ def test_determinism_keys_and_guidance_scale_one(gpt):
 def test_compiled_once_per_static_options(gpt):
     model, variables, prefix = gpt
     fn = _sampler(model, 8, 20, False, False, 1, None)
-    sample(model, variables, prefix, 8, jax.random.key(0), top_k=20, temperature=0.7)
+    sample(model, variables, prefix, 8, jax.random.key(0), top_k=20, temperature=0.7, threads=1)
     n = fn._cache_size()
-    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3)
+    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, temperature=1.3, threads=1)
     assert _sampler(model, 8, 20, False, False, 1, None) is fn and fn._cache_size() == n == 1
     # A vocab_limit that keeps the whole vocabulary is no limit: the same program.
-    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, vocab_limit=model.vocab_size)
+    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=1, vocab_limit=model.vocab_size)
     assert fn._cache_size() == 1 and _sampler(model, 8, 20, False, False, 1, model.vocab_size)._cache_size() == 0
-    sample(model, variables, prefix[:3], 8, jax.random.key(3), top_k=20)  # another batch size: another program
+    sample(model, variables, prefix[:3], 8, jax.random.key(3), top_k=20, threads=2)  # rows 0-1 and 1-2: one size
     assert fn._cache_size() == 2
+    sample(model, variables, prefix, 8, jax.random.key(3), top_k=20, threads=4)  # four chunks of one row
+    assert fn._cache_size() == 3
 
 
 def test_sample_argument_errors(gpt):

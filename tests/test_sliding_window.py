@@ -127,6 +127,22 @@ def test_larger_grid_logits_match_plain_loop(gpt, forward, spatial, options):
     assert len(np.unique(grid)) > 5
 
 
+@pytest.mark.parametrize("method", ["cached", "prefix"])
+def test_row_chunks_keep_each_rows_codes(gpt, method):
+    # Rows decoded as concurrent chunks (rows 0-1 and 1-2, row 1 kept once) draw what they draw in one program,
+    # spatially conditioned.
+    model, v = gpt
+    prefix = jnp.array([[1], [2], [3]], jnp.int32)
+    cond = jax.random.randint(jax.random.key(9), (3, 6, 7), 0, 40)
+    (g1, l1), (g2, l2) = (sample_sliding_window(model, v, (6, 7), W, jax.random.key(4), prefix=prefix, cond_grid=cond,
+                                                top_k=8, method=method, return_logits=True, threads=n) for n in (1, 2))
+    np.testing.assert_array_equal(np.asarray(g2), np.asarray(g1))
+    np.testing.assert_allclose(np.asarray(l2), np.asarray(l1), rtol=0, atol=1e-5)
+    assert l2.shape == (3, 6, 7, model.vocab_size)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        sample_sliding_window(model, v, (6, 7), W, jax.random.key(4), prefix=prefix, threads=0)
+
+
 def test_buckets_and_cache_budget_change_cost_not_result(gpt, monkeypatch):
     model, v = gpt
     prefix = jnp.array([[1], [2]], jnp.int32)

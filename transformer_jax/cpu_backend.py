@@ -13,13 +13,12 @@ from typing import Iterator
 
 import jax
 
-# mixed_dense: a low-precision model's products through mixed_products.mixed_dense (float32 accumulation and
-#   bias, one rounding, bf16 operands in the backward too).
+# rowwise: decode products of 2-4 rows by a small float32 kernel, one row at a time (cpu_products.matmul).
+# mixed_dense: a low-precision model's products through mixed_products.mixed_dense (bf16 operands both ways).
 # decode_kernels: (out, in) kernel copies for a low-precision model's decode loops (decode_kernels.py).
+# threads: row chunks of a sampled batch decoded concurrently on host threads (decode_threads.py).
 # explicit_attention: attention_impl "" means the explicit (B, H, T, D) softmax attention (attention.py).
-# (Row-at-a-time decode products and host-thread row chunks were removed: measured again side by side, neither
-# reached 1.2x over the plain path; bench/README.md has the figures.)
-STRATEGIES = ("mixed_dense", "decode_kernels", "explicit_attention")
+STRATEGIES = ("rowwise", "mixed_dense", "decode_kernels", "threads", "explicit_attention")
 PLAIN_ENV = "TAMING_JAX_CPU_PLAIN"
 
 

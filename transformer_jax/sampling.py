@@ -3,7 +3,9 @@
 :func:`sample` runs one jitted program per (model, shapes, static options): a prefill of the
 conditioning prefix, then one ``lax.fori_loop`` per cache phase (:func:`decode_phases`) over the remaining
 steps, one token per step through the KV cache. Step ``t`` draws with ``jax.random.fold_in(rng, t)`` (all
-steps' uniforms are drawn up front, :func:`step_uniforms`), so results depend only on the key.
+steps' uniforms are drawn up front, :func:`step_uniforms`), so results depend only on the key, not on how
+the batch is split into concurrently decoded row chunks on CPU
+(:func:`transformer_jax.decode_threads.decode_threads`).
 
 Filtering semantics (shared by :func:`filter_logits` and the samplers): logits are divided by the
 temperature, then top-k keeps exactly ``k`` tokens, then top-p keeps the smallest set of the remaining
@@ -24,6 +26,7 @@ from common_jax.quick_compile import quick_jit
 from transformer_jax import cpu_backend
 from transformer_jax.attention import even_bounds
 from transformer_jax.decode_kernels import prepare_decode_variables, uses_decode_kernels
+from transformer_jax.decode_threads import row_chunks, run_row_chunks
 from transformer_jax.gpt import GPT, cache_bytes, decode_weight_bytes, init_cache
 
 
@@ -102,7 +105,8 @@ def _uniform(key: jax.Array, batch: int) -> jax.Array:
 def _step_uniforms(rng: jax.Array, steps: int, batch: int) -> jax.Array:
     """(steps, batch, 1): row ``t`` holds the uniforms ``choose_tokens`` draws with ``fold_in(rng, t)``.
 
-    Drawn for the whole batch before decoding. Compiled quickly (it runs once per call of a sampler).
+    Drawn for the whole batch before decoding, so a row's tokens do not depend on how the batch is split
+    into chunks (:mod:`transformer_jax.decode_threads`). Compiled quickly (it runs once per call of a sampler).
     """
     return jax.vmap(lambda t: _uniform(jax.random.fold_in(rng, t), batch))(jnp.arange(steps))
 
@@ -240,14 +244,19 @@ def _check_tokens(name: str, x: Any, vocab_size: int) -> jax.Array:
 def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.Array,
            top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
            guidance_scale: float | None = None, uncond_prefix: jax.Array | None = None,
-           cache_phases: int | None = None, vocab_limit: int | None = None) -> jax.Array:
+           cache_phases: int | None = None, threads: int | None = None,
+           vocab_limit: int | None = None) -> jax.Array:
     """Sample ``steps`` tokens after ``prefix`` (B, P) -> (B, steps) int32, in one jitted program.
 
     ``top_k=1`` decodes greedily. Classifier-free guidance: give ``guidance_scale`` and an
     ``uncond_prefix`` of the same shape; both run as one doubled batch and the logits are mixed as
     ``uncond + s (cond - uncond)`` before filtering. ``cache_phases`` (default :func:`decode_phases`)
-    trades compile time for speed only: every value draws the same numbers for each row, so tokens are equal
-    up to float rounding.
+    and ``threads`` (default :func:`transformer_jax.decode_threads.decode_threads`: on CPU, row chunks of
+    the batch run as concurrent programs, and the call then returns once they are done; one program under
+    jit or for inputs spread over several devices) trade compile time or host threads for speed only: every
+    value draws the same numbers for each row, so tokens are equal up to float rounding (on CPU products of
+    up to 4 rows run a row at a time, :func:`transformer_jax.cpu_products.matmul`; a matmul over more rows
+    may round a logit differently from one over fewer, which can flip a near-tie).
 
     ``vocab_limit``: draw only ids below it, e.g. the first-stage codebook size when the vocabulary also
     holds condition tokens (class or null tokens after the codes), which are no image codes.
@@ -273,13 +282,15 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     else:
         uncond_prefix = jnp.zeros((0, p), jnp.int32)
     _check_optional_positive_int("cache_phases", cache_phases)
-    if uses_decode_kernels(model):  # outside the program, so a caller's prepared variables are used as they are
+    if uses_decode_kernels(model):  # once for all row chunks, outside their programs (variables may be prepared)
         variables = prepare_decode_variables(model, variables)
+    rows = row_chunks(model, b, threads, variables, prefix, uncond_prefix, rng, temperature, top_p, guidance_scale)
     if cache_phases is None:
-        cache_phases = decode_phases(model, b * (2 if guided else 1), p + steps - 1, steps)
+        cache_phases = decode_phases(model, (rows[0][1] - rows[0][0]) * (2 if guided else 1), p + steps - 1, steps)
     # At most one phase per decoded step, so counts that act alike share one compiled program.
     fn = _sampler(model, steps, top_k, top_p is not None, guided, max(1, min(cache_phases, steps - 1)), vocab_limit)
     u = step_uniforms(rng, steps, b)
     scalars = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
                jnp.float32(1.0 if guidance_scale is None else guidance_scale))
-    return fn(variables, prefix, uncond_prefix, u, *scalars)
+    return run_row_chunks(lambda r0, r1: fn(variables, prefix[r0:r1], uncond_prefix[r0:r1], u[:, r0:r1], *scalars),
+                          rows)

@@ -28,6 +28,7 @@ from jax import lax
 
 from transformer_jax import cpu_backend
 from transformer_jax.decode_kernels import prepare_decode_variables, uses_decode_kernels
+from transformer_jax.decode_threads import row_chunks, run_row_chunks
 from transformer_jax.gpt import GPT, cache_bytes, init_cache
 from transformer_jax.sampling import (_check_optional_positive_int, _check_options, _check_positive_int, _check_tokens,
                                       checked_vocab_limit, choose_with_uniform, step_uniforms)
@@ -186,7 +187,8 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
                           top_p: float | None = None, temperature: float = 1.0,
                           method: str = "cached", buckets: int | None = 4,
                           cache_slots: int | None = None, chunk: int | None = None,
-                          return_logits: bool = False, vocab_limit: int | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+                          return_logits: bool = False, threads: int | None = None,
+                          vocab_limit: int | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sample an (H, W) code grid with a ``window`` x ``window`` sliding window -> (B, H, W) int32.
 
     Conditioning tokens: ``prefix`` (B, P) (e.g. SOS or class token, prepended unchanged) and/or
@@ -202,7 +204,8 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     of ``buckets`` lengths (each length is one compiled loop): ``buckets=None`` is exact per row offset
     (least compute, up to ``window`` loops to compile), ``1`` always runs the full window.
     ``return_logits`` also returns the logits used at every position (B, H, W, vocab), for checking.
-    ``vocab_limit``: as in :func:`transformer_jax.sampling.sample` (draw only ids below it).
+    ``threads``: as in :func:`transformer_jax.sampling.sample` (on CPU, row chunks of the batch run as
+    concurrent programs), and ``vocab_limit`` (draw only ids below it).
     """
     _check_options(top_k, top_p, temperature)
     vocab_limit = checked_vocab_limit(vocab_limit, model.vocab_size)
@@ -248,9 +251,11 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     else:
         fn = _sliding_sampler(model, h, wd, window, top_k, top_p is not None, buckets, return_logits, vocab_limit,
                               cpu_backend.turned_off())
-    if uses_decode_kernels(model):  # outside the program, so a caller's prepared variables are used as they are
+    if uses_decode_kernels(model):  # once for all row chunks, outside their programs (variables may be prepared)
         variables = prepare_decode_variables(model, variables)
+    rows = row_chunks(model, batch, threads, variables, prefix, cond_grid, rng, temperature, top_p)
     u = step_uniforms(rng, h * wd, batch)  # position p draws u[p], the numbers fold_in(rng, p) gives
     scalars = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
-    grid, logits = fn(variables, prefix, cond_grid, u, *scalars)
+    grid, logits = run_row_chunks(
+        lambda r0, r1: fn(variables, prefix[r0:r1], cond_grid[r0:r1], u[:, r0:r1], *scalars), rows)
     return (grid, logits) if return_logits else grid
