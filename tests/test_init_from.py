@@ -116,7 +116,7 @@ def test_fine_tuning_a_converted_vqgan_lowers_heldout_l1(sources, tmp_path, capl
     c.eval_steps = 3
     c.checkpoint.update(dict(every=30, keep=1, async_save=False))
     start = heldout_l1(c, load_workdir(sources["vqgan"])[1]["params"], str(tmp_path))
-    with caplog.at_level(pylogging.INFO):
+    with caplog.at_level(pylogging.INFO, logger="absl"):
         result = train(c, str(tmp_path / "run"))
     end = result.eval_metrics["l1"]
     assert "init_from: params taken from" in caplog.text
@@ -124,7 +124,7 @@ def test_fine_tuning_a_converted_vqgan_lowers_heldout_l1(sources, tmp_path, capl
     assert end < 0.75 * start, (start, end)
     # Run again on the same workdir: it resumes from its own checkpoint, and says init_from is ignored.
     caplog.clear()
-    with caplog.at_level(pylogging.INFO):
+    with caplog.at_level(pylogging.INFO, logger="absl"):
         again = train(c, str(tmp_path / "run"))
     assert again.step == 30 and "is ignored: the run resumes from its own checkpoint" in caplog.text
 
@@ -145,7 +145,7 @@ def test_stage_two_fine_tunes_a_converted_gpt_on_its_converted_first_stage(sourc
     c.total_steps, c.log_every, c.eval_every = 2, 1, 0
     c.checkpoint.update(dict(every=2, keep=1, async_save=False))
     c.tensorboard = False
-    with caplog.at_level(pylogging.INFO):
+    with caplog.at_level(pylogging.INFO, logger="absl"):
         result = train(c, str(tmp_path / "gpt"))
     assert result.step == 2 and np.isfinite(result.eval_metrics["nll_bits_per_token"])
     assert "init_from: params taken from" in caplog.text and "other stage-one weights" not in caplog.text
