@@ -341,9 +341,9 @@ def make_loader(data_dir: str | os.PathLike, name: str, split: str, global_batch
     eval: resize shorter side + center crop; ``image_size=None`` keeps stored sizes), ``label`` int32.
     Label maps (paired datasets, e.g. ``features=('image', 'segmentation')``): ``segmentation`` int32
     (B, H, W) class ids, resized nearest, with the same crop/flip as the images of the same example.
-    Codes datasets: ``codes`` / ``cond_codes`` / ``label`` int32 as stored. ``features`` defaults to
-    ``('image', 'label')`` (``('image',)`` without labels) or ``('codes', 'label')``. Eval batches add
-    ``mask`` (bool; False on padding).
+    Datasets of a registered format (:func:`common_jax.datasets.register_format`: stage two's pre-encoded
+    datasets): their records as stored. ``features`` defaults to ``('image', 'label')`` (``('image',)`` without labels) or the
+    format's own default. Eval batches add ``mask`` (bool; False on padding).
     ``worker_count > 0`` uses grain worker processes (same batches as 0).
     """
     process_index = jax.process_index() if process_index is None else int(process_index)
@@ -362,14 +362,14 @@ def make_loader(data_dir: str | os.PathLike, name: str, split: str, global_batch
 
     src: SplitSource = open_split(data_dir, name, split)
     if features is None:
-        features = ("codes", "label") if src.kind == "codes" else ("image",) + (
-            ("label",) if "label" in src.features else ())
+        features = src.default_features or ("image",) + (("label",) if "label" in src.features else ())
     features = tuple(features)
     missing = [f for f in features if f not in src.features]
     if missing:
         raise KeyError(f"dataset '{name}' split '{split}' has no feature(s) {missing}; it has {sorted(src.features)}")
-    if src.kind == "codes" and image_size is not None:
-        raise ValueError(f"'{name}' is a codes dataset; image_size must be None, got {image_size}")
+    if not src.image_features and image_size is not None:
+        raise ValueError(f"'{name}' is a {src.kind} dataset; image_size must be None, got {image_size} (it holds no "
+                         "images to resize)")
     label_map_keys = [k for k in features if k in src.label_map_features]
     image_keys = [k for k in features if k in src.image_features and k not in label_map_keys]
     n = len(src.source)

@@ -34,7 +34,7 @@ def check_dataset_on_all_processes(data_dir: str, name: str, attempts: int = 4, 
     """Raise on every process unless all processes see the same files of dataset ``name`` (names, sizes,
     modification times: :func:`common_jax.datasets.dataset_fingerprint`). Each process reads its slice of every
     global batch by index, so host copies that differ would give batches from two datasets, an eval loop of
-    another length on some hosts (a hang at the next collective), or pre-encoded codes under another name.
+    another length on some hosts (a hang at the next collective), or pre-encoded data under another name.
 
     Files that other hosts have just written (the built-in photos, pre-encoded shards) may reach a network file
     system's attribute cache late, so a difference is looked at again ``attempts`` times, ``wait_s`` apart.

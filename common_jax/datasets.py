@@ -1,11 +1,11 @@
-"""Preparing datasets on disk (TFDS in array_record format, or plain array_record for codes) and opening them.
+"""Preparing image datasets on disk (TFDS in array_record format) and opening prepared datasets.
 
 Image datasets are TFDS datasets written with ``file_format='array_record'`` so they can be read by random
 access (grain) without TensorFlow. Preparation uses TFDS (and so TensorFlow) once.
 
-Codes datasets (stage two) are plain array_record shards plus one JSON file per shard, not TFDS: TFDS writes
-all splits of a dataset in one ``download_and_prepare`` call, whereas codes are produced one split at a time,
-often by several hosts at once (one shard each). See :func:`write_codes_dataset`.
+Other layouts (stage two's pre-encoded datasets) are defined where they are written, and registered here with
+:func:`register_format`: :func:`open_split`, :func:`describe_dataset` and the loader then read them too, and this
+module knows nothing of what they hold.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-CODES_FORMAT = "taming_jax_codes"
-CODES_FEATURES = ("codes", "label", "cond_codes")
-_SHARD_RE = re.compile(r"^(?P<split>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.json$")
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -66,9 +63,10 @@ def _how_to_prepare(name: str) -> str:
         return "prepare it with common_jax.datasets.prepare_imagenet2012(data_dir, manual_dir)"
     if base == "builtin_photos":
         return "prepare it with common_jax.datasets.prepare_builtin_photos(data_dir, ...)"
+    others = "".join(f", {fmt.how_to_write}" for fmt in _FORMATS.values())
     return ("prepare it with common_jax.datasets.build_image_folder(src_dir, data_dir, name=...), "
-            "build_paired_folder(image_dir, segmentation_dir, data_dir, name=...), "
-            "prepare_builtin_photos(data_dir) or write_codes_dataset(data_dir, name, split, examples)")
+            f"build_paired_folder(image_dir, segmentation_dir, data_dir, name=...), "
+            f"prepare_builtin_photos(data_dir){others}")
 
 
 def _split_name_version(name: str) -> tuple[str, str | None]:
@@ -109,18 +107,16 @@ def _find_tfds_dir(data_dir: Path, name: str) -> Path | None:
     return None
 
 
-def _is_codes_dir(path: Path) -> bool:
-    return path.is_dir() and any(_SHARD_RE.match(p.name) for p in path.iterdir())
-
-
 def dataset_path(data_dir: str | os.PathLike, name: str) -> tuple[str, Path]:
-    """('tfds' | 'codes', directory) of a prepared dataset, or DatasetNotPreparedError naming how to prepare it."""
+    """(format kind: 'tfds' or a registered one, directory) of a prepared dataset, or DatasetNotPreparedError
+    naming how to prepare it."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DatasetNotPreparedError(f"data_dir '{data_dir}' does not exist, so dataset '{name}' is not "
                                       f"there; {_how_to_prepare(name)}")
-    if _is_codes_dir(data_dir / name):
-        return "codes", data_dir / name
+    for fmt in _FORMATS.values():
+        if fmt.recognises(data_dir / name):
+            return fmt.kind, data_dir / name
     found = _find_tfds_dir(data_dir, name)
     if found is None:
         raise DatasetNotPreparedError(f"dataset '{name}' is not prepared in data_dir '{data_dir}' (no "
@@ -133,7 +129,7 @@ def dataset_path(data_dir: str | os.PathLike, name: str) -> tuple[str, Path]:
 class SplitSource:
     """A random-access source of one split: ``source[i]`` is a dict of numpy values / encoded image bytes."""
     source: Any
-    kind: str                      # 'tfds' or 'codes'
+    kind: str                      # 'tfds' or a registered format's kind
     features: tuple[str, ...]      # keys of each record
     image_features: tuple[str, ...]  # keys holding encoded image bytes (decoded by the loader)
     class_names: list[str] | None
@@ -141,14 +137,36 @@ class SplitSource:
     # The image features that are label maps (1 channel, pixel = class id): the loader decodes them as
     # integer maps and resizes them with nearest neighbour. A subset of image_features.
     label_map_features: tuple[str, ...] = ()
+    # What a loader reads when no features are named; None: the image (and the label where there is one).
+    default_features: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFormat:
+    """A dataset layout other than TFDS, registered by the module that writes it (:func:`register_format`)."""
+    kind: str                                              # shown in SplitSource.kind and in messages
+    recognises: Callable[[Path], bool]                     # data_dir/name -> is it a dataset of this format
+    open_split: Callable[[Path, str, str], SplitSource]    # (data_dir, name, split) -> random-access source
+    splits: Callable[[Path], dict[str, int]]               # data_dir/name -> {split: number of examples}
+    how_to_write: str                                      # the call that writes one, for "not prepared" errors
+
+
+_FORMATS: dict[str, DatasetFormat] = {}
+
+
+def register_format(fmt: DatasetFormat) -> None:
+    """Let :func:`open_split`, :func:`describe_dataset` and the loader read datasets of ``fmt``. Registering a kind
+    again replaces it (a module imported twice registers twice)."""
+    if fmt.kind == "tfds":
+        raise ValueError("dataset format kind 'tfds' is built in; register another kind")
+    _FORMATS[fmt.kind] = fmt
 
 
 def open_split(data_dir: str | os.PathLike, name: str, split: str) -> SplitSource:
     """Open one split of a prepared dataset for random access (no TensorFlow needed)."""
     kind, path = dataset_path(data_dir, name)
-    if kind == "codes":
-        src = read_codes(data_dir, name, split)
-        return SplitSource(src, "codes", tuple(src.features), (), None, str(path))
+    if kind != "tfds":
+        return _FORMATS[kind].open_split(Path(data_dir), name, split)
     import tensorflow_datasets as tfds
     builder = tfds.builder_from_directory(str(path))
     info = builder.info
@@ -174,9 +192,8 @@ def open_split(data_dir: str | os.PathLike, name: str, split: str) -> SplitSourc
 def describe_dataset(data_dir: str | os.PathLike, name: str) -> PreparedDataset:
     """Splits, sizes and class names of a prepared dataset."""
     kind, path = dataset_path(data_dir, name)
-    if kind == "codes":
-        splits = {s: sum(m["num_examples"] for m in metas) for s, metas in _codes_shards(path).items()}
-        return PreparedDataset(name, str(data_dir), str(path), splits, None, True)
+    if kind != "tfds":
+        return PreparedDataset(name, str(data_dir), str(path), _FORMATS[kind].splits(path), None, True)
     import tensorflow_datasets as tfds
     info = tfds.builder_from_directory(str(path)).info
     splits = {k: int(v.num_examples) for k, v in info.splits.items()}
@@ -188,7 +205,7 @@ def describe_dataset(data_dir: str | os.PathLike, name: str) -> PreparedDataset:
 
 def dataset_fingerprint(data_dir: str | os.PathLike, name: str) -> str:
     """Identity of a prepared dataset's files (names, sizes, modification times): rebuilding it under the same
-    name changes it, so data derived from it (pre-encoded codes) is not taken for current."""
+    name changes it, so data derived from it (a pre-encoded dataset) is not taken for current."""
     return source_record([dataset_path(data_dir, name)[1]])["digest"]
 
 
@@ -667,146 +684,3 @@ def prepare_builtin_photos(data_dir: str | os.PathLike, crop_size: int = 32, cro
             description="Crops of the photographs shipped with scikit-image and scikit-learn; "
                         "validation crops come from a held-out strip of each photo.")
     return dataclasses.replace(describe_dataset(data_dir, name), reused=False)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Codes datasets (plain array_record + JSON metadata per shard).
-
-def _shard_stem(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}"
-
-
-def _as_int32(value: Any, key: str, i: int) -> np.ndarray:
-    arr = np.asarray(value)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"codes example {i}: '{key}' must be integer, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"codes example {i}: '{key}' does not fit in int32")
-    return arr.astype("<i4")
-
-
-def write_codes_dataset(data_dir: str | os.PathLike, name: str, split: str,
-                        examples: Iterable[Mapping[str, Any]], *, shard_index: int = 0, shard_count: int = 1,
-                        overwrite: bool = False) -> PreparedDataset:
-    """Write one split (or one shard of it, e.g. one per host) of a codes dataset.
-
-    Each example is ``{'codes': int (h, w) or (T,), 'label': int scalar, optional 'cond_codes': int array}``;
-    all examples of a shard must have the same keys and shapes. Files:
-    ``data_dir/name/{split}-{i:05d}-of-{n:05d}.array_record`` and ``.json`` (shapes, dtypes, count). Each
-    record is the little-endian int32 bytes of the features, in the order listed in the JSON.
-    """
-    from array_record.python.array_record_module import ArrayRecordWriter
-    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-        raise ValueError(f"split name must be letters, digits or '_', got '{split}'")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
-    out = Path(data_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
-    stem = _shard_stem(split, shard_index, shard_count)
-    rec_path, meta_path = out / f"{stem}.array_record", out / f"{stem}.json"
-    if meta_path.exists() and not overwrite:
-        raise FileExistsError(f"codes shard {meta_path} already exists; pass overwrite=True to replace it")
-    tmp = out / f".{stem}.array_record.tmp"
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    spec: dict[str, dict[str, Any]] | None = None
-    n = 0
-    try:
-        for i, ex in enumerate(examples):
-            keys = sorted(ex)
-            unknown = [k for k in keys if k not in CODES_FEATURES]
-            if unknown or "codes" not in ex or "label" not in ex:
-                raise KeyError(f"codes example {i}: keys {keys}; required 'codes' and 'label', optional "
-                               f"'cond_codes', unknown {unknown}")
-            arrays = {k: _as_int32(ex[k], k, i) for k in keys}
-            if arrays["label"].shape != ():
-                raise ValueError(f"codes example {i}: 'label' must be a scalar, got shape {arrays['label'].shape}")
-            if spec is None:
-                spec = {k: {"shape": list(a.shape), "dtype": "int32"} for k, a in arrays.items()}
-            for k, a in arrays.items():
-                if k not in spec or list(a.shape) != spec[k]["shape"]:
-                    raise ValueError(f"codes example {i}: '{k}' has shape {list(a.shape)}, expected "
-                                     f"{spec.get(k, {}).get('shape')} (as in example 0); keys {sorted(spec)}")
-            if len(arrays) != len(spec):
-                raise KeyError(f"codes example {i}: keys {keys}, expected {sorted(spec)} (as in example 0)")
-            writer.write(b"".join(arrays[k].tobytes() for k in sorted(spec)))
-            n += 1
-    finally:
-        writer.close()
-    if spec is None:
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"write_codes_dataset('{name}', '{split}'): no examples given")
-    os.replace(tmp, rec_path)
-    meta = {"format": CODES_FORMAT, "version": 1, "split": split, "shard_index": shard_index,
-            "shard_count": shard_count, "num_examples": n, "features": spec, "order": sorted(spec)}
-    meta_path.write_text(json.dumps(meta, indent=1))
-    return PreparedDataset(name, str(data_dir), str(out), {split: n})
-
-
-def _codes_shards(path: Path) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for p in sorted(path.iterdir()):
-        m = _SHARD_RE.match(p.name)
-        if not m:
-            continue
-        try:
-            meta = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"codes metadata {p} is not valid JSON ({e})") from e
-        if meta.get("format") != CODES_FORMAT:
-            raise ValueError(f"{p}: 'format' is {meta.get('format')!r}, expected {CODES_FORMAT!r}")
-        meta["_path"] = str(p.with_suffix(".array_record"))
-        out.setdefault(m["split"], []).append(meta)
-    return out
-
-
-class CodesSource:
-    """Random-access reader of one codes split: ``src[i] -> {'codes': int32 array, 'label': int32, ...}``."""
-
-    def __init__(self, paths: Sequence[str], spec: Mapping[str, Mapping[str, Any]], order: Sequence[str]):
-        import grain
-        self._paths = list(paths)
-        self._reader = grain.sources.ArrayRecordDataSource(self._paths)
-        self._spec = {k: tuple(v["shape"]) for k, v in spec.items()}
-        self._order = list(order)
-        self.features = tuple(self._order)
-        self._sizes = [int(np.prod(self._spec[k], dtype=np.int64)) for k in self._order]
-
-    def __len__(self) -> int:
-        return len(self._reader)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        flat = np.frombuffer(self._reader[i], dtype="<i4")
-        out, off = {}, 0
-        for k, size in zip(self._order, self._sizes):
-            out[k] = flat[off:off + size].reshape(self._spec[k]).astype(np.int32)
-            off += size
-        return out
-
-    def __repr__(self) -> str:
-        return f"CodesSource({len(self)} records, {self._spec})"
-
-
-def read_codes(data_dir: str | os.PathLike, name: str, split: str) -> CodesSource:
-    """Open a codes split written by :func:`write_codes_dataset` (all its shards, in shard order)."""
-    path = Path(data_dir) / name
-    if not _is_codes_dir(path):
-        raise DatasetNotPreparedError(f"codes dataset '{name}' is not in data_dir '{data_dir}' (no "
-                                      f"{path}/<split>-00000-of-NNNNN.json); write it with "
-                                      f"common_jax.datasets.write_codes_dataset(data_dir, name, split, examples)")
-    shards = _codes_shards(path)
-    if split not in shards:
-        raise KeyError(f"codes dataset '{name}' at {path} has no split '{split}'; splits: {sorted(shards)}")
-    metas = sorted(shards[split], key=lambda m: m["shard_index"])
-    count = metas[0]["shard_count"]
-    have = [m["shard_index"] for m in metas]
-    if have != list(range(count)) or any(m["shard_count"] != count for m in metas):
-        raise ValueError(f"codes dataset '{name}' split '{split}' at {path}: expected shards 0..{count - 1} of "
-                         f"{count}, found {have}")
-    for m in metas[1:]:
-        if m["features"] != metas[0]["features"]:
-            raise ValueError(f"codes dataset '{name}' split '{split}': shard {m['shard_index']} has features "
-                             f"{m['features']}, shard 0 has {metas[0]['features']}")
-    for m in metas:
-        if not Path(m["_path"]).is_file():
-            raise FileNotFoundError(f"codes shard file {m['_path']} is missing (its metadata exists)")
-    return CodesSource([m["_path"] for m in metas], metas[0]["features"], metas[0]["order"])

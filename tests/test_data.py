@@ -7,6 +7,7 @@ from PIL import Image
 
 from batch_checks import assert_same_batches, take
 from common_jax import data, datasets
+from transformer_jax import codes_dataset
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,8 @@ def ids(tmp_path_factory):
     """Codes dataset whose example i has codes == i (identifies examples): 20 train, 11 validation."""
     data_dir = tmp_path_factory.mktemp("ids")
     for split, n in (("train", 20), ("validation", 11)):
-        datasets.write_codes_dataset(data_dir, "ids", split,
-                                     ({"codes": np.full((2, 2), i), "label": i % 4} for i in range(n)))
+        codes_dataset.write_codes_dataset(data_dir, "ids", split,
+                                          ({"codes": np.full((2, 2), i), "label": i % 4} for i in range(n)))
     return str(data_dir)
 
 

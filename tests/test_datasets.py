@@ -1,6 +1,6 @@
-"""Dataset preparation: image folders (with bad files), built-in photos, codes datasets, ImageNet errors."""
+"""Dataset preparation: image folders (with bad files), built-in photos, ImageNet errors, other formats."""
+import dataclasses
 import io
-import json
 import logging
 import os
 import shutil
@@ -246,64 +246,24 @@ def test_builtin_photos_bad_args(tmp_path):
         datasets.prepare_builtin_photos(tmp_path, crop_size=200, crops_per_photo=1)
 
 
-# ---------------------------------------------------------------------------------------------- codes
-
-def _examples(n, start=0, hw=(2, 3), cond=False):
-    for i in range(start, start + n):
-        ex = {"codes": np.full(hw, i, np.int64), "label": i % 3}
-        if cond:
-            ex["cond_codes"] = np.arange(4) + i
-        yield ex
-
-
-def test_codes_round_trip(tmp_path):
-    datasets.write_codes_dataset(tmp_path, "codes", "train", _examples(5, 0, cond=True), shard_index=0, shard_count=2)
-    datasets.write_codes_dataset(tmp_path, "codes", "train", _examples(4, 5, cond=True), shard_index=1, shard_count=2)
-    out = datasets.write_codes_dataset(tmp_path, "codes", "validation", _examples(3, cond=True))
-    assert out.splits == {"validation": 3}
-    src = datasets.read_codes(tmp_path, "codes", "train")
-    assert len(src) == 9
-    for i in range(9):
-        r = src[i]
-        assert r["codes"].dtype == np.int32 and r["codes"].shape == (2, 3) and (r["codes"] == i).all()
-        assert r["label"].dtype == np.int32 and r["label"].shape == () and int(r["label"]) == i % 3
-        np.testing.assert_array_equal(r["cond_codes"], np.arange(4) + i)
-    d = datasets.describe_dataset(tmp_path, "codes")
-    assert d.splits == {"train": 9, "validation": 3}
-    meta = json.loads((tmp_path / "codes" / "train-00001-of-00002.json").read_text())
-    assert meta["num_examples"] == 4 and meta["features"]["codes"]["shape"] == [2, 3]
-    split = datasets.open_split(tmp_path, "codes", "validation")
-    assert split.kind == "codes" and set(split.features) == {"codes", "label", "cond_codes"}
-
-
-def test_codes_write_errors(tmp_path):
-    with pytest.raises(KeyError, match="example 0.*required 'codes'"):
-        datasets.write_codes_dataset(tmp_path, "c", "train", [{"label": 1}])
-    with pytest.raises(KeyError, match="unknown \\['extra'\\]"):
-        datasets.write_codes_dataset(tmp_path, "c", "train", [{"codes": [1], "label": 1, "extra": 2}])
-    with pytest.raises(ValueError, match=r"example 1: 'codes' has shape \[3, 3\], expected \[2, 3\]"):
-        datasets.write_codes_dataset(tmp_path, "c", "train", [next(_examples(1)), next(_examples(1, hw=(3, 3)))])
-    with pytest.raises(TypeError, match="'codes' must be integer, got dtype float"):
-        datasets.write_codes_dataset(tmp_path, "c", "train", [{"codes": np.zeros(3), "label": 0}])
-    with pytest.raises(ValueError, match="'label' must be a scalar"):
-        datasets.write_codes_dataset(tmp_path, "c", "train", [{"codes": [1], "label": [1, 2]}])
-    with pytest.raises(ValueError, match="no examples"):
-        datasets.write_codes_dataset(tmp_path, "c", "train", [])
-    with pytest.raises(ValueError, match="shard_index"):
-        datasets.write_codes_dataset(tmp_path, "c", "train", _examples(1), shard_index=2, shard_count=2)
-    assert not list((tmp_path / "c").glob("train-*"))  # failed writes leave nothing behind
-    datasets.write_codes_dataset(tmp_path, "c", "train", _examples(2))
-    with pytest.raises(FileExistsError, match="train-00000-of-00001.json already exists"):
-        datasets.write_codes_dataset(tmp_path, "c", "train", _examples(2))
-    datasets.write_codes_dataset(tmp_path, "c", "train", _examples(3), overwrite=True)
-    assert len(datasets.read_codes(tmp_path, "c", "train")) == 3
-
-
-def test_codes_read_errors(tmp_path):
-    with pytest.raises(datasets.DatasetNotPreparedError, match="codes dataset 'c' is not in.*write_codes_dataset"):
-        datasets.read_codes(tmp_path, "c", "train")
-    datasets.write_codes_dataset(tmp_path, "c", "train", _examples(2), shard_index=1, shard_count=2)
-    with pytest.raises(ValueError, match=r"expected shards 0..1 of 2, found \[1\]"):
-        datasets.read_codes(tmp_path, "c", "train")
-    with pytest.raises(KeyError, match="no split 'validation'"):
-        datasets.read_codes(tmp_path, "c", "validation")
+def test_registered_format(tmp_path, monkeypatch):
+    """A layout other than TFDS, registered by the module that writes it, is found, opened and described through
+    the same calls (how stage two's codes are read), and named in the hint of a missing dataset."""
+    monkeypatch.setattr(datasets, "_FORMATS", dict(datasets._FORMATS))     # the registration ends with the test
+    rows = [{"x": np.int32(i)} for i in range(3)]
+    fmt = datasets.DatasetFormat(
+        "rows", lambda p: (p / "rows.txt").is_file(),
+        lambda data_dir, name, split: datasets.SplitSource(rows, "rows", ("x",), (), None, str(data_dir / name),
+                                                           default_features=("x",)),
+        lambda p: {"train": 3}, "write_rows(data_dir, name)")
+    with pytest.raises(ValueError, match="'tfds' is built in"):
+        datasets.register_format(dataclasses.replace(fmt, kind="tfds"))
+    datasets.register_format(fmt)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "rows.txt").write_text("")
+    assert datasets.dataset_path(tmp_path, "r") == ("rows", tmp_path / "r")
+    src = datasets.open_split(tmp_path, "r", "train")
+    assert src.kind == "rows" and src.source[2] == {"x": 2} and src.default_features == ("x",)
+    assert datasets.describe_dataset(tmp_path, "r").splits == {"train": 3}
+    with pytest.raises(datasets.DatasetNotPreparedError, match=r"'absent' is not prepared.*write_rows\(data_dir"):
+        datasets.open_split(tmp_path, "absent", "train")

@@ -77,6 +77,7 @@ def _heldout_codes(workdir):
     """The pre-encoded codes of the held-out crops, as stage two wrote them (another code path than the demo's
     metrics, which encode the held-out images again)."""
     from common_jax import data as data_lib
+    from transformer_jax import codes_dataset  # noqa: F401  (registers the codes format with the loader)
     data_dir = os.path.join(workdir, "data")
     names = [os.path.basename(p) for p in glob.glob(os.path.join(data_dir, "codes_*"))]
     assert len(names) == 1, names

@@ -10,6 +10,7 @@ import _stage_main as stage
 from common_jax import datasets
 from common_jax.pretrained import params_fingerprint
 from transformer_jax.codes import codes_dataset_name
+from transformer_jax.codes_dataset import read_codes
 from transformer_jax.code_encoder import unigram_entropy_bits
 from transformer_jax.train import train
 from vqgan_jax.pretrained import load_vqgan
@@ -73,8 +74,8 @@ def test_training_beats_unigram_entropy_of_heldout_codes(trained):
     photos, vq_dir, res, seconds = trained
     _, vq_vars, _ = load_vqgan(vq_dir)
     image_name = datasets.builtin_photos_name(crop_size=32, crops_per_photo=64)
-    held = datasets.read_codes(photos, codes_dataset_name(photos, image_name, 32, params_fingerprint(vq_vars)),
-                               "validation")
+    held = read_codes(photos, codes_dataset_name(photos, image_name, 32, params_fingerprint(vq_vars)),
+                      "validation")
     codes = np.stack([held[i]["codes"] for i in range(len(held))])
     assert codes.shape == (160, 8, 8)
     entropy = unigram_entropy_bits(codes, 139)

@@ -6,6 +6,8 @@ child process also imports every project module that any import statement of the
 """
 from __future__ import annotations
 
+import ast
+import glob
 import json
 import os
 import subprocess
@@ -14,7 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FORBIDDEN = ("vqgan_jax.train", "transformer_jax.train", "common_jax.training", "common_jax.data",
-             "common_jax.datasets", "grain")
+             "common_jax.datasets", "transformer_jax.codes", "transformer_jax.codes_dataset", "grain")
 
 _CHILD = r"""
 import ast, importlib, importlib.util, json, sys
@@ -63,3 +65,16 @@ def test_sampler_and_pretrained_vqgan_import_no_training_or_data_pipeline():
     assert "transformer_jax.code_encoder" in got["reached"]      # the lazily imported helpers were followed
     bad = [f for f in FORBIDDEN if any(m == f or m.startswith(f + ".") for m in got["loaded"])]
     assert not bad, f"inference modules load training / data-pipeline modules: {bad}"
+
+
+def test_common_jax_imports_neither_stage():
+    """The shared layer knows no stage: stage two's codes format registers itself with common_jax.datasets rather
+    than common_jax reading it. Every import statement counts, function bodies included."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "common_jax", "*.py"))):
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            found += [f"{os.path.basename(path)}: {n}" for n in names
+                      if n.split(".")[0] in ("transformer_jax", "vqgan_jax")]
+    assert not found, f"common_jax imports stage modules: {found}"

@@ -249,7 +249,7 @@ def _codes_dirs(runs):
 
 
 def _read_codes(path, split):
-    from common_jax.datasets import read_codes
+    from transformer_jax.codes_dataset import read_codes
     src = read_codes(path.parent, path.name, split)
     return [src[i] for i in range(len(src))]
 

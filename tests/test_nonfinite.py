@@ -14,12 +14,12 @@ import pytest
 
 import _stage_main as stage
 from common_jax import checkpoint as ckpt
-from common_jax import datasets
 from common_jax import pretrained
 from common_jax.config_utils import config_to_dict
 from common_jax.pretrained import NonFiniteWeightsError, load_workdir, nonfinite_leaves
 from common_jax.training import jit_init
 from transformer_jax import codes as codes_lib
+from transformer_jax.codes_dataset import write_codes_dataset
 from transformer_jax.sampler import Sampler
 from transformer_jax.train import TransformerTask
 from vqgan_jax.train import VQGANTask
@@ -140,8 +140,8 @@ def test_eval_fid_refuses_a_nan_gpt_and_a_nan_vqgan_in_one_line(runs, tmp_path):
 
 
 def codes_dataset(data_dir, name, codes):
-    datasets.write_codes_dataset(data_dir, name, "train",
-                                 ({"codes": c, "label": np.int32(0)} for c in np.asarray(codes, np.int32)))
+    write_codes_dataset(data_dir, name, "train",
+                        ({"codes": c, "label": np.int32(0)} for c in np.asarray(codes, np.int32)))
 
 
 def test_collapsed_codes_warn_and_healthy_ones_do_not(tmp_path, caplog):

@@ -1,4 +1,5 @@
-"""Pre-encoding a dataset to codes once, so stage-two training reads integers instead of images."""
+"""Pre-encoding a dataset to codes once, so stage-two training reads integers instead of images. The files are
+:mod:`transformer_jax.codes_dataset`'s; importing this module registers that format for the loader."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +12,7 @@ from absl import logging
 
 from common_jax import data as data_lib
 from common_jax import datasets
+from transformer_jax import codes_dataset
 from common_jax.metrics import progress_iter
 
 
@@ -44,7 +46,7 @@ def _with_label(data_dir: str, name: str, split: str, inputs: tuple[str, ...]) -
 
 def _complete(data_dir: str, name: str, split: str) -> bool:
     try:
-        datasets.read_codes(data_dir, name, split)
+        codes_dataset.read_codes(data_dir, name, split)
         return True
     except (FileNotFoundError, KeyError, ValueError):   # not written, split missing, shards incomplete
         return False
@@ -54,7 +56,7 @@ def codebook_usage(data_dir: str, name: str, n_embed: int, split: str = "train",
                    ) -> tuple[int, int]:
     """(distinct codes, examples read) in ``max_examples`` examples spread evenly over a codes split: enough to
     tell a collapsed stage one (a handful of codes) from a healthy one without reading a whole dataset."""
-    src = datasets.read_codes(data_dir, name, split)
+    src = codes_dataset.read_codes(data_dir, name, split)
     idx = np.unique(np.linspace(0, len(src) - 1, min(len(src), max_examples)).astype(np.int64))
     seen = np.zeros(n_embed, bool)
     for i in idx:
@@ -107,8 +109,8 @@ def prepare_codes(data_dir: str, image_dataset: str, image_size: int,
         start, stop = i * nb // n, (i + 1) * nb // n
         loader.set_state(dict(loader.get_state(), next_batch=start))
         logging.info("pre-encoding %s/%s batches [%d, %d) to %s", image_dataset, split, start, stop, name)
-        datasets.write_codes_dataset(data_dir, name, split, encode_examples(loader, encoders, stop - start),
-                                     shard_index=i, shard_count=n, overwrite=True)
+        codes_dataset.write_codes_dataset(data_dir, name, split, encode_examples(loader, encoders, stop - start),
+                                          shard_index=i, shard_count=n, overwrite=True)
         if n > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"prepare_codes_{split}")
