@@ -19,17 +19,15 @@ written.
 """
 from __future__ import annotations
 
-import json
 import logging as pylogging
 import os
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
 from common_jax.cli_errors import install_excepthook, run_main
+from launch.converted_workdirs import not_orbax_info, refuse_existing, write_workdir
 
 VQ_TARGETS = ("taming.models.vqgan.VQModel", "taming.models.vqgan.GumbelVQ",
               "taming.models.vqgan.VQSegmentationModel")
@@ -71,32 +69,6 @@ def stage_two_config(tt: Any, first_stage_workdir: str, cond_stage_workdir: str,
     return c
 
 
-def _refuse_existing(workdir: str) -> None:
-    from common_jax import checkpoint as ckpt
-    cdir = ckpt.checkpoint_dir(workdir)
-    if os.path.isdir(cdir) and any(n.isdigit() for n in os.listdir(cdir)):
-        raise ValueError(f"{workdir} already holds checkpoints; convert into a new workdir (nothing was written)")
-
-
-def write_workdir(workdir: str, config: ml_collections.ConfigDict, variables: dict) -> None:
-    """Checkpoint 0 (``step``, ``params`` and an EMA codebook when the model has one) and config.json."""
-    from common_jax import checkpoint as ckpt
-    from common_jax.config_utils import config_to_dict
-    state = {"step": jnp.zeros((), jnp.int32),
-             "params": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables["params"])}
-    if variables.get("codebook_ema"):
-        state["codebook_ema"] = variables["codebook_ema"]
-    os.makedirs(workdir, exist_ok=True)
-    manager = ckpt.make_manager(workdir, async_save=False)
-    try:
-        ckpt.save(manager, 0, state, {"config": config_to_dict(config)}, None, force=True)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-
-
 def _target(yaml_cfg: dict, yaml_path: str) -> str:
     model = yaml_cfg.get("model", yaml_cfg) if isinstance(yaml_cfg, dict) else None
     target = model.get("target") if isinstance(model, dict) else None
@@ -121,7 +93,7 @@ def convert(ckpt_path: str, yaml_path: str, workdir: str) -> list[str]:
     target = _target(yaml_cfg, yaml_path)
     source["target"] = target
     if target in VQ_TARGETS:
-        _refuse_existing(workdir)
+        refuse_existing(workdir)
         _, variables = vq_convert.load_taming_checkpoint(ckpt_path, yaml_path)
         config = stage_one_config(vq_convert.config_from_taming(yaml_cfg), target)
         config.converted_from = source
@@ -139,7 +111,7 @@ def convert(ckpt_path: str, yaml_path: str, workdir: str) -> list[str]:
     if cond:
         stages.append((cond, params["cond_stage_config"], tt.cond_stage_variables))
     for w in [workdir] + [s[0] for s in stages]:
-        _refuse_existing(w)
+        refuse_existing(w)
     for w, cfg, variables in stages:
         config = stage_one_config(vq_convert.config_from_taming(cfg), cfg["target"])
         config.converted_from = dict(source, part="cond_stage_model" if w == cond else "first_stage_model")
@@ -154,14 +126,9 @@ def convert(ckpt_path: str, yaml_path: str, workdir: str) -> list[str]:
     return [workdir] + [s[0] for s in stages]
 
 
-def _not_orbax_info(record: pylogging.LogRecord) -> bool:
-    """Orbax logs several INFO lines per save; the command's own lines stay readable without them."""
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/")
-
-
 def main(argv):
     del argv
-    pylogging.getLogger("absl").addFilter(_not_orbax_info)
+    pylogging.getLogger("absl").addFilter(not_orbax_info)
     written = convert(flags.FLAGS.ckpt, flags.FLAGS.yaml, flags.FLAGS.workdir)
     logging.info("wrote %s", ", ".join(written))
 
