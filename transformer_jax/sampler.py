@@ -48,7 +48,7 @@ class Sampler:
         conditioned model, for :meth:`encode_condition`."""
         self.gpt, self.gpt_vars, self.vqgan, self.vq_vars = gpt, gpt_vars, vqgan, vq_vars
         self.cond, self.grid = cond, tuple(int(g) for g in code_grid)
-        self.conditioning = conditions.from_config(cond, gpt.vocab_size)
+        self.conditioning = conditions.for_model(cond, gpt)
         if vqgan.codebook_size > gpt.vocab_size:
             raise ValueError(f"the first-stage codebook ({vqgan.codebook_size} codes) exceeds the GPT's vocab_size "
                              f"{gpt.vocab_size}")

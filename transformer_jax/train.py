@@ -50,10 +50,20 @@ def learning_rate(config: Any) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=peak * o.min_lr_ratio)
 
 
+# Which parameters ``optim.weight_decay`` applies to (``optim.weight_decay_on``): the matmul kernels (taming: no
+# decay on biases, norms, embeddings), or every parameter of two or more dimensions, embeddings included (LlamaGen).
+DECAY_RULES: dict[str, Callable[[tuple, Any], bool]] = {
+    "kernels": lambda path, x: is_kernel_path(path),
+    "matrices": lambda path, x: len(x.shape) >= 2,
+}
+
+
 def make_optimizer(config: Any) -> optax.GradientTransformation:
     o = config.optim
-    # Weight decay on matmul kernels only (taming: no decay on biases, LayerNorm, embeddings).
-    mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: is_kernel_path(p), params)
+    rule = o.get("weight_decay_on", "kernels")
+    if rule not in DECAY_RULES:
+        raise ValueError(f"optim.weight_decay_on must be one of {sorted(DECAY_RULES)}, got {rule!r}")
+    mask = lambda params: jax.tree_util.tree_map_with_path(DECAY_RULES[rule], params)
     parts = []
     if o.get("grad_clip", 0.0):
         parts.append(optax.clip_by_global_norm(o.grad_clip))
@@ -82,7 +92,7 @@ class TransformerTask:
         self.config = config
         self.model = gpt_from_config(config.gpt)
         self.cond = config.cond
-        self.conditioning = conditions.from_config(self.cond, self.model.vocab_size)
+        self.conditioning = conditions.for_model(self.cond, self.model)
         self.n_cond = self.conditioning.prefix_length(cond_grid)
         self.grid = tuple(config.data.code_grid)
         need = self.n_cond + self.grid[0] * self.grid[1] - 1

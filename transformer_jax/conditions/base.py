@@ -50,14 +50,24 @@ class Conditioning:
         self.cfg = cfg
 
     # -- config --------------------------------------------------------------------------------
-    def check(self, vocab_size: int) -> None:
-        """One clear error for a config whose tokens do not fit the vocabulary."""
+    def check(self, vocab_size: int, prefix_table: tuple[int, int] = (0, 0)) -> None:
+        """One clear error for a config whose tokens do not fit the vocabulary, or, for a GPT whose block embeds
+        its leading positions from a table of its own (``prefix_table`` = (positions, rows), e.g. the LLaMA
+        block's class table), that table."""
+        if prefix_table[0]:
+            self.check_table(*prefix_table)
+            return
         self.check_layout(vocab_size)
         if self.cfg.cfg_dropout > 0 and not 0 <= self.cfg.null_token < vocab_size:
             raise ValueError(f"cond.null_token={self.cfg.null_token} is outside the vocabulary [0, {vocab_size})")
 
     def check_layout(self, vocab_size: int) -> None:
         """The kind's own token checks."""
+
+    def check_table(self, positions: int, rows: int) -> None:
+        """The kind's checks against a block's own prefix table; only kinds whose prefix is table ids pass."""
+        raise ValueError(f"cond.kind={self.name!r} does not fit this GPT: its block embeds the first {positions} "
+                         f"position(s) from a class table of its own ({rows} rows); use cond.kind='class'")
 
     def prefix_length(self, cond_grid: tuple[int, int] | None = None) -> int:
         """Tokens in the prefix; ``cond_grid``: the cond stage's code grid, for kinds that use one."""
