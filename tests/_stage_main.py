@@ -73,10 +73,11 @@ def vqgan_config(data_dir: str, **overrides: Any) -> ml_collections.ConfigDict:
     return apply_overrides(c, {k.replace("__", "."): v for k, v in overrides.items()})
 
 
-def gpt_config(data_dir: str, first_stage: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """configs/transformer_tiny on the codes of the built-in photos, a few steps, small eval."""
-    from configs import transformer_tiny
-    c = transformer_tiny.get_config()
+def gpt_config(data_dir: str, first_stage: str, config: str = "transformer_tiny",
+               **overrides: Any) -> ml_collections.ConfigDict:
+    """configs/<config> (transformer_tiny by default) on the codes of the built-in photos, a few steps, small eval."""
+    import importlib
+    c = importlib.import_module(f"configs.{config}").get_config()
     c.data.data_dir = data_dir
     c.data.eval_examples = 64
     c.first_stage.workdir = first_stage
