@@ -18,11 +18,11 @@ from transformer_jax.gpt_layers import HeadsProjection, Linear, OutProjection
 
 
 def test_unknown_block_is_one_error_listing_the_choices():
-    cfg = ml_collections.ConfigDict(dict(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8, block="llama"))
-    with pytest.raises(ValueError, match=r"^gpt.block: unknown block 'llama'; choices: mingpt$"):
+    cfg = ml_collections.ConfigDict(dict(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8, block="lama"))
+    with pytest.raises(ValueError, match=r"^gpt.block: unknown block 'lama'; choices: llama, mingpt$"):
         gpt_from_config(cfg)
-    with pytest.raises(ValueError, match=r"gpt.block: unknown block 'llama'; choices: mingpt"):
-        GPT(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8, block="llama").init(
+    with pytest.raises(ValueError, match=r"gpt.block: unknown block 'lama'; choices: llama, mingpt"):
+        GPT(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8, block="lama").init(
             jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     cfg.block = "mingpt"
     cfg.block_options = {"n_kv_head": 1}
@@ -46,7 +46,7 @@ class TinyLlamaBlock(BlockFields):
     learned_positions = False
 
     @staticmethod
-    def final_norm(dtype: Any) -> nn.Module:
+    def final_norm(dtype: Any, options: tuple = ()) -> nn.Module:
         return RMSNorm(dtype)
 
     @staticmethod

@@ -2,7 +2,8 @@
 
 Key names are taming's (``tok_emb.weight``, ``pos_emb``, ``blocks.{i}.ln1/ln2/attn.key/query/value/proj``,
 ``blocks.{i}.mlp.0/mlp.2``, ``ln_f``, ``head.weight``); ``blocks.{i}.attn.mask`` buffers are ignored on
-input (the model builds its mask from ``n_unmasked``) and regenerated on output.
+input (the model builds its mask from ``n_unmasked``) and regenerated on output. LlamaGen's GPT converts through
+:func:`from_llamagen` (:mod:`transformer_jax.convert_llamagen`, re-exported here).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any, Mapping
 import flax.linen as nn
 import numpy as np
 
+from transformer_jax.convert_llamagen import (LLAMAGEN_GPT_SIZES, from_llamagen,  # noqa: F401 (re-exported)
+                                              llamagen_gpt_config)
 from transformer_jax.gpt import GPT
 
 

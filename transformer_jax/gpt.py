@@ -1,6 +1,7 @@
 """Stage-two GPT, parameter-compatible with taming's minGPT, with a functional KV cache for decoding.
 
-Token embeddings (plus learned position embeddings when the block asks for them), ``n_layer`` blocks of the
+Token embeddings (plus learned position embeddings when the block asks for them; the leading positions from a
+table of their own, e.g. class ids, when the block declares one: ``prefix_table``), ``n_layer`` blocks of the
 kind ``block`` names (:mod:`transformer_jax.blocks`; "mingpt", taming's, by default), the block's final norm
 and a bias-free head.
 
@@ -16,6 +17,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -68,13 +70,17 @@ class GPT(nn.Module):
         if block.learned_positions:
             self.pos_emb = self.param("pos_emb", nn.with_logical_partitioning(ZEROS, ("length", "embed")),
                                       (self.block_size, self.n_embd), jnp.float32)
+        n_prefix, rows = block.prefix_table(self.block_options)
+        if n_prefix:  # e.g. class ids: the first n_prefix positions of idx index this table, not tok_emb
+            self.cls_emb = self.param("cls_emb", nn.with_logical_partitioning(INIT, ("vocab", "embed")),
+                                      (rows, self.n_embd), jnp.float32)
         # deterministic (argument 2, counting self) is a Python bool: static under remat.
         layer = nn.remat(block, static_argnums=(2,)) if self.remat else block
         self.blocks = [layer(n_head=self.n_head, n_embd=self.n_embd, attn_pdrop=self.attn_pdrop,
                              resid_pdrop=self.resid_pdrop, n_unmasked=self.n_unmasked, dtype=self.dtype,
                              attention_impl=self.attention_impl, options=self.block_options, name=f"blocks_{i}")
                        for i in range(self.n_layer)]
-        self.ln_f = block.final_norm(self.dtype)
+        self.ln_f = block.final_norm(self.dtype, self.block_options)
         self.head = Linear(self.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
         self.drop = nn.Dropout(self.embd_pdrop)
 
@@ -83,8 +89,16 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: sequence length {t} exceeds block_size {self.block_size}")
 
     def _embed(self, idx: jax.Array, pos: jax.Array | int = 0) -> jax.Array:
-        x = jnp.take(self.tok_emb, idx, axis=0)
-        if block_class(self.block).learned_positions:
+        block = block_class(self.block)
+        n_prefix, _ = block.prefix_table(self.block_options)
+        if n_prefix:
+            in_prefix = ((pos + jnp.arange(idx.shape[1])) < n_prefix)[None, :]
+            # Each lookup sees only ids of its own table (0 elsewhere), so neither reads out of bounds.
+            x = jnp.where(in_prefix[..., None], jnp.take(self.cls_emb, jnp.where(in_prefix, idx, 0), axis=0),
+                          jnp.take(self.tok_emb, jnp.where(in_prefix, 0, idx), axis=0))
+        else:
+            x = jnp.take(self.tok_emb, idx, axis=0)
+        if block.learned_positions:
             x = x + lax.dynamic_slice_in_dim(self.pos_emb, pos, idx.shape[1], axis=0)[None]
         return x.astype(self.dtype)
 
@@ -135,6 +149,13 @@ def gpt_from_config(cfg: Any) -> GPT:
     block_class(d.get("block", "mingpt"))  # an unknown name fails here, with the choices
     d["block_options"] = tuple(sorted(dict(d.get("block_options") or {}).items()))
     return GPT(**d)
+
+
+def token_bounds(model: GPT, length: int) -> np.ndarray:
+    """(length,) int: the exclusive upper bound of the ids ``idx`` may hold at each position: the rows of the
+    block's prefix table (e.g. class ids, null class included) at its leading positions, vocab_size after."""
+    n_prefix, rows = block_class(model.block).prefix_table(model.block_options)
+    return np.where(np.arange(length) < n_prefix, rows, model.vocab_size)
 
 
 def is_kernel_path(path: tuple) -> bool:

@@ -16,10 +16,11 @@ so the kept set is always well defined.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from common_jax.quick_compile import quick_jit
@@ -27,7 +28,7 @@ from transformer_jax import cpu_backend
 from transformer_jax.attention import even_bounds
 from transformer_jax.decode_kernels import prepare_decode_variables, uses_decode_kernels
 from transformer_jax.decode_threads import row_chunks, run_row_chunks
-from transformer_jax.gpt import GPT, cache_bytes, decode_weight_bytes, init_cache
+from transformer_jax.gpt import GPT, cache_bytes, decode_weight_bytes, init_cache, token_bounds
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -149,6 +150,15 @@ def guided_logits(cond: jax.Array, uncond: jax.Array, scale: Any) -> jax.Array:
     return cond + (scale - 1.0) * (cond - uncond)
 
 
+def last_guided_step(cfg_interval: int, steps: int) -> int:
+    """The last sampled token (0-based) that guidance applies to, by LlamaGen's ``cfg_interval`` rule
+    (autoregressive/models/generate.py): the first token (from the prefill) always, then decode step ``i``
+    (token ``i + 1``) while ``i <= cfg_interval``; ``cfg_interval < 0``: every token."""
+    if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool):
+        raise ValueError(f"cfg_interval must be an int (-1: guidance at every step), got {cfg_interval!r}")
+    return steps - 1 if cfg_interval < 0 else min(cfg_interval + 1, steps - 1)
+
+
 def decode_phases(model: GPT, batch: int, length: int, steps: int) -> int:
     """How many cache lengths the decode loop of :func:`sample` grows through (1 = one full-length cache).
 
@@ -187,7 +197,7 @@ def _compiled_sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool
     """
     bounds = [1 + k for k in even_bounds(steps - 1, phases)]  # step ranges, from step 1
 
-    def run(variables, prefix, uncond, u, temperature, top_p, scale):
+    def run(variables, prefix, uncond, u, temperature, top_p, scale, guide_until):
         variables = prepare_decode_variables(model, variables)
         b, p = prefix.shape
         tokens = jnp.concatenate([prefix, uncond], axis=0) if guided else prefix
@@ -196,8 +206,8 @@ def _compiled_sampler(model: GPT, steps: int, top_k: int | None, use_top_p: bool
         tp = top_p if use_top_p else None
 
         def pick(logits, t):
-            if guided:
-                logits = guided_logits(logits[:b], logits[b:], scale)
+            if guided:  # steps after guide_until take the conditional logits alone (cfg_interval)
+                logits = jnp.where(t <= guide_until, guided_logits(logits[:b], logits[b:], scale), logits[:b])
             return choose_with_uniform(logits, u[t], top_k, tp, temperature, vocab_limit)
 
         logits, cache = model.apply(variables, tokens, cache, 0, method=GPT.decode)
@@ -227,7 +237,10 @@ def checked_vocab_limit(vocab_limit: Any, vocab_size: int) -> int | None:
     return None if vocab_limit == vocab_size else vocab_limit
 
 
-def _check_tokens(name: str, x: Any, vocab_size: int) -> jax.Array:
+def _check_tokens(name: str, x: Any, vocab_size: int | Callable[[int], np.ndarray]) -> jax.Array:
+    """``x`` as (batch, length) int32 ids, each below ``vocab_size``: one bound, or a function of the length
+    giving one per position (:func:`transformer_jax.gpt.token_bounds`: leading positions may hold the ids of
+    another table, e.g. class ids)."""
     if not hasattr(x, "shape") or len(x.shape) != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"{name} must be (batch, length) integer token ids, got "
                          f"{getattr(x, 'shape', type(x))} {getattr(x, 'dtype', '')}")
@@ -235,9 +248,14 @@ def _check_tokens(name: str, x: Any, vocab_size: int) -> jax.Array:
         raise ValueError(f"{name} must hold at least one token (SOS or conditioning), got shape {x.shape}")
     if not isinstance(x, jax.core.Tracer):
         with jax.ensure_compile_time_eval():  # concrete ids are checked even inside another function's trace
-            lo, hi = int(jnp.min(x)), int(jnp.max(x))
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"{name} token ids must be in [0, {vocab_size}), found range [{lo}, {hi}]")
+            ids = np.asarray(x)
+        bounds = np.broadcast_to(vocab_size(ids.shape[1]) if callable(vocab_size) else vocab_size, (ids.shape[1],))
+        for bound in np.unique(bounds):  # each kind of position (e.g. class ids, then codes) on its own
+            cols = np.flatnonzero(bounds == bound)
+            lo, hi = int(ids[:, cols].min()), int(ids[:, cols].max())
+            if lo < 0 or hi >= bound:
+                where = "" if len(cols) == ids.shape[1] else f" at positions {cols[0]}..{cols[-1]}"
+                raise ValueError(f"{name} token ids{where} must be in [0, {bound}), found range [{lo}, {hi}]")
     return jnp.asarray(x, jnp.int32)
 
 
@@ -245,12 +263,14 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
            top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
            guidance_scale: float | None = None, uncond_prefix: jax.Array | None = None,
            cache_phases: int | None = None, threads: int | None = None,
-           vocab_limit: int | None = None) -> jax.Array:
+           vocab_limit: int | None = None, cfg_interval: int = -1) -> jax.Array:
     """Sample ``steps`` tokens after ``prefix`` (B, P) -> (B, steps) int32, in one jitted program.
 
     ``top_k=1`` decodes greedily. Classifier-free guidance: give ``guidance_scale`` and an
     ``uncond_prefix`` of the same shape; both run as one doubled batch and the logits are mixed as
-    ``uncond + s (cond - uncond)`` before filtering. ``cache_phases`` (default :func:`decode_phases`)
+    ``uncond + s (cond - uncond)`` before filtering; ``cfg_interval`` (LlamaGen's, :func:`last_guided_step`;
+    -1: always) ends the guidance after that many decode steps, later tokens taking the conditional logits
+    alone. ``cache_phases`` (default :func:`decode_phases`)
     and ``threads`` (default :func:`transformer_jax.decode_threads.decode_threads`: on CPU, row chunks of
     the batch run as concurrent programs, and the call then returns once they are done; one program under
     jit or for inputs spread over several devices) trade compile time or host threads for speed only: every
@@ -263,7 +283,7 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     """
     _check_options(top_k, top_p, temperature)
     vocab_limit = checked_vocab_limit(vocab_limit, model.vocab_size)
-    prefix = _check_tokens("prefix", prefix, model.vocab_size)
+    prefix = _check_tokens("prefix", prefix, functools.partial(token_bounds, model))
     _check_positive_int("steps", steps)
     b, p = prefix.shape
     if p + steps - 1 > model.block_size:
@@ -276,11 +296,15 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     if guided:
         if guidance_scale is None or uncond_prefix is None:
             raise ValueError("classifier-free guidance needs both guidance_scale and uncond_prefix")
-        uncond_prefix = _check_tokens("uncond_prefix", uncond_prefix, model.vocab_size)
+        uncond_prefix = _check_tokens("uncond_prefix", uncond_prefix, functools.partial(token_bounds, model))
         if uncond_prefix.shape != prefix.shape:
             raise ValueError(f"uncond_prefix shape {uncond_prefix.shape} must equal prefix shape {prefix.shape}")
     else:
         uncond_prefix = jnp.zeros((0, p), jnp.int32)
+    guide_until = last_guided_step(cfg_interval, steps)
+    if cfg_interval != -1 and not guided:
+        raise ValueError(f"cfg_interval={cfg_interval} needs classifier-free guidance (guidance_scale and "
+                         "uncond_prefix)")
     _check_optional_positive_int("cache_phases", cache_phases)
     if uses_decode_kernels(model):  # once for all row chunks, outside their programs (variables may be prepared)
         variables = prepare_decode_variables(model, variables)
@@ -291,6 +315,6 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
     fn = _sampler(model, steps, top_k, top_p is not None, guided, max(1, min(cache_phases, steps - 1)), vocab_limit)
     u = step_uniforms(rng, steps, b)
     scalars = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
-               jnp.float32(1.0 if guidance_scale is None else guidance_scale))
+               jnp.float32(1.0 if guidance_scale is None else guidance_scale), jnp.int32(guide_until))
     return run_row_chunks(lambda r0, r1: fn(variables, prefix[r0:r1], uncond_prefix[r0:r1], u[:, r0:r1], *scalars),
                           rows)

@@ -10,8 +10,10 @@ A block module defines ``Block``, a Flax module that:
   sequence, else the layer's KV cache with the tokens at positions [pos, pos + T) (see
   :func:`transformer_jax.attention.attend`, the attention every block calls);
 - says what the model around it needs: ``learned_positions`` (whether the GPT adds learned absolute position
-  embeddings), ``final_norm(dtype)`` (the norm before the head) and ``kv_heads(n_head, options)`` (the heads its
-  KV cache holds).
+  embeddings), ``final_norm(dtype, options)`` (the norm before the head), ``kv_heads(n_head, options)`` (the heads
+  its KV cache holds) and ``prefix_table(options)`` (``(positions, rows)``: how many leading positions of ``idx``
+  the GPT embeds from a separate table of ``rows`` entries, e.g. class ids; ``(0, 0)``, the default of
+  ``BlockFields``, for none).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 
 BLOCKS = {
     "mingpt": "transformer_jax.blocks.mingpt",  # taming's minGPT block: the default
+    "llama": "transformer_jax.blocks.llama",    # LlamaGen's LLaMA block: RMSNorm, 2-D RoPE, SwiGLU, class table
 }
 
 

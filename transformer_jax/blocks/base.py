@@ -18,3 +18,8 @@ class BlockFields(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str = ""
     options: tuple = ()
+
+    @staticmethod
+    def prefix_table(options: tuple) -> tuple[int, int]:
+        """(leading positions embedded from a table of their own, that table's rows): none by default."""
+        return 0, 0

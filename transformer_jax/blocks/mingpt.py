@@ -55,7 +55,7 @@ class Block(BlockFields):
     learned_positions = True  # the GPT adds learned absolute position embeddings
 
     @staticmethod
-    def final_norm(dtype: Any) -> nn.Module:
+    def final_norm(dtype: Any, options: tuple = ()) -> nn.Module:
         return LayerNorm(dtype=dtype)
 
     @staticmethod
