@@ -7,6 +7,13 @@
 4. samples a grid per class and a sliding-window panorama several times wider than the training crop,
 5. writes PNGs, TensorBoard logs and summary.json to the workdir.
 Rerunning resumes each stage from its checkpoints instead of starting over.
+
+    python -m launch.demo --workdir=demo_llama --gpt_block=llama      # stage two with LlamaGen's LLaMA block
+    python -m launch.demo --workdir=demo_fsq --quantizer=fsq          # stage one with FSQ (or lfq)
+
+``--gpt_block=llama`` trains configs/transformer_llamagen_tiny.py (sized like minGPT's configs/transformer_tiny.py)
+and ``--quantizer`` picks configs/vqgan_tiny.py (vq), vqgan_tiny_fsq.py or vqgan_tiny_lfq.py; summary.json
+records both choices and the GPT's parameter count beside its held-out NLL.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from common_jax import data as data_lib  # noqa: E402
 from common_jax.metrics import image_grid, save_png  # noqa: E402
-from configs import transformer_tiny, vqgan_tiny  # noqa: E402
+from configs import (transformer_llamagen_tiny, transformer_tiny, vqgan_tiny, vqgan_tiny_fsq,  # noqa: E402
+                     vqgan_tiny_lfq)
 from common_jax.cli_errors import install_excepthook, run_main  # noqa: E402
 from common_jax.dataset_resolution import resolve_dataset  # noqa: E402
 from common_jax.workdir_checks import check_workdir  # noqa: E402
@@ -36,18 +44,26 @@ _GPT_STEPS = flags.DEFINE_integer("gpt_steps", 600, "stage-two steps")
 _PANORAMA = flags.DEFINE_integer("panorama_width", 6, "panorama width in training-crop widths")
 _CROPS = flags.DEFINE_integer("crops_per_photo", 256, "training crops cut from each of the 10 photos")
 _PER_CLASS = flags.DEFINE_integer("samples_per_class", 8, "images sampled per class for the grid")
+# The choices below: flag value -> config module.
+GPT_CONFIGS = {"mingpt": transformer_tiny, "llama": transformer_llamagen_tiny}
+VQ_CONFIGS = {"vq": vqgan_tiny, "fsq": vqgan_tiny_fsq, "lfq": vqgan_tiny_lfq}
+_GPT_BLOCK = flags.DEFINE_enum("gpt_block", "mingpt", list(GPT_CONFIGS), "stage two's block: taming's minGPT or "
+                               "LlamaGen's LLaMA block (configs/transformer_llamagen_tiny.py)")
+_QUANTIZER = flags.DEFINE_enum("quantizer", "vq", list(VQ_CONFIGS), "stage one's quantizer (configs/vqgan_tiny.py, "
+                               "vqgan_tiny_fsq.py, vqgan_tiny_lfq.py)")
 
 
-def demo_configs(workdir: str, vq_steps: int, gpt_steps: int, crops_per_photo: int = 256):
+def demo_configs(workdir: str, vq_steps: int, gpt_steps: int, crops_per_photo: int = 256,
+                 gpt_block: str = "mingpt", quantizer: str = "vq"):
     data_dir = os.path.join(workdir, "data")
-    vq = vqgan_tiny.get_config()
+    vq = VQ_CONFIGS[quantizer].get_config()
     vq.data.data_dir = data_dir
     vq.data.builtin_crops_per_photo = crops_per_photo
     vq.total_steps = vq_steps
     vq.loss.disc_start = vq_steps * 2 // 3          # GAN on for the last third, as taming starts it late
     vq.eval_every = vq.image_every = vq.checkpoint.every = max(vq_steps // 4, 1)
     vq.log_every = 50
-    gpt = transformer_tiny.get_config()
+    gpt = GPT_CONFIGS[gpt_block].get_config()
     gpt.data.data_dir = data_dir
     gpt.data.builtin_crops_per_photo = crops_per_photo
     gpt.first_stage.workdir = os.path.join(workdir, "vqgan")
@@ -101,7 +117,8 @@ def gpt_metrics(gpt_workdir: str) -> dict:
         count += float(out["count"])
         all_codes.append(batch["codes"][batch["mask"]])
     entropy = unigram_entropy_bits(np.concatenate(all_codes), config.gpt.vocab_size)
-    return {"heldout_nll_bits_per_token": bits / count, "heldout_unigram_entropy_bits": entropy}
+    return {"heldout_nll_bits_per_token": bits / count, "heldout_unigram_entropy_bits": entropy,
+            "block": config.gpt.block, "parameters": int(sum(np.size(x) for x in jax.tree.leaves(state["params"])))}
 
 
 def write_samples(workdir: str, gpt_workdir: str, panorama_width: int, per_class: int = 8) -> dict:
@@ -124,17 +141,17 @@ def write_samples(workdir: str, gpt_workdir: str, panorama_width: int, per_class
 
 
 def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int, crops_per_photo: int = 256,
-             samples_per_class: int = 8) -> dict:
+             samples_per_class: int = 8, gpt_block: str = "mingpt", quantizer: str = "vq") -> dict:
     from transformer_jax.train import train as train_gpt
     from vqgan_jax.train import train as train_vq
     workdir = check_workdir(workdir)
-    vq_cfg, gpt_cfg = demo_configs(workdir, vq_steps, gpt_steps, crops_per_photo)
+    vq_cfg, gpt_cfg = demo_configs(workdir, vq_steps, gpt_steps, crops_per_photo, gpt_block, quantizer)
     t0 = time.time()
-    logging.info("[1/3] stage one: tiny VQGAN for %d steps", vq_steps)
+    logging.info("[1/3] stage one: tiny VQGAN (%s) for %d steps", quantizer, vq_steps)
     train_vq(vq_cfg, os.path.join(workdir, "vqgan"))
-    summary = {"vqgan": vqgan_metrics(os.path.join(workdir, "vqgan"), vq_cfg)}
+    summary = {"vqgan": dict(vqgan_metrics(os.path.join(workdir, "vqgan"), vq_cfg), quantizer=quantizer)}
     logging.info("stage one: %s", summary["vqgan"])
-    logging.info("[2/3] stage two: tiny class-conditional GPT for %d steps", gpt_steps)
+    logging.info("[2/3] stage two: tiny class-conditional GPT (%s block) for %d steps", gpt_block, gpt_steps)
     train_gpt(gpt_cfg, os.path.join(workdir, "gpt"))
     summary["gpt"] = gpt_metrics(os.path.join(workdir, "gpt"))
     logging.info("stage two: %s", summary["gpt"])
@@ -149,7 +166,7 @@ def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int, c
 def main(argv):
     del argv
     summary = run_demo(_WORKDIR.value, _VQ_STEPS.value, _GPT_STEPS.value, _PANORAMA.value, _CROPS.value,
-                       _PER_CLASS.value)
+                       _PER_CLASS.value, _GPT_BLOCK.value, _QUANTIZER.value)
     print(json.dumps(summary, indent=2))
 
 
