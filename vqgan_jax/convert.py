@@ -1,8 +1,9 @@
-"""taming-transformers VQGAN checkpoints <-> this project's Flax variables.
+"""taming-transformers and LlamaGen VQ checkpoints <-> this project's Flax variables.
 
 ``from_taming`` / ``to_taming`` are exact inverses: conv kernels OIHW <-> HWIO, GroupNorm ``weight`` <->
 ``scale``, module paths ``down.0.block.1`` <-> ``down_0_block_1``. ``loss.*`` keys (LPIPS and discriminator)
-are ignored by the VQGAN converter.
+are ignored by the VQGAN converter. ``from_llamagen_vq`` reads LlamaGen's tokenizer (``VQModel``) the same way,
+its module paths ``conv_blocks.2.attn.0`` <-> ``conv_blocks_2_attn_0``, ``mid.1`` <-> ``mid_1``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from common_jax.torch_io import read_torch_state_dict
 from vqgan_jax import quantizers
+from vqgan_jax.llamagen_tokenizer import LlamaGenVQ
 from vqgan_jax.model import VQGAN
 
 _TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel",
@@ -91,10 +93,10 @@ _MODULE_RE = [
 ]
 
 
-def _taming_key(path: tuple[str, ...]) -> str:
+def _taming_key(path: tuple[str, ...], module_re: Any = _MODULE_RE) -> str:
     parts = []
     for p in path[:-1]:
-        for rx, rep in _MODULE_RE:
+        for rx, rep in module_re:
             if rx.match(p):
                 p = rx.sub(rep, p)
                 break
@@ -106,8 +108,8 @@ def _taming_key(path: tuple[str, ...]) -> str:
     return ".".join(parts + [leaf])
 
 
-def _param_table(model: VQGAN) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """taming key -> (flax path, expected taming-layout shape)."""
+def _param_table(model: Any, module_re: Any = _MODULE_RE) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """PyTorch key -> (flax path, expected PyTorch-layout shape)."""
     shapes = jax.eval_shape(lambda: nn.unbox(model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, model.resolution, model.resolution, model.in_channels)))))
     table = {}
@@ -117,11 +119,12 @@ def _param_table(model: VQGAN) -> dict[str, tuple[tuple[str, ...], tuple[int, ..
             shape = (shape[3], shape[2], shape[0], shape[1])
         elif len(shape) == 2 and path[-1] == "kernel":
             shape = (shape[1], shape[0])
-        table[_taming_key(path)] = (path, shape)
+        table[_taming_key(path, module_re)] = (path, shape)
     return table
 
 
-def _check_keys(state_dict: Mapping[str, Any], table: Mapping[str, tuple], what: str) -> None:
+def _check_keys(state_dict: Mapping[str, Any], table: Mapping[str, tuple], what: str,
+                ignored: tuple[str, ...] = _IGNORED_PREFIXES) -> None:
     problems = []
     for k, (_, shape) in table.items():
         if k not in state_dict:
@@ -129,7 +132,7 @@ def _check_keys(state_dict: Mapping[str, Any], table: Mapping[str, tuple], what:
         elif tuple(np.shape(state_dict[k])) != shape:
             problems.append(f"  key {k!r}: expected shape {shape}, found {tuple(np.shape(state_dict[k]))}")
     for k in state_dict:
-        if k not in table and not k.startswith(_IGNORED_PREFIXES):
+        if k not in table and not k.startswith(ignored):
             problems.append(f"  unexpected key {k!r} (shape {tuple(np.shape(state_dict[k]))})")
     if problems:
         # One line (entry points print one error line); a wholly different file would list hundreds.
@@ -143,6 +146,11 @@ def from_taming(state_dict: Mapping[str, np.ndarray], config: Any) -> tuple[VQGA
     model = VQGAN.from_config(_model_config(config))
     table = _param_table(model)
     _check_keys(state_dict, table, "from_taming")
+    return model, _variables(model, state_dict, table)
+
+
+def _variables(model: Any, state_dict: Mapping[str, np.ndarray], table: Mapping[str, tuple]) -> dict:
+    """Flax variables from a checked PyTorch state dict (kernels to HWIO / (in, out))."""
     flat = {}
     for key, (path, _) in table.items():
         w = np.asarray(state_dict[key], dtype=np.float32)
@@ -155,7 +163,7 @@ def from_taming(state_dict: Mapping[str, np.ndarray], config: Any) -> tuple[VQGA
     q_state = model.quantizer_def().initial_state(variables["params"]["quantize"])
     if q_state:
         variables["codebook_ema"] = {"quantize": q_state}
-    return model, variables
+    return variables
 
 
 def to_taming(variables: Mapping[str, Any], config: Any) -> dict[str, np.ndarray]:
@@ -208,3 +216,60 @@ def load_taming_checkpoint(ckpt_path: str, yaml_path: str) -> tuple[VQGAN, dict]
         return from_taming(sd, config)
     except ValueError as e:
         raise ValueError(f"{ckpt_path} with {yaml_path}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------ LlamaGen
+# LlamaGen's VQ ModelArgs (tokenizer/tokenizer_image/vq_model.py) with its defaults, plus the encoder/decoder
+# width ``ch`` its VQModel leaves at 128 and the training crop ``resolution``.
+LLAMAGEN_VQ_ARGS: dict[str, Any] = dict(
+    codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
+    commit_loss_beta=0.25, entropy_loss_ratio=0.0, encoder_ch_mult=(1, 1, 2, 2, 4), decoder_ch_mult=(1, 1, 2, 2, 4),
+    z_channels=256, dropout_p=0.0, ch=128, resolution=256)
+# LlamaGen's VQ_models by name, as ModelArgs overrides: vq_ds16_c2i.pt is VQ-16, vq_ds8_c2i.pt VQ-8.
+LLAMAGEN_VQ_MODELS: dict[str, dict[str, Any]] = {
+    "VQ-16": dict(encoder_ch_mult=(1, 1, 2, 2, 4), decoder_ch_mult=(1, 1, 2, 2, 4)),
+    "VQ-8": dict(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4)),
+}
+_LLAMAGEN_MODULE_RE = [
+    (re.compile(r"^conv_blocks_(\d+)_(res|attn)_(\d+)$"), r"conv_blocks.\1.\2.\3"),
+    (re.compile(r"^conv_blocks_(\d+)_(downsample|upsample)$"), r"conv_blocks.\1.\2"),
+    (re.compile(r"^mid_(\d+)$"), r"mid.\1"),
+]
+# A buffer of the last 65536 code indices seen in training, for LlamaGen's codebook-usage log only: it
+# plays no part in encoding or decoding, and this project measures usage itself (codebook_usage metrics).
+_LLAMAGEN_SKIPPED = ("quantize.codebook_used",)
+
+
+def _llamagen_args(model_args: Any) -> dict[str, Any]:
+    """``model_args`` (a dict, or LlamaGen's ModelArgs or any object with those attributes) over the defaults."""
+    given = dict(model_args) if isinstance(model_args, Mapping) else dict(vars(model_args))
+    unknown = sorted(set(given) - set(LLAMAGEN_VQ_ARGS))
+    if unknown:
+        raise ValueError(f"LlamaGen VQ model_args: unknown field {unknown[0]!r} (known: {sorted(LLAMAGEN_VQ_ARGS)})")
+    return {**LLAMAGEN_VQ_ARGS, **given}
+
+
+def llamagen_vq_config(model_args: Any) -> dict[str, Any]:
+    """This project's ``config.model`` (``arch="llamagen"``) for LlamaGen VQ ``ModelArgs`` fields (+ ``ch``,
+    ``resolution``): the l2-normalised codebook is the ``vq`` quantizer with ``l2_normalize`` and beta on the
+    commitment term (``legacy=False``), its entropy loss with LlamaGen's temperature and epsilon."""
+    a = _llamagen_args(model_args)
+    quantizer = quantizers.default_options(
+        "vq", n_embed=int(a["codebook_size"]), beta=float(a["commit_loss_beta"]), legacy=False,
+        l2_normalize=bool(a["codebook_l2_norm"]), codebook_dim=0, entropy_weight=float(a["entropy_loss_ratio"]),
+        entropy_temperature=0.01, entropy_eps=1e-5)
+    return dict(arch="llamagen", ch=int(a["ch"]), ch_mult=tuple(int(c) for c in a["encoder_ch_mult"]),
+                decoder_ch_mult=tuple(int(c) for c in a["decoder_ch_mult"]), num_res_blocks=2,
+                z_channels=int(a["z_channels"]), resolution=int(a["resolution"]), in_channels=3, out_ch=3,
+                dropout=float(a["dropout_p"]), embed_dim=int(a["codebook_embed_dim"]), quantizer=quantizer,
+                dtype="", remat=False)
+
+
+def from_llamagen_vq(state_dict: Mapping[str, np.ndarray], model_args: Any) -> tuple[LlamaGenVQ, dict]:
+    """LlamaGen ``VQModel`` state dict (PyTorch layout, numpy) + its ``ModelArgs`` fields -> (model, variables).
+
+    Missing, unexpected or wrongly shaped keys are refused in one line; ``quantize.codebook_used`` is skipped."""
+    model = LlamaGenVQ.from_config(llamagen_vq_config(model_args))
+    table = _param_table(model, _LLAMAGEN_MODULE_RE)
+    _check_keys(state_dict, table, "from_llamagen_vq", ignored=_LLAMAGEN_SKIPPED)
+    return model, _variables(model, state_dict, table)

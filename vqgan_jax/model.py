@@ -6,7 +6,7 @@ taming's state-dict keys (``down_0_block_1`` <-> ``down.0.block.1``) so checkpoi
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,7 @@ from vqgan_jax.layers import AttnBlock, Downsample, Normalize, ResnetBlock, Upsa
 from vqgan_jax import quantizers
 
 
-def _block(remat: bool):
+def resnet_block(remat: bool):
     # Rematerialise each ResnetBlock in training when memory, not compute, is the limit.
     return nn.remat(ResnetBlock, static_argnums=(2,)) if remat else ResnetBlock
 
@@ -36,7 +36,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        block = _block(self.remat)
+        block = resnet_block(self.remat)
         h = Conv(self.ch, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x)
         res = self.resolution
         n = len(self.ch_mult)
@@ -72,7 +72,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array, deterministic: bool = True, pre_out_only: bool = False) -> jax.Array:
         """Latents -> images; ``pre_out_only`` stops before ``conv_out`` (the adaptive GAN weight needs it)."""
-        block = _block(self.remat)
+        block = resnet_block(self.remat)
         n = len(self.ch_mult)
         c = self.ch * self.ch_mult[-1]
         res = self.resolution // 2 ** (n - 1)
@@ -105,42 +105,37 @@ class EncodeOutput(NamedTuple):
     usage: jax.Array        # (codebook_size,) counts in this batch
 
 
-class VQGAN(nn.Module):
-    """Encoder -> quant_conv -> quantizer -> post_quant_conv -> Decoder (taming ``VQModel``/``GumbelVQ``)."""
-    ch: int = 128
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: Sequence[int] = (16,)
-    z_channels: int = 256
-    resolution: int = 256
-    in_channels: int = 3
-    out_ch: int = 3
-    dropout: float = 0.0
-    double_z: bool = False
-    embed_dim: int = 256
-    # ``model.quantizer`` as sorted (option, value) pairs, "kind" among them (hashable, as module fields are)
-    quantizer: tuple = (("kind", "vq"), ("n_embed", 1024))
-    dtype: Any = None               # compute dtype (e.g. jnp.bfloat16); params stay float32
-    remat: bool = False
+def fields_from_config(cls: type, cfg: Any, tuple_keys: Sequence[str]) -> dict[str, Any]:
+    """A stage-one model's constructor arguments from a config/dict; unknown keys are an error (one line).
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "VQGAN":
-        """Build from a config/dict holding (a subset of) this module's fields; unknown keys are an error.
+    A config of the previous layout (quantizer options flat on the model) is moved first; ``arch`` is the
+    registry's key (:mod:`vqgan_jax.architectures`), checked against ``cls.arch`` and dropped."""
+    d = quantizers.migrate_model_config(cfg)
+    arch = d.pop("arch", "taming")
+    if arch != cls.arch:
+        raise ValueError(f"model.arch={arch!r} is not built by {cls.__name__} (model.arch={cls.arch!r}); build "
+                         "stage-one models with vqgan_jax.architectures.from_config")
+    fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__} config: unknown keys {unknown}; known: {sorted(fields | {'arch'})}")
+    for k in tuple_keys:
+        if k in d:
+            d[k] = tuple(int(v) for v in d[k])
+    if isinstance(d.get("dtype"), str):
+        d["dtype"] = jnp.dtype(d["dtype"]) if d["dtype"] else None
+    embed_dim = int(d.get("embed_dim", cls.__dataclass_fields__["embed_dim"].default))
+    quantizers.build(d["quantizer"], embed_dim)  # refuse bad options here
+    d["quantizer"] = tuple(sorted(quantizers.build_options(d["quantizer"]).items()))
+    return d
 
-        A config of the previous layout (quantizer options flat on the model) is moved first."""
-        d = quantizers.migrate_model_config(cfg)
-        fields = set(cls.__dataclass_fields__) - {"parent", "name"}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"VQGAN config: unknown keys {unknown}; known: {sorted(fields)}")
-        for k in ("ch_mult", "attn_resolutions"):
-            if k in d:
-                d[k] = tuple(int(v) for v in d[k])
-        if isinstance(d.get("dtype"), str):
-            d["dtype"] = jnp.dtype(d["dtype"]) if d["dtype"] else None
-        quantizers.build(d["quantizer"], int(d.get("embed_dim", cls.embed_dim)))  # refuse bad options here
-        d["quantizer"] = tuple(sorted(quantizers.build_options(d["quantizer"]).items()))
-        return cls(**d)
+
+class StageOneMethods:
+    """What the stage-one Task, the code encoder, the Sampler and the converters call on any architecture.
+
+    A subclass is a Flax module whose ``setup`` defines ``encoder``, ``decoder`` (taking ``deterministic`` and
+    ``pre_out_only``, its last conv named ``conv_out``), ``quant_conv``, ``post_quant_conv`` and ``quantize``,
+    and has the fields ``embed_dim`` and ``quantizer``."""
 
     def quantizer_def(self) -> Any:
         """The quantizer as an unbound module: its codebook size, options and state-update rules."""
@@ -149,20 +144,6 @@ class VQGAN(nn.Module):
     @property
     def codebook_size(self) -> int:
         return self.quantizer_def().codebook_size
-
-    def setup(self):
-        dd = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                  attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                  dropout=self.dropout, dtype=self.dtype, remat=self.remat)
-        self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **dd)
-        self.decoder = Decoder(out_ch=self.out_ch, **dd)
-        self.quant_conv = Conv(self.embed_dim, (1, 1))
-        self.post_quant_conv = Conv(self.z_channels, (1, 1))
-        self.quantize = quantizers.build(dict(self.quantizer), self.embed_dim)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
 
     def encode(self, x: jax.Array, train: bool = False, temperature: Any = None) -> EncodeOutput:
         """Images NHWC in [-1, 1] -> codes and quantized latents."""
@@ -189,3 +170,49 @@ class VQGAN(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, EncodeOutput]:
         enc = self.encode(x, train=train)
         return self.decode(enc.z_q, train=train), enc
+
+
+class VQGAN(StageOneMethods, nn.Module):
+    """Encoder -> quant_conv -> quantizer -> post_quant_conv -> Decoder (taming ``VQModel``/``GumbelVQ``)."""
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    z_channels: int = 256
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    dropout: float = 0.0
+    double_z: bool = False
+    embed_dim: int = 256
+    # ``model.quantizer`` as sorted (option, value) pairs, "kind" among them (hashable, as module fields are)
+    quantizer: tuple = (("kind", "vq"), ("n_embed", 1024))
+    dtype: Any = None               # compute dtype (e.g. jnp.bfloat16); params stay float32
+    remat: bool = False
+
+    arch: ClassVar[str] = "taming"
+    # model keys (beside model.quantizer.*) that define the weights' shapes
+    shape_options: ClassVar[tuple[str, ...]] = (
+        "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution", "in_channels", "out_ch",
+        "double_z", "embed_dim")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "VQGAN":
+        """Build from a config/dict holding (a subset of) this module's fields; unknown keys are an error.
+
+        A config of the previous layout (quantizer options flat on the model) is moved first."""
+        return cls(**fields_from_config(cls, cfg, ("ch_mult", "attn_resolutions")))
+
+    def setup(self):
+        dd = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                  attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
+                  dropout=self.dropout, dtype=self.dtype, remat=self.remat)
+        self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **dd)
+        self.decoder = Decoder(out_ch=self.out_ch, **dd)
+        self.quant_conv = Conv(self.embed_dim, (1, 1))
+        self.post_quant_conv = Conv(self.z_channels, (1, 1))
+        self.quantize = quantizers.build(dict(self.quantizer), self.embed_dim)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)

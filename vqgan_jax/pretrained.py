@@ -7,12 +7,11 @@ import jax
 import ml_collections
 
 from common_jax.pretrained import check_finite, check_stage, load_workdir
-from vqgan_jax import convert
-from vqgan_jax.model import VQGAN
+from vqgan_jax import architectures, convert
 
 
 def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", use_ema: bool = True,
-               role: str = "first_stage") -> tuple[VQGAN, dict, ml_collections.ConfigDict]:
+               role: str = "first_stage") -> tuple[Any, dict, ml_collections.ConfigDict]:
     """(model, variables, model config) from a stage-one workdir, or from a taming ``.ckpt`` + ``.yaml``.
 
     With ``use_ema`` the generator EMA weights are used when the run kept them. ``role`` names the config
@@ -23,7 +22,8 @@ def load_vqgan(workdir: str = "", taming_ckpt: str = "", taming_yaml: str = "", 
         config, state, _ = load_workdir(workdir)
         check_stage(config, workdir, "stage-one (VQGAN)", f"as {role}.workdir")
         params = state.get("ema_params") if use_ema and state.get("ema_params") else state["params"]
-        return VQGAN.from_config(config.model), {"params": jax.tree.map(jax.numpy.asarray, params)}, config.model
+        variables = {"params": jax.tree.map(jax.numpy.asarray, params)}
+        return architectures.from_config(config.model), variables, config.model
     if taming_ckpt and taming_yaml:
         model, variables = convert.load_taming_checkpoint(taming_ckpt, taming_yaml)
         check_finite(variables, taming_ckpt, "the file is damaged, or holds the state of a diverged run")

@@ -15,7 +15,7 @@ from flax import struct
 
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
 from vqgan_jax.label_maps import label_palette, one_hot_segmentation
-from vqgan_jax.model import VQGAN
+from vqgan_jax import architectures
 from vqgan_jax.train import MODEL_SHAPE_KEYS, upgrade_saved_model_config
 
 
@@ -42,7 +42,7 @@ class SegmentationVQTask:
     upgrade_saved_config = staticmethod(upgrade_saved_model_config)
 
     def __init__(self, config: Any):
-        self.model = VQGAN.from_config(config.model)
+        self.model = architectures.from_config(config.model)
         self.n_labels = int(config.model.in_channels)
         if int(config.model.out_ch) != self.n_labels:
             raise ValueError(f"segmentation model: out_ch ({config.model.out_ch}) must equal in_channels "

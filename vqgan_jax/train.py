@@ -17,8 +17,7 @@ from flax import struct
 
 from common_jax import dataset_resolution, training
 from common_jax.training import accumulate_gradients, specs_from_boxed_init
-from vqgan_jax import losses
-from vqgan_jax.model import VQGAN
+from vqgan_jax import architectures, losses
 from vqgan_jax import quantizers
 
 LpipsFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -39,8 +38,9 @@ class VQGANState:
     lpips: Any = struct.field(default_factory=dict)         # frozen LPIPS variables; never optimised
 
 
-def model_from_config(config: Any) -> VQGAN:
-    return VQGAN.from_config(config.model)
+def model_from_config(config: Any) -> Any:
+    """The stage-one model of ``config.model.arch`` (taming's VQGAN when absent)."""
+    return architectures.from_config(config.model)
 
 
 def learning_rate(config: Any) -> float:
@@ -57,10 +57,8 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
 
 # The config keys that define the autoencoder's and codebook's parameter shapes: a resume refuses a change of
 # one of them and logs a change of any other model key (dropout, dtype, remat, beta, ...). The segmentation
-# task trains the same model and declares the same keys.
-MODEL_SHAPE_KEYS = tuple(f"model.{k}" for k in (
-    "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution", "in_channels", "out_ch",
-    "double_z", "embed_dim")) + quantizers.shape_keys()
+# task trains the same model and declares the same keys. Each architecture declares its own (model.arch among them).
+MODEL_SHAPE_KEYS = architectures.shape_keys() + quantizers.shape_keys()
 
 
 def upgrade_saved_model_config(saved: dict) -> dict:

@@ -30,13 +30,14 @@ def usage_stats(indices: jax.Array, codebook_size: int) -> tuple[jax.Array, jax.
     return counts, perplexity
 
 
-def entropy_terms(affinity: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
-    """(mean per-sample entropy, entropy of the mean assignment) of softmax(affinity / temperature) rows."""
+def entropy_terms(affinity: jax.Array, temperature: float, eps: float = 1e-10) -> tuple[jax.Array, jax.Array]:
+    """(mean per-sample entropy, entropy of the mean assignment) of softmax(affinity / temperature) rows;
+    ``eps`` is added to the mean assignment inside its log."""
     p = jax.nn.softmax(affinity / temperature, axis=-1)
     logp = jax.nn.log_softmax(affinity / temperature, axis=-1)
     sample_entropy = -jnp.mean(jnp.sum(p * logp, axis=-1))
     avg = jnp.mean(p, axis=0)
-    return sample_entropy, -jnp.sum(avg * jnp.log(avg + 1e-10))
+    return sample_entropy, -jnp.sum(avg * jnp.log(avg + eps))
 
 
 class QuantizerHooks:

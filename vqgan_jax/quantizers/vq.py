@@ -5,7 +5,8 @@ Options (all off by default, so the default is numerically taming's quantizer):
 - ``codebook_dim``: low-dimensional codes; the input is projected down before lookup and back up after.
 - ``use_ema``: codebook updated by exponential moving averages of assigned inputs (no codebook gradient,
   the loss keeps only the commitment term).
-- ``entropy_weight``: penalty that pushes per-sample assignments to be confident and batch usage to be uniform.
+- ``entropy_weight``: penalty that pushes per-sample assignments to be confident and batch usage to be uniform
+  (``entropy_eps`` inside the log of the batch's mean assignment: 1e-5 in LlamaGen's and MaskGIT's loss).
 - Dead-code restart (``loss.dead_code_threshold``): :func:`restart_dead_codes`, applied after each update by
   :meth:`VectorQuantizer.after_step`.
 """
@@ -42,6 +43,7 @@ class VectorQuantizer(QuantizerHooks, nn.Module):
     ema_decay: float = 0.99
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
+    entropy_eps: float = 1e-10
 
     shape_options = ("n_embed", "codebook_dim", "use_ema")
 
@@ -58,12 +60,15 @@ class VectorQuantizer(QuantizerHooks, nn.Module):
 
     def setup(self):
         dim = self.codebook_dim or self.embed_dim
-        # PyTorch initialises the table U(-1/n, 1/n).
+        # PyTorch initialises the table U(-1/n, 1/n); a cosine codebook starts unit-norm (as LlamaGen's and
+        # ViT-VQGAN's), else the normalisation's gradient would be scaled by 1/|e|, about n_embed.
         init = nn.initializers.uniform(2.0 / self.n_embed)
+
+        def table(k, s, d):
+            e = init(k, s, d) - 1.0 / self.n_embed
+            return _l2n(e) if self.l2_normalize else e
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(
-                lambda k, s, d: init(k, s, d) - 1.0 / self.n_embed, ("codes", "code_dim")),
-            (self.n_embed, dim), jnp.float32)
+            "embedding", nn.with_logical_partitioning(table, ("codes", "code_dim")), (self.n_embed, dim), jnp.float32)
         if self.codebook_dim:
             self.project_in = nn.Dense(dim, kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(), ("embed", "code_dim")), name="project_in")
@@ -106,7 +111,7 @@ class VectorQuantizer(QuantizerHooks, nn.Module):
         else:
             loss = self.beta * jnp.mean((sg(zq) - zp) ** 2) + jnp.mean((zq - sg(zp)) ** 2)
         if self.entropy_weight > 0.0:
-            loss = loss + self.entropy_weight * entropy_penalty(-d, self.entropy_temperature)
+            loss = loss + self.entropy_weight * entropy_penalty(-d, self.entropy_temperature, self.entropy_eps)
         zq = zp + sg(zq - zp)  # straight-through, as taming computes it
         if self.codebook_dim:
             zq = self.project_out(zq)
@@ -183,9 +188,9 @@ def ema_codebook(ema_vars: dict, eps: float = 1e-5) -> jax.Array:
     return total / smoothed[:, None]
 
 
-def entropy_penalty(affinity: jax.Array, temperature: float) -> jax.Array:
+def entropy_penalty(affinity: jax.Array, temperature: float, eps: float = 1e-10) -> jax.Array:
     """Mean per-sample entropy minus entropy of the mean assignment (low = confident and diverse)."""
-    sample_entropy, avg_entropy = entropy_terms(affinity, temperature)
+    sample_entropy, avg_entropy = entropy_terms(affinity, temperature, eps)
     return sample_entropy - avg_entropy
 
 
