@@ -162,46 +162,46 @@ def test_grouped_kv_forward_matches_numpy_and_cached_decode_matches_forward():
     rng = np.random.default_rng(1)
     labels, codes = np.array([1, 5]), rng.integers(0, 40, (2, 15))
     idx = jnp.asarray(np.concatenate([labels[:, None], codes], axis=1))
-    full = np.asarray(model.apply(variables, idx))
+    full = np.asarray(jax.jit(model.apply)(variables, idx))
     ref = numpy_llamagen_forward(sd, llamagen_model_args(GQA_ARGS), labels, codes)
     # float32 against float64: products of 64-wide rows, two layers; a few ulps of the magnitudes involved.
     np.testing.assert_allclose(full, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    decode = jax.jit(lambda v, i, c, p: model.apply(v, i, c, p, method=GPT.decode))
     cache = init_cache(model, 2)
     assert cache[0][0].shape == (2, 2, 16, 16)  # cached at n_kv_head heads
-    logits, cache = model.apply(variables, idx[:, :3], cache, 0, method=GPT.decode)  # prefill: class + 2 codes
+    logits, cache = decode(variables, idx[:, :3], cache, 0)  # prefill: class + 2 codes
     steps = [logits]
     for t in range(3, 16):
-        logits, cache = model.apply(variables, idx[:, t:t + 1], cache, t, method=GPT.decode)
+        logits, cache = decode(variables, idx[:, t:t + 1], cache, t)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
 def test_logical_axis_names_bf16_remat_and_dropout():
-    cfg = llamagen_gpt_config({**GQA_ARGS, "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1,
-                               "attn_dropout_p": 0.1})
+    args = {**GQA_ARGS, "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1, "attn_dropout_p": 0.1}
+    cfg = llamagen_gpt_config(args)
     model = gpt_from_config(cfg)
-    boxed = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     known = {name for name, _ in LOGICAL_AXIS_RULES}
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     for x in leaves:
-        assert len(x.names) == x.value.ndim and set(x.names) <= known, x.names
-    params = nn.unbox(boxed)
-    assert params["params"]["cls_emb"].shape == (6, 64) and "pos_emb" not in params["params"]
+        assert len(x.names) == len(x.value.shape) and set(x.names) <= known, x.names
+    assert nn.unbox(boxed)["params"]["cls_emb"].shape == (6, 64) and "pos_emb" not in boxed["params"]
+    _, params = from_llamagen(random_state_dict(args), args)
     idx = jnp.asarray(np.random.default_rng(2).integers(0, 5, (2, 16)))
-    ref = model.apply(params, idx)
-    dropped = model.apply(params, idx, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    assert np.isfinite(dropped).all() and not np.allclose(dropped, ref)
+    ref = jax.jit(model.apply)(params, idx)
     fast = gpt_from_config({**cfg, "dtype": "bfloat16", "remat": True})
 
-    def loss(p, m):
-        return jnp.mean(m.apply(p, idx, deterministic=False, rngs={"dropout": jax.random.key(1)}) ** 2)
+    def loss(p, deterministic):
+        return jnp.mean(fast.apply(p, idx, deterministic, rngs={"dropout": jax.random.key(1)}) ** 2)
 
-    grads = jax.grad(loss)(params, fast)
+    dropped, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, False)
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+    low = jax.jit(fast.apply)(params, idx)
     # bf16 compute (8-bit mantissa) against float32: a loose bound, relative to the logits' scale.
-    low = fast.apply(params, idx)
     assert low.dtype == jnp.float32 and np.abs(low - ref).max() < 0.05 * np.abs(ref).max()
+    assert np.isfinite(dropped) and not np.isclose(dropped, jnp.mean(low ** 2), rtol=1e-3)  # dropout acted
 
 
 def test_converter_and_options_refuse_in_one_line(golden):
