@@ -16,6 +16,7 @@ so the kept set is always well defined.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -150,13 +151,14 @@ def guided_logits(cond: jax.Array, uncond: jax.Array, scale: Any) -> jax.Array:
     return cond + (scale - 1.0) * (cond - uncond)
 
 
-def last_guided_step(cfg_interval: int, steps: int) -> int:
+def last_guided_step(cfg_interval: float, steps: int) -> int:
     """The last sampled token (0-based) that guidance applies to, by LlamaGen's ``cfg_interval`` rule
     (autoregressive/models/generate.py): the first token (from the prefill) always, then decode step ``i``
-    (token ``i + 1``) while ``i <= cfg_interval``; ``cfg_interval < 0``: every token."""
-    if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool):
-        raise ValueError(f"cfg_interval must be an int (-1: guidance at every step), got {cfg_interval!r}")
-    return steps - 1 if cfg_interval < 0 else min(cfg_interval + 1, steps - 1)
+    (token ``i + 1``) until ``cfg_interval > -1 and i > cfg_interval``; so -1 (or less): every token. LlamaGen's
+    sampling scripts take it as a float, so a float is taken too."""
+    if not isinstance(cfg_interval, (int, float)) or isinstance(cfg_interval, bool) or not math.isfinite(cfg_interval):
+        raise ValueError(f"cfg_interval must be a number (-1: guidance at every step), got {cfg_interval!r}")
+    return steps - 1 if cfg_interval <= -1 else min(math.floor(cfg_interval) + 1, steps - 1)
 
 
 def decode_phases(model: GPT, batch: int, length: int, steps: int) -> int:
@@ -263,7 +265,7 @@ def sample(model: GPT, variables: Any, prefix: jax.Array, steps: int, rng: jax.A
            top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
            guidance_scale: float | None = None, uncond_prefix: jax.Array | None = None,
            cache_phases: int | None = None, threads: int | None = None,
-           vocab_limit: int | None = None, cfg_interval: int = -1) -> jax.Array:
+           vocab_limit: int | None = None, cfg_interval: float = -1) -> jax.Array:
     """Sample ``steps`` tokens after ``prefix`` (B, P) -> (B, steps) int32, in one jitted program.
 
     ``top_k=1`` decodes greedily. Classifier-free guidance: give ``guidance_scale`` and an
