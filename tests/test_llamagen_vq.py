@@ -163,6 +163,27 @@ def test_vq_kind_with_llamagen_options_computes_llamagen_quantizer():
     np.testing.assert_allclose(float(out.loss), loss, rtol=0, atol=5e-5)
 
 
+def test_codebook_gradient_is_llamagen_codebook_term():
+    """LlamaGen weighs the codebook term by 1 and the commitment term by beta (taming's legacy default swaps
+    them: the same value, a quarter of the codebook's gradient). Gradient of the loss wrt the stored codebook:
+    2 (e_k - z_n) / numel summed over the latents assigned to code k, through the codes' l2 normalisation."""
+    q = quantizers.build(convert.llamagen_vq_config({"codebook_size": 16})["quantizer"], 8, parent=None)
+    z = jax.random.normal(jax.random.key(1), (1, 4, 4, 8))
+    emb = jax.random.normal(jax.random.key(2), (16, 8))
+    grad = np.asarray(jax.grad(lambda e: q.apply({"params": {"embedding": e}}, z, train=True).loss)(emb), np.float64)
+    idx, zq, _ = _llamagen_vq_numpy(np.asarray(z), np.asarray(emb), 0.25, 0.0)
+    zn = np.asarray(z, np.float64).reshape(-1, 8)
+    zn /= np.linalg.norm(zn, axis=-1, keepdims=True)
+    g_unit = np.zeros((16, 8))
+    np.add.at(g_unit, idx, 2 * (zq - zn) / zn.size)
+    e = np.asarray(emb, np.float64)
+    norm = np.linalg.norm(e, axis=-1, keepdims=True)
+    unit = e / norm
+    want = (g_unit - np.sum(unit * g_unit, -1, keepdims=True) * unit) / norm    # through e / |e|
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(grad, want, rtol=0, atol=1e-6 * np.abs(want).max() + 1e-9)
+
+
 # ------------------------------------------------------------------------------- configs by name
 @pytest.mark.parametrize("name,f,n_params", [("vqgan_llamagen_ds16", 16, 71_883_403),
                                              ("vqgan_llamagen_ds8", 8, 70_109_835)])
