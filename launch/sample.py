@@ -6,6 +6,8 @@
 
 Writes one PNG grid per class (or one grid for unconditional models), or, with --width/--height, images of that
 size made by sliding-window sampling (one per --classes entry, class 0 by default; no --guidance_scale there).
+Models trained with condition dropout (e.g. LlamaGen's, launch.convert_llamagen) sample with classifier-free
+guidance: --guidance_scale=4, optionally LlamaGen's --cfg_interval.
 A spatially conditioned model takes a label map (--segmentation: a single-channel PNG of class ids): at the
 training size it writes a grid of --per_class samples for that map, larger maps give one sliding-window image of
 the map's size; the map itself is written beside them in palette colours.
@@ -36,6 +38,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "0: no top-k filter")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "1.0: no nucleus filter")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "softmax temperature")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 0.0, "classifier-free guidance scale (0: off)")
+_CFG_INTERVAL = flags.DEFINE_integer("cfg_interval", -1, "guide only the tokens up to this step, as LlamaGen's "
+                                     "cfg_interval (-1: every token)")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "samples per compiled batch")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
@@ -139,7 +143,7 @@ def write_spatial(sampler, out: str, seg_path: str, per_class: int, opts: dict, 
 def main(argv):
     del argv
     from transformer_jax.sampler import Sampler, sampling_options
-    opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
+    opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value, _CFG_INTERVAL.value)
     out = check_workdir(_OUT.value)
     sampler = Sampler.from_workdirs(_WORKDIR.value, _FIRST_STAGE.value, _COND_STAGE.value)
     classes = parse_classes(sampler, _CLASSES.value)

@@ -268,3 +268,23 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path_factory):
             "total_steps": 6, "checkpoint.every": 2, **DROPOUT}
     keys = stage.assert_resume_bit_identical(stage.kill_resume_and_reference("gpt", root, over, 2), 6)
     assert any("opt_state" in k for k in keys) and any("cls_emb" in k for k in keys)
+
+
+def test_cfg_interval_reaches_the_sampler(converted, monkeypatch):
+    """launch.sample's --cfg_interval (LlamaGen's limit on guided tokens) goes through sampling_options and the
+    Sampler to transformer_jax.sampling.sample; without a guidance scale it is refused."""
+    import transformer_jax.sampler as sampler_lib
+    opts = sampler_lib.sampling_options(0, 1.0, 1.0, 4.0, 20)
+    assert opts["cfg_interval"] == 20 and "cfg_interval" not in sampler_lib.sampling_options(0, 1.0, 1.0, 4.0)
+    with pytest.raises(ValueError, match="cfg_interval=20 limits classifier-free guidance"):
+        sampler_lib.sampling_options(0, 1.0, 1.0, 0.0, 20)
+    seen = {}
+
+    def fake_sample(model, variables, prefix, steps, rng, **kw):
+        seen.update(kw)
+        return jnp.zeros((prefix.shape[0], steps), jnp.int32)
+    monkeypatch.setattr(sampler_lib, "sample", fake_sample)
+    sampler = sampler_lib.Sampler.from_workdirs(converted[GPT_FILES[0]][0])
+    sampler.sample_codes(jax.random.key(0), 2, np.array([1, 2]), **opts)
+    assert seen["cfg_interval"] == 20 and seen["guidance_scale"] == 4.0
+    np.testing.assert_array_equal(np.asarray(seen["uncond_prefix"]), [[10], [10]])

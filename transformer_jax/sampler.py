@@ -18,13 +18,19 @@ from transformer_jax.sliding_window import sample_sliding_window
 Classifier = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
 
-def sampling_options(top_k: int, top_p: float, temperature: float, guidance: float) -> dict:
-    """Command-line style options (0 / 1.0 mean off) -> keyword arguments of :meth:`Sampler.sample`."""
-    if top_k < 0 or not 0 < top_p <= 1 or temperature <= 0 or guidance < 0:
+def sampling_options(top_k: int, top_p: float, temperature: float, guidance: float, cfg_interval: int = -1) -> dict:
+    """Command-line style options (0 / 1.0 / -1 mean off) -> keyword arguments of :meth:`Sampler.sample`.
+
+    ``cfg_interval`` (LlamaGen's): guidance for the tokens up to that step only (-1: every token); it is passed on
+    only when set, so samplers without guidance (the sliding window) take the options unchanged."""
+    if top_k < 0 or not 0 < top_p <= 1 or temperature <= 0 or guidance < 0 or cfg_interval < -1:
         raise ValueError(f"bad sampling options: top_k={top_k} (>= 0), top_p={top_p} (in (0, 1]), "
-                         f"temperature={temperature} (> 0), guidance_scale={guidance} (>= 0)")
+                         f"temperature={temperature} (> 0), guidance_scale={guidance} (>= 0), "
+                         f"cfg_interval={cfg_interval} (>= -1)")
+    if cfg_interval != -1 and not guidance:
+        raise ValueError(f"cfg_interval={cfg_interval} limits classifier-free guidance: give a guidance_scale too")
     return dict(top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p, temperature=temperature,
-                guidance_scale=guidance or None)
+                guidance_scale=guidance or None, **({"cfg_interval": cfg_interval} if cfg_interval != -1 else {}))
 
 
 def _acceptance(p: Any, batch: int) -> np.ndarray:
@@ -137,8 +143,9 @@ class Sampler:
     def sample_codes(self, rng: jax.Array, n: int, labels: np.ndarray | None = None,
                      cond_codes: np.ndarray | None = None, top_k: int | None = None,
                      top_p: float | None = None, temperature: float = 1.0,
-                     guidance_scale: float | None = None) -> jax.Array:
-        """(n, h, w) int32 codes of one batch."""
+                     guidance_scale: float | None = None, cfg_interval: int = -1) -> jax.Array:
+        """(n, h, w) int32 codes of one batch; ``cfg_interval``: LlamaGen's limit on the guided tokens
+        (:func:`transformer_jax.sampling.sample`)."""
         prefix = self._prefix(n, labels, cond_codes)
         self.check_guidance(guidance_scale)
         uncond = None
@@ -147,7 +154,7 @@ class Sampler:
         steps = self.grid[0] * self.grid[1]
         codes = sample(self.gpt, self.decode_variables(), prefix, steps, rng, top_k=top_k, top_p=top_p,
                        temperature=temperature, guidance_scale=guidance_scale, uncond_prefix=uncond,
-                       vocab_limit=self.n_codes)
+                       vocab_limit=self.n_codes, cfg_interval=cfg_interval)
         return codes.reshape(n, *self.grid)
 
     def decode(self, codes: jax.Array) -> np.ndarray:
