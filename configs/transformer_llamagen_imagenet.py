@@ -1,6 +1,6 @@
 """LlamaGen's class-conditional ImageNet models (LLaMA blocks, ``gpt.block="llama"``) by size name.
 
-    --config=configs/transformer_llamagen_imagenet.py:GPT-L     (GPT-B by default; GPT-B/L/XL/XXL/XXXL/1B/3B)
+    --config=configs/transformer_llamagen_imagenet.py:GPT-L     (GPT-B by default; GPT-B/L/XL/XXL/3B)
 
 Trained as LlamaGen trains them (``autoregressive/train/train_c2i.py``): class dropout 0.1 for guidance, AdamW
 (0.9, 0.95), weight decay 0.05 on every weight matrix and embedding (LlamaGen decays all parameters of two or

@@ -16,7 +16,7 @@ config naming the first stage and its fingerprint. Sample, score (launch.eval_fi
 (``--config.init_from``) them as trained runs. Guidance is LlamaGen's (the null class ``num_classes`` as the
 unconditional branch): pass ``--guidance_scale`` to launch.sample / launch.eval_fid.
 
-Model sizes: ``--gpt_model`` GPT-B/L/XL/XXL/XXXL/1B/3B/7B as LlamaGen names them, or ``tiny``
+Model sizes: ``--gpt_model`` GPT-B/L/XL/XXL/3B (LlamaGen's class-conditional releases), or ``tiny``
 (configs/transformer_llamagen_tiny.py); ``--vq_model`` VQ-16 or VQ-8. Other ``ModelArgs`` fields (LlamaGen's
 names) through ``--gpt_arg=name=value`` / ``--vq_arg=name=value`` (repeatable), e.g. the test fixtures' sizes.
 A file that does not hold the named model is refused with one line naming the file and the key, before anything
@@ -196,7 +196,7 @@ def main(argv):
 if __name__ == "__main__":
     # Flags are defined only when run as a script: tests import convert() beside launch.sample's flags.
     flags.DEFINE_string("gpt_ckpt", None, "LlamaGen GPT weights (c2i_*.pt, or an FSDP consolidated.pth)")
-    flags.DEFINE_string("gpt_model", "GPT-B", "GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL, GPT-1B, GPT-3B, GPT-7B or tiny")
+    flags.DEFINE_string("gpt_model", "GPT-B", "GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B or tiny")
     flags.DEFINE_multi_string("gpt_arg", [], "name=value: another LlamaGen GPT ModelArgs field (repeatable)")
     flags.DEFINE_string("gpt_key", "", "the file's entry holding the weights (default: model, module, state_dict, "
                                        "ema, or a bare state dict)")
