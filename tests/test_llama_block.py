@@ -177,17 +177,21 @@ def test_grouped_kv_forward_matches_numpy_and_cached_decode_matches_forward():
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
-def test_logical_axis_names_bf16_remat_and_dropout():
+def test_logical_axis_names_init_bf16_remat_and_dropout():
     args = {**GQA_ARGS, "token_dropout_p": 0.1, "resid_dropout_p": 0.1, "ffn_dropout_p": 0.1, "attn_dropout_p": 0.1}
     cfg = llamagen_gpt_config(args)
     model = gpt_from_config(cfg)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    boxed = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))()
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     known = {name for name, _ in LOGICAL_AXIS_RULES}
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     for x in leaves:
         assert len(x.names) == len(x.value.shape) and set(x.names) <= known, x.names
-    assert nn.unbox(boxed)["params"]["cls_emb"].shape == (6, 64) and "pos_emb" not in boxed["params"]
+    init = nn.unbox(boxed)["params"]
+    assert init["cls_emb"].shape == (6, 64) and "pos_emb" not in init
+    # LlamaGen's initialisation: the output head zero, the other matrices and tables normal(0.02).
+    assert not init["head"]["kernel"].any()
+    assert 0.015 < float(init["blocks_0"]["w1"]["kernel"].std()) < 0.025 and 0.015 < float(init["tok_emb"].std()) < 0.025
     _, params = from_llamagen(random_state_dict(args), args)
     idx = jnp.asarray(np.random.default_rng(2).integers(0, 5, (2, 16)))
     ref = jax.jit(model.apply)(params, idx)

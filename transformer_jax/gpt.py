@@ -81,7 +81,8 @@ class GPT(nn.Module):
                              attention_impl=self.attention_impl, options=self.block_options, name=f"blocks_{i}")
                        for i in range(self.n_layer)]
         self.ln_f = block.final_norm(self.dtype, self.block_options)
-        self.head = Linear(self.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
+        self.head = Linear(self.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+                           kernel_init=block.head_init)
         self.drop = nn.Dropout(self.embd_pdrop)
 
     def _check_length(self, t: int) -> None:

@@ -39,10 +39,11 @@ class Linear(nn.Module):
     kernel_axes: tuple[str, str]
     use_bias: bool = True
     dtype: Any = jnp.float32
+    kernel_init: Any = INIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(INIT, self.kernel_axes),
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                             (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(ZEROS, self.kernel_axes[1:]),
                           (self.features,), jnp.float32) if self.use_bias else None

@@ -6,6 +6,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from transformer_jax.gpt_layers import INIT
+
 
 class BlockFields(nn.Module):
     """``n_head, n_embd, attn_pdrop, resid_pdrop, n_unmasked, dtype, attention_impl, options``: what the GPT
@@ -18,6 +20,8 @@ class BlockFields(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str = ""
     options: tuple = ()
+
+    head_init = staticmethod(INIT)  # the initialiser of the GPT's output head (minGPT's normal(0.02))
 
     @staticmethod
     def prefix_table(options: tuple) -> tuple[int, int]:

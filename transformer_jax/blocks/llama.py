@@ -21,7 +21,7 @@ from jax import lax
 from transformer_jax.attention import attend
 from transformer_jax.blocks.base import BlockFields
 from transformer_jax.blocks.mingpt import write_cache
-from transformer_jax.gpt_layers import ONES, HeadsProjection, Linear, OutProjection
+from transformer_jax.gpt_layers import ONES, ZEROS, HeadsProjection, Linear, OutProjection
 from transformer_jax.rope import apply_rope, check_head_dim, rope_table
 
 
@@ -96,6 +96,7 @@ class RMSNorm(nn.Module):
 class Block(BlockFields):
 
     learned_positions = False  # positions enter through the 2-D RoPE
+    head_init = staticmethod(ZEROS)  # LlamaGen zero-initialises its output layer (the rest: normal(0.02), as minGPT)
 
     @staticmethod
     def final_norm(dtype: Any, options: tuple = ()) -> nn.Module:
