@@ -140,6 +140,14 @@ def write_samples(workdir: str, gpt_workdir: str, panorama_width: int, per_class
             "panorama_seconds": round(t_pano, 2)}
 
 
+def _stopped(result, stage: str) -> bool:
+    """Whether a stage's run was preempted (SIGTERM): the demo stops there rather than go on from a half-trained
+    stage; rerunning resumes it."""
+    if result.preempted:
+        logging.warning("%s stopped at step %d (preempted); rerun the same command to resume", stage, result.step)
+    return result.preempted
+
+
 def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int, crops_per_photo: int = 256,
              samples_per_class: int = 8, gpt_block: str = "mingpt", quantizer: str = "vq") -> dict:
     from transformer_jax.train import train as train_gpt
@@ -148,11 +156,13 @@ def run_demo(workdir: str, vq_steps: int, gpt_steps: int, panorama_width: int, c
     vq_cfg, gpt_cfg = demo_configs(workdir, vq_steps, gpt_steps, crops_per_photo, gpt_block, quantizer)
     t0 = time.time()
     logging.info("[1/3] stage one: tiny VQGAN (%s) for %d steps", quantizer, vq_steps)
-    train_vq(vq_cfg, os.path.join(workdir, "vqgan"))
+    if _stopped(train_vq(vq_cfg, os.path.join(workdir, "vqgan")), "stage one"):
+        return {"preempted": "vqgan"}
     summary = {"vqgan": dict(vqgan_metrics(os.path.join(workdir, "vqgan"), vq_cfg), quantizer=quantizer)}
     logging.info("stage one: %s", summary["vqgan"])
     logging.info("[2/3] stage two: tiny class-conditional GPT (%s block) for %d steps", gpt_block, gpt_steps)
-    train_gpt(gpt_cfg, os.path.join(workdir, "gpt"))
+    if _stopped(train_gpt(gpt_cfg, os.path.join(workdir, "gpt")), "stage two"):
+        return dict(summary, preempted="gpt")
     summary["gpt"] = gpt_metrics(os.path.join(workdir, "gpt"))
     logging.info("stage two: %s", summary["gpt"])
     logging.info("[3/3] sampling a grid per class and a panorama")

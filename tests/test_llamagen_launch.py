@@ -288,3 +288,28 @@ def test_cfg_interval_reaches_the_sampler(converted, monkeypatch):
     sampler.sample_codes(jax.random.key(0), 2, np.array([1, 2]), **opts)
     assert seen["cfg_interval"] == 20 and seen["guidance_scale"] == 4.0
     np.testing.assert_array_equal(np.asarray(seen["uncond_prefix"]), [[10], [10]])
+
+
+def test_demo_flags_pick_the_configs_and_a_preempted_stage_stops_the_demo(tmp_path):
+    """launch.demo --gpt_block / --quantizer choose configs/transformer_llamagen_tiny.py and vqgan_tiny_lfq.py; a
+    stage one stopped by preemption (SIGTERM) ends the demo there (stage two does not train on a half-trained
+    tokenizer). The stages are stand-ins here, in a process of its own (launch.demo sets up its host memory and
+    flags on import)."""
+    code = "\n".join([
+        "import sys, vqgan_jax.train, transformer_jax.train",
+        "from common_jax.training import RunResult",
+        "calls = []",
+        "vqgan_jax.train.train = lambda c, w: calls.append(('vqgan', c.model.quantizer.kind)) or "
+        "RunResult(None, 7, {}, {}, True)",
+        "transformer_jax.train.train = lambda c, w: calls.append(('gpt', c.gpt.block)) or "
+        "RunResult(None, 3, {}, {}, False)",
+        "from launch.demo import demo_configs, run_demo",
+        "vq, gpt = demo_configs(sys.argv[1], 10, 10, 8, 'llama', 'lfq')",
+        "print('configs', vq.model.quantizer.kind, gpt.gpt.block, gpt.gpt.n_embd)",
+        "print('summary', run_demo(sys.argv[1], 10, 10, 2, 8, 2, 'llama', 'lfq'), calls)"])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "demo")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "configs lfq llama 64" in out.stdout, out.stdout
+    assert "summary {'preempted': 'vqgan'} [('vqgan', 'lfq')]" in out.stdout, out.stdout
