@@ -250,3 +250,15 @@ def test_sampling_checks_class_ids_and_codes_by_position(golden):
     with pytest.raises(ValueError, match=r"^prefix token ids at positions 1..1 must be in \[0, 512\), "
                                          r"found range \[512, 512\]$"):
         run([[3, 512]])
+
+
+def test_sliding_window_refuses_a_window_other_than_the_rope_grid(golden):
+    """2-D RoPE places code t at (t // grid, t % grid): a window of another width would rotate every cropped
+    code by the wrong row and column, so it is refused."""
+    from transformer_jax.sliding_window import sample_sliding_window
+    _, _, _, model, variables = golden
+    grid = llama_options(model.block_options).grid_size
+    with pytest.raises(ValueError, match=rf"^sample_sliding_window: the 'llama' block's positions assume a "
+                                         rf"{grid}x{grid} code grid, so the window must be {grid}, got {grid - 1}$"):
+        sample_sliding_window(model, variables, (grid, grid + 2), grid - 1, jax.random.key(0),
+                              prefix=jnp.zeros((1, 1), jnp.int32))

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax import cpu_backend
+from transformer_jax.blocks import block_class
 from transformer_jax.decode_kernels import prepare_decode_variables, uses_decode_kernels
 from transformer_jax.decode_threads import row_chunks, run_row_chunks
 from transformer_jax.gpt import GPT, cache_bytes, init_cache
@@ -211,6 +212,10 @@ def sample_sliding_window(model: GPT, variables: Any, shape: tuple[int, int], wi
     vocab_limit = checked_vocab_limit(vocab_limit, model.vocab_size)
     h, wd = (int(s) for s in shape)
     _check_positive_int("window", window)
+    grid = block_class(model.block).position_grid(model.block_options)
+    if grid is not None and window != grid:
+        raise ValueError(f"sample_sliding_window: the {model.block!r} block's positions assume a {grid}x{grid} code "
+                         f"grid, so the window must be {grid}, got {window}")
     if h < window or wd < window:
         raise ValueError(f"grid shape {(h, wd)} must be at least the window size {window} in both dims")
     if method not in ("cached", "prefix"):

@@ -27,3 +27,9 @@ class BlockFields(nn.Module):
     def prefix_table(options: tuple) -> tuple[int, int]:
         """(leading positions embedded from a table of their own, that table's rows): none by default."""
         return 0, 0
+
+    @staticmethod
+    def position_grid(options: tuple) -> int | None:
+        """The side of the code grid the block's positions assume (2-D positions), None when positions are
+        plain sequence indices: a sliding window must then be that wide."""
+        return None

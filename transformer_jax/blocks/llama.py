@@ -111,6 +111,10 @@ class Block(BlockFields):
         opts = llama_options(options)
         return opts.cls_token_num, opts.class_rows
 
+    @staticmethod
+    def position_grid(options: tuple) -> int | None:
+        return llama_options(options).grid_size
+
     def setup(self) -> None:
         opts = self.opts = llama_options(self.options)
         d = self.n_embd // self.n_head
