@@ -13,7 +13,9 @@ A block module defines ``Block``, a Flax module that:
   embeddings), ``final_norm(dtype, options)`` (the norm before the head), ``kv_heads(n_head, options)`` (the heads
   its KV cache holds) and ``prefix_table(options)`` (``(positions, rows)``: how many leading positions of ``idx``
   the GPT embeds from a separate table of ``rows`` entries, e.g. class ids; ``(0, 0)``, the default of
-  ``BlockFields``, for none); optionally ``head_init``, the output head's initialiser (default minGPT's).
+  ``BlockFields``, for none); optionally ``head_init``, the output head's initialiser (default minGPT's), and
+  ``position_grid(options)`` (the side of the code grid its positions assume, which a sliding window must match;
+  None, the default, for plain sequence positions).
 """
 from __future__ import annotations
 
