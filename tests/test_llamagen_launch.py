@@ -313,3 +313,26 @@ def test_demo_flags_pick_the_configs_and_a_preempted_stage_stops_the_demo(tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     assert "configs lfq llama 64" in out.stdout, out.stdout
     assert "summary {'preempted': 'vqgan'} [('vqgan', 'lfq')]" in out.stdout, out.stdout
+
+
+def test_bad_keys_files_and_workdirs_are_one_line_each(files, converted, tmp_path):
+    """A --gpt_key the file lacks, the two files swapped, a wrong --image_size, a workdir that holds checkpoints:
+    one line naming the file (and key) each, and nothing written."""
+    from launch.convert_llamagen import convert, read_weights
+    with pytest.raises(ValueError, match=re.escape(f"{files['c2i_tiny.pt']} has no weights under 'ema'; its "
+                                                   "entries: ['model']")):
+        read_weights(files["c2i_tiny.pt"], "ema")
+    w = str(tmp_path / "w")
+    with pytest.raises(ValueError) as e:
+        convert(files["vq_tiny.pt"], files["c2i_tiny.pt"], w, **CONVERT)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{files['c2i_tiny.pt']} does not hold the tokenizer")
+    assert "state dict does not match the config" in str(e.value) and "missing key 'decoder." in str(e.value)
+    with pytest.raises(ValueError, match=re.escape("--image_size=30 must be a positive multiple of the tokenizer's "
+                                                   "downsampling factor 4")):
+        convert(files["c2i_tiny.pt"], files["vq_tiny.pt"], w, **dict(CONVERT, image_size=30))
+    assert not os.path.exists(w) and not os.path.exists(w + "_first_stage")
+    done = converted[GPT_FILES[0]][0]
+    before = sorted(os.listdir(os.path.join(done, "checkpoints")))
+    with pytest.raises(ValueError, match=re.escape(f"{done} already holds checkpoints")):
+        convert(files["c2i_tiny.pt"], files["vq_tiny.pt"], done, **CONVERT)
+    assert sorted(os.listdir(os.path.join(done, "checkpoints"))) == before
