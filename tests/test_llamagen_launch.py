@@ -74,6 +74,7 @@ def files(tmp_path_factory):
 
 def test_release_layouts_read_without_torch(files):
     """Each layout gives the golden state dict: the first of model/module/state_dict/ema, or the bare dict."""
+    from common_jax.torch_io import read_torch_state_dict
     from launch.convert_llamagen import read_weights
     want = {k[len("state_dict/"):]: v for k, v in golden("llamagen_gpt_small").items() if k.startswith("state_dict/")}
     for name in GPT_FILES:
@@ -81,6 +82,9 @@ def test_release_layouts_read_without_torch(files):
         assert sorted(got) == sorted(want), name
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name}: {k}")
+        # the project's generic reader too (the EMA entry by name: it looks under state_dict/model/module)
+        generic = read_torch_state_dict(files[name], "ema" if name.endswith("_ema.pt") else None)
+        assert sorted(generic) == sorted(want) and all(np.array_equal(generic[k], want[k]) for k in want), name
     vq = read_weights(files["vq_tiny.pt"])
     assert "quantize.codebook_used" in vq and "encoder.conv_in.weight" in vq
 
