@@ -28,7 +28,8 @@ def base_config(**gpt) -> ml_collections.ConfigDict:
     c.init_from = ""             # fine-tuning: a stage-two workdir whose GPT weights start a fresh run (step 0)
     c.optim = ml_collections.ConfigDict(dict(
         base_learning_rate=4.5e-6, scale_lr_by_batch=True, b1=0.9, b2=0.95, weight_decay=0.01,
-        warmup_steps=0, min_lr_ratio=0.1, grad_clip=0.0, grad_accum_steps=1))
+        warmup_steps=0, min_lr_ratio=0.1, grad_clip=0.0, grad_accum_steps=1,
+        weight_decay_on="kernels"))   # or "matrices" (every 2+-d parameter, embeddings included: LlamaGen)
     c.data = ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir="", image_size=256, code_grid=(16, 16), global_batch_size=8,
         eval_batch_size=8, eval_examples=512, pre_encoded=True, worker_count=0,

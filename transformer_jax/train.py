@@ -60,7 +60,7 @@ DECAY_RULES: dict[str, Callable[[tuple, Any], bool]] = {
 
 def make_optimizer(config: Any) -> optax.GradientTransformation:
     o = config.optim
-    rule = o.get("weight_decay_on", "kernels")
+    rule = o.weight_decay_on
     if rule not in DECAY_RULES:
         raise ValueError(f"optim.weight_decay_on must be one of {sorted(DECAY_RULES)}, got {rule!r}")
     mask = lambda params: jax.tree_util.tree_map_with_path(DECAY_RULES[rule], params)
