@@ -60,6 +60,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "0: off")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "1.0: off")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 0.0, "0: off")
+_CFG_INTERVAL = flags.DEFINE_integer("cfg_interval", -1, "guide only the tokens up to this step, as LlamaGen's "
+                                     "cfg_interval (-1: every token)")
 _SEED = flags.DEFINE_integer("seed", 0, "")
 _SAVE_IMAGES = flags.DEFINE_bool("save_images", False, "also write the samples as an ADM-style arr_0 .npz")
 
@@ -183,7 +185,8 @@ def eval_samples(workdir: str) -> dict:
     from transformer_jax.sampler import Sampler, sampling_options
     if not _TRANSFORMER.value:
         raise ValueError("--transformer_workdir is required in samples mode")
-    opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value)
+    opts = sampling_options(_TOP_K.value, _TOP_P.value, _TEMPERATURE.value, _GUIDANCE.value,
+                            _CFG_INTERVAL.value)
     sampler = Sampler.from_workdirs(_TRANSFORMER.value)
     _check_same_everywhere("the weights of --transformer_workdir", sampler.weights_fingerprint)
     # Everything that can be refused is checked before the reference statistics, not after them.
