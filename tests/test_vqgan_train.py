@@ -137,19 +137,20 @@ def test_half_written_checkpoint_is_never_used(killed_and_resumed):
 
 
 # ---------------------------------------------------------------------------- learning on real photos
-TRAIN_STEPS = 100
+TRAIN_STEPS = 50
 
 
 @pytest.fixture(scope="module")
 def trained(photos, tmp_path_factory):
     """configs/vqgan_tiny (GAN off) trained for TRAIN_STEPS on one device; held-out metrics before/after.
 
-    At twice the config's learning rate: 100 steps then measured +3.9 dB / -0.21 L1, as 150 steps at the
-    config's rate did (+3.7 dB / -0.21), in two thirds of the time; the config's rate gave +3.0 dB at 100."""
+    At four times the config's learning rate: 50 steps then measured +3.1 dB / -0.17 L1 (+2.5 dB / -0.13 at 30),
+    in half the steps of twice the rate (+3.9 dB / -0.21 at 100), as 150 steps at the config's rate did (+3.7 dB).
+    At learning rate 0 the held-out numbers stay where they started (9.60 dB) and the checks fail."""
     workdir = str(tmp_path_factory.mktemp("learn"))
     config = vqgan_config(photos, **{"loss.disc_start": 10_000, "total_steps": TRAIN_STEPS, "log_every": 25,
                                      "checkpoint.every": TRAIN_STEPS, "data.eval_examples": 160})
-    config.optim.base_learning_rate *= 2
+    config.optim.base_learning_rate *= 4
     task = VQGANTask(config)
     train_loader, eval_loader, _, _ = dataset_resolution.image_loaders(config, workdir)
     dataset_resolution.cap_eval_steps(config)
@@ -175,7 +176,7 @@ def test_training_improves_heldout_reconstruction(trained):
     print(f"\nheld-out after {TRAIN_STEPS} steps ({seconds:.0f} s): L1 {before['l1']:.4f} -> {after['l1']:.4f}, "
           f"PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB")
     assert res.step == TRAIN_STEPS
-    assert after["psnr"] >= before["psnr"] + 3.0, (before, after)
+    assert after["psnr"] >= before["psnr"] + 2.5, (before, after)
     assert after["l1"] <= before["l1"] - 0.1, (before, after)
 
 
