@@ -2,6 +2,7 @@
 in this project's LLaMA-block GPT, the sizes by name, and the machine's copy bandwidth."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -24,6 +25,20 @@ def size_args(size: str) -> dict[str, Any]:
     if name not in LLAMAGEN_GPT_SIZES:
         raise SystemExit(f"--size must be tiny or one of {', '.join(LLAMAGEN_GPT_SIZES)}, got {size!r}")
     return dict(LLAMAGEN_GPT_SIZES[name], vocab_size=16384, grid=16)
+
+
+def parse_args(p: argparse.ArgumentParser, default_batch: int) -> argparse.Namespace:
+    """The options both LlamaGen benches take (repository, size, batch, repeats, torch threads and site-packages)
+    added to ``p``, parsed, and torch made importable."""
+    p.add_argument("--llamagen_repo", required=True, help="a checkout of github FoundationVision/LlamaGen")
+    p.add_argument("--size", default="B", help="tiny, or a LlamaGen size: B, L, XL, XXL, ... (default B)")
+    p.add_argument("--batch", type=int, default=default_batch)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
+    p.add_argument("--torch_site_packages", default="", help="site-packages holding torch, if not this env's")
+    a = p.parse_args()
+    add_torch(a.torch_site_packages)
+    return a
 
 
 def add_torch(site_packages: str) -> None:

@@ -20,22 +20,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _llamagen import add_torch, copy_gbps, llamagen_model, size_args  # noqa: E402
+from _llamagen import copy_gbps, llamagen_model, parse_args, size_args  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--llamagen_repo", required=True, help="a checkout of github FoundationVision/LlamaGen")
-    p.add_argument("--size", default="B", help="tiny, or a LlamaGen size: B, L, XL, XXL, ... (default B)")
     p.add_argument("--tokens", type=int, default=0, help="codes to draw (default: the size's grid, 256 for B)")
-    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--top_k", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
-    p.add_argument("--torch_site_packages", default="", help="site-packages holding torch, if not this env's")
-    a = p.parse_args()
-    add_torch(a.torch_site_packages)
+    a = parse_args(p, default_batch=4)
 
     import jax
     import jax.numpy as jnp

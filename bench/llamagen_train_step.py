@@ -20,20 +20,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _llamagen import add_torch, llamagen_model, size_args  # noqa: E402
+from _llamagen import llamagen_model, parse_args, size_args  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--llamagen_repo", required=True, help="a checkout of github FoundationVision/LlamaGen")
-    p.add_argument("--size", default="B", help="tiny, or a LlamaGen size: B, L, XL, ... (default B)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bf16", action="store_true", help="bf16 compute on both sides")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
-    p.add_argument("--torch_site_packages", default="", help="site-packages holding torch, if not this env's")
-    a = p.parse_args()
-    add_torch(a.torch_site_packages)
+    a = parse_args(p, default_batch=8)
 
     import jax
     import jax.numpy as jnp

@@ -15,12 +15,7 @@ import numpy as np
 from transformer_jax.convert_llamagen import (LLAMAGEN_GPT_SIZES, from_llamagen,  # noqa: F401 (re-exported)
                                               llamagen_gpt_config)
 from transformer_jax.gpt import GPT
-
-
-def _to_numpy(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):  # torch tensor; torch itself is never imported here
-        v = v.detach().cpu().numpy()
-    return np.asarray(v)
+from transformer_jax.state_dict_match import matched_arrays
 
 
 def _expected_shapes(vocab_size: int, block_size: int, n_layer: int, n_embd: int) -> dict[str, tuple]:
@@ -60,28 +55,10 @@ def from_mingpt(state_dict: Mapping[str, Any], vocab_size: int, block_size: int,
     if n_embd % n_head:
         raise ValueError(f"from_mingpt: n_embd ({n_embd}) must be divisible by n_head ({n_head})")
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    expected = _expected_shapes(vocab_size, block_size, n_layer, n_embd)
-    problems = []
-    for k in expected:
-        if k not in sd:
-            problems.append(f"missing key {prefix + k!r} (expected shape {expected[k]})")
-    arrays = {}
-    for k, v in sd.items():
-        if _is_mask_key(k, n_layer):
-            continue
-        if k not in expected:
-            problems.append(f"unexpected key {prefix + k!r} (shape {tuple(np.shape(v))})")
-            continue
-        a = _to_numpy(v)
-        if a.shape != expected[k]:
-            problems.append(f"shape mismatch for {prefix + k!r}: expected {expected[k]}, found {a.shape}")
-        arrays[k] = a.astype(np.float32)
-    if problems:
-        # One line (entry points print one error line); a wholly different file would list hundreds.
-        more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
-        raise ValueError(f"from_mingpt: state_dict does not match GPT(vocab_size={vocab_size}, "
-                         f"block_size={block_size}, n_layer={n_layer}, n_embd={n_embd}) ({len(problems)} problems): "
-                         + "; ".join(problems[:6]) + more)
+    arrays = matched_arrays(
+        sd, _expected_shapes(vocab_size, block_size, n_layer, n_embd),
+        f"from_mingpt: state_dict does not match GPT(vocab_size={vocab_size}, block_size={block_size}, "
+        f"n_layer={n_layer}, n_embd={n_embd})", skip=lambda k: _is_mask_key(k, n_layer), shown=lambda k: prefix + k)
 
     c, h = n_embd, n_head
     d = c // h

@@ -15,6 +15,7 @@ import numpy as np
 
 from transformer_jax.blocks.llama import swiglu_hidden
 from transformer_jax.gpt import GPT, gpt_from_config
+from transformer_jax.state_dict_match import matched_arrays
 
 # LlamaGen's ModelArgs and its defaults (a released checkpoint's arguments are these plus the size and the
 # sampling script's vocab_size / block_size / num_classes / cls_token_num).
@@ -109,12 +110,6 @@ def _is_buffer(key: str) -> bool:
     return key in _BUFFER_KEYS or key.endswith(_BUFFER_SUFFIXES)
 
 
-def _to_numpy(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):  # a torch tensor; torch itself is never imported here
-        v = v.detach().cpu().float().numpy()
-    return np.asarray(v)
-
-
 def from_llamagen(state_dict: Mapping[str, Any], model_args: Mapping[str, Any], **gpt_kwargs: Any
                   ) -> tuple[GPT, dict]:
     """``(GPT, {"params": ...})`` from a LlamaGen c2i ``Transformer`` state_dict (numpy or torch values) and its
@@ -123,27 +118,10 @@ def from_llamagen(state_dict: Mapping[str, Any], model_args: Mapping[str, Any], 
     Any missing key, unexpected key or shape mismatch raises one ValueError line naming them.
     """
     a = llamagen_model_args(model_args)
-    expected = llamagen_state_shapes(a)
-    problems, arrays = [], {}
-    for k in expected:
-        if k not in state_dict:
-            problems.append(f"missing key {k!r} (expected shape {expected[k]})")
-    for k, v in state_dict.items():
-        if _is_buffer(k):
-            continue
-        if k not in expected:
-            problems.append(f"unexpected key {k!r} (shape {tuple(np.shape(v))})")
-            continue
-        arr = _to_numpy(v)
-        if arr.shape != expected[k]:
-            problems.append(f"shape mismatch for {k!r}: expected {expected[k]}, found {arr.shape}")
-        arrays[k] = arr.astype(np.float32)
-    if problems:
-        more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
-        raise ValueError(f"from_llamagen: state_dict does not match LlamaGen Transformer(dim={a['dim']}, "
-                         f"n_layer={a['n_layer']}, n_head={a['n_head']}, vocab_size={a['vocab_size']}, "
-                         f"num_classes={a['num_classes']}) ({len(problems)} problems): " + "; ".join(problems[:6])
-                         + more)
+    arrays = matched_arrays(
+        state_dict, llamagen_state_shapes(a),
+        f"from_llamagen: state_dict does not match LlamaGen Transformer(dim={a['dim']}, n_layer={a['n_layer']}, "
+        f"n_head={a['n_head']}, vocab_size={a['vocab_size']}, num_classes={a['num_classes']})", skip=_is_buffer)
 
     c, h = a["dim"], a["n_head"]
     d, kv = c // h, a["n_kv_head"] or h

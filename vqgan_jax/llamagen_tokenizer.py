@@ -23,8 +23,10 @@ import jax
 
 from common_jax.layers import Conv
 from vqgan_jax import quantizers
-from vqgan_jax.layers import AttnBlock, Downsample, Normalize, Upsample, swish
-from vqgan_jax.model import StageOneMethods, fields_from_config, resnet_block
+from vqgan_jax.layers import AttnBlock, Downsample, Upsample
+from vqgan_jax.model import StageOneMethods, fields_from_config, middle, out_conv, resnet_block
+
+LLAMAGEN_MIDDLE = ("mid_0", "mid_1", "mid_2")
 
 
 class LlamaGenEncoder(nn.Module):
@@ -49,12 +51,8 @@ class LlamaGenEncoder(nn.Module):
                     h = AttnBlock(self.dtype, name=f"conv_blocks_{i}_attn_{j}")(h)
             if i != n - 1:
                 h = Downsample(self.dtype, name=f"conv_blocks_{i}_downsample")(h)
-        c = h.shape[-1]
-        h = block(c, self.dropout, self.dtype, name="mid_0")(h, deterministic)
-        h = AttnBlock(self.dtype, name="mid_1")(h)
-        h = block(c, self.dropout, self.dtype, name="mid_2")(h, deterministic)
-        h = swish(Normalize("norm_out", self.dtype)(h))
-        return Conv(self.z_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
+        h = middle(h, block, self.dropout, self.dtype, deterministic, LLAMAGEN_MIDDLE)
+        return out_conv(h, self.z_channels, self.dtype)
 
 
 class LlamaGenDecoder(nn.Module):
@@ -73,9 +71,7 @@ class LlamaGenDecoder(nn.Module):
         n = len(self.ch_mult)
         c = self.ch * self.ch_mult[-1]
         h = Conv(c, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z)
-        h = block(c, self.dropout, self.dtype, name="mid_0")(h, deterministic)
-        h = AttnBlock(self.dtype, name="mid_1")(h)
-        h = block(c, self.dropout, self.dtype, name="mid_2")(h, deterministic)
+        h = middle(h, block, self.dropout, self.dtype, deterministic, LLAMAGEN_MIDDLE)
         # conv_blocks_0 is the lowest resolution (level n-1 of the encoder), the last one full resolution.
         for k, level in enumerate(reversed(range(n))):
             for j in range(self.num_res_blocks + 1):
@@ -85,10 +81,7 @@ class LlamaGenDecoder(nn.Module):
                     h = AttnBlock(self.dtype, name=f"conv_blocks_{k}_attn_{j}")(h)
             if level != 0:
                 h = Upsample(self.dtype, name=f"conv_blocks_{k}_upsample")(h)
-        h = swish(Normalize("norm_out", self.dtype)(h))
-        if pre_out_only:
-            return h
-        return Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
+        return out_conv(h, self.out_ch, self.dtype, pre_out_only)
 
 
 # LlamaGen's VQ ModelArgs defaults, in this project's names (the released c2i tokenizers use them).

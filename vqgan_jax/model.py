@@ -22,6 +22,26 @@ def resnet_block(remat: bool):
     return nn.remat(ResnetBlock, static_argnums=(2,)) if remat else ResnetBlock
 
 
+TAMING_MIDDLE = ("mid_block_1", "mid_attn_1", "mid_block_2")
+
+
+def middle(h: jax.Array, block: Any, dropout: float, dtype: Any, deterministic: bool, names: Sequence[str]
+           ) -> jax.Array:
+    """The lowest-resolution middle of an encoder or decoder: resnet block, attention, resnet block (called inside
+    a compact method, whose module owns the three, under ``names``)."""
+    c = h.shape[-1]
+    h = block(c, dropout, dtype, name=names[0])(h, deterministic)
+    h = AttnBlock(dtype, name=names[1])(h)
+    return block(c, dropout, dtype, name=names[2])(h, deterministic)
+
+
+def out_conv(h: jax.Array, features: int, dtype: Any, pre_out_only: bool = False) -> jax.Array:
+    """GroupNorm ``norm_out``, swish, then the 3x3 ``conv_out``; ``pre_out_only`` stops before the conv (the
+    adaptive GAN weight needs that activation)."""
+    h = swish(Normalize("norm_out", dtype)(h))
+    return h if pre_out_only else Conv(features, (3, 3), padding=1, dtype=dtype, name="conv_out")(h)
+
+
 class Encoder(nn.Module):
     ch: int
     ch_mult: Sequence[int]
@@ -49,13 +69,8 @@ class Encoder(nn.Module):
             if i != n - 1:
                 h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
                 res //= 2
-        c = h.shape[-1]
-        h = block(c, self.dropout, self.dtype, name="mid_block_1")(h, deterministic)
-        h = AttnBlock(self.dtype, name="mid_attn_1")(h)
-        h = block(c, self.dropout, self.dtype, name="mid_block_2")(h, deterministic)
-        h = swish(Normalize("norm_out", self.dtype)(h))
-        out = 2 * self.z_channels if self.double_z else self.z_channels
-        return Conv(out, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
+        h = middle(h, block, self.dropout, self.dtype, deterministic, TAMING_MIDDLE)
+        return out_conv(h, 2 * self.z_channels if self.double_z else self.z_channels, self.dtype)
 
 
 class Decoder(nn.Module):
@@ -77,9 +92,7 @@ class Decoder(nn.Module):
         c = self.ch * self.ch_mult[-1]
         res = self.resolution // 2 ** (n - 1)
         h = Conv(c, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z)
-        h = block(c, self.dropout, self.dtype, name="mid_block_1")(h, deterministic)
-        h = AttnBlock(self.dtype, name="mid_attn_1")(h)
-        h = block(c, self.dropout, self.dtype, name="mid_block_2")(h, deterministic)
+        h = middle(h, block, self.dropout, self.dtype, deterministic, TAMING_MIDDLE)
         for i in reversed(range(n)):
             for j in range(self.num_res_blocks + 1):
                 h = block(self.ch * self.ch_mult[i], self.dropout, self.dtype,
@@ -89,10 +102,7 @@ class Decoder(nn.Module):
             if i != 0:
                 h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
                 res *= 2
-        h = swish(Normalize("norm_out", self.dtype)(h))
-        if pre_out_only:
-            return h
-        return Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
+        return out_conv(h, self.out_ch, self.dtype, pre_out_only)
 
 
 class EncodeOutput(NamedTuple):
