@@ -233,7 +233,9 @@ def tiny_config(quantizer, embed_dim):
     return c
 
 
-TRAIN_STEPS = 40
+# 25 steps: every check below already holds by a wide margin (measured at 25 / 40 steps: FSQ usage 0.17 -> 0.35 /
+# 0.44, VQ's 0.95 -> 0.57 / 0.46, LFQ's 1.00; held-out L1 down by 0.10-0.13 / 0.13-0.18), at 5/8 of the steps.
+TRAIN_STEPS = 25
 # 128 codes each: VQ n_embed 128, FSQ levels (8, 4, 4), LFQ 7 bits
 KINDS = {"vq": vqgan_tiny.get_config, "fsq": vqgan_tiny_fsq.get_config, "lfq": vqgan_tiny_lfq.get_config}
 
@@ -298,8 +300,8 @@ def test_fsq_and_lfq_train_in_the_demo_setting_and_use_their_codebooks(demo_runs
         assert after[0] < before[0] - 0.02, (kind, before, after)   # L1 lowered
     vq, fsq, lfq = (demo_runs[k] for k in ("vq", "fsq", "lfq"))
     # LFQ's entropy term spreads the codes: above the learned VQ codebook's usage after the same steps
-    # (measured 1.00 vs 0.46)
+    # (measured 1.00 vs 0.57)
     assert lfq["after"][1] > vq["after"][1], demo_runs
-    # FSQ ends near VQ (measured 0.44 vs 0.46), not reliably above it; what holds by a wide margin is the
-    # direction: its implicit codebook fills during training (0.17 -> 0.44) while VQ's shrinks (0.95 -> 0.46)
+    # FSQ ends near VQ (at 40 steps 0.44 vs 0.46), not reliably above it; what holds by a wide margin is the
+    # direction: its implicit codebook fills during training (0.17 -> 0.35) while VQ's shrinks (0.95 -> 0.57)
     assert fsq["after"][1] > fsq["before"][1] + 0.1 and vq["after"][1] < vq["before"][1] - 0.1, demo_runs
