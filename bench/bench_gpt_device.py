@@ -5,6 +5,9 @@
     python bench/bench_gpt_device.py --layers 2 --embd 128 --heads 2 --vocab 512 --batch 2 --sample_batch 2 \
         --peak_tflops 1                                                 # CPU smoke test of the script
 
+``--block llama`` times LlamaGen's LLaMA block instead (``--layers 24 --embd 1024 --heads 16`` is GPT-L; position 0
+holds a class id of its 1000-class table, 2-D RoPE over the sqrt(tokens) x sqrt(tokens) code grid).
+
 Default sizes are the paper's cIN transformer (configs/transformer_imagenet_cin.py: 24 layers x 1536 wide,
 16 heads, 16384-code vocabulary, 256 tokens). Train step: float32 parameters and AdamW state, ``--dtype``
 compute (bfloat16 by default), parameters and batch donated as the training loop does; random tokens
@@ -37,6 +40,14 @@ from transformer_jax.gpt import GPT  # noqa: E402
 from transformer_jax.sampling import sample  # noqa: E402
 
 
+PREFIX = [0]  # leading positions that hold class ids of the block's own table (1 for --block llama)
+
+
+def class_ids(model: GPT, batch: int) -> jax.Array:
+    """Class ids for the leading positions the block embeds from its class table (none for minGPT)."""
+    return jax.random.randint(jax.random.key(5), (batch, PREFIX[0]), 0, 1000, jnp.int32)
+
+
 def lm_loss(model: GPT) -> Any:
     """``loss(params, tokens)``: next-token cross-entropy, as minGPT's forward computes it."""
     def loss_fn(p, x):
@@ -65,6 +76,7 @@ def train_step_mfu(model: GPT, batch: int, repeats: int, peak_tflops: float) -> 
     opt = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.01)
     t = model.block_size
     data = jax.random.randint(jax.random.key(1), (batch, t + 1), 0, model.vocab_size, jnp.int32)
+    data = data.at[:, :PREFIX[0]].set(class_ids(model, batch))
 
     t0 = time.perf_counter()
     compiled, _ = compile_train_step(model, opt, params, data)
@@ -81,7 +93,7 @@ def train_step_mfu(model: GPT, batch: int, repeats: int, peak_tflops: float) -> 
     sec = statistics.median(alternate({"step": run}, 1, repeats)[0]["step"])
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     # Embedding lookups are gathers, not matmuls: they are left out of the 6 * params term.
-    n_matmul = n_params - params["tok_emb"].size - params["pos_emb"].size
+    n_matmul = n_params - sum(params[k].size for k in ("tok_emb", "pos_emb", "cls_emb") if k in params)
     flops = 6 * n_matmul * batch * t + 12 * model.n_layer * batch * t * t * model.n_embd
     return dict(params_m=n_params / 1e6, compile_s=compile_s, step_ms=sec * 1e3, flops_t=flops / 1e12,
                 jaxpr_flops_t=traced_flops / 1e12, tflops=flops / sec / 1e12,
@@ -91,6 +103,7 @@ def train_step_mfu(model: GPT, batch: int, repeats: int, peak_tflops: float) -> 
 def sampling_throughput(model: GPT, batch: int, steps: int, repeats: int) -> dict[str, float]:
     variables = meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     prefix = jax.random.randint(jax.random.key(2), (batch, 1), 0, model.vocab_size, jnp.int32)
+    prefix = prefix.at[:, :PREFIX[0]].set(class_ids(model, batch))
     keys = iter(jax.random.split(jax.random.key(3), repeats + 2))
     t0 = time.perf_counter()
     sample(model, variables, prefix, steps, jax.random.key(4), top_k=100).block_until_ready()
@@ -116,6 +129,8 @@ def main() -> None:
     ap.add_argument("--remat", action="store_true", help="rematerialise each block in the backward pass")
     ap.add_argument("--attention_impl", default="", choices=["", "xla", "cudnn", "explicit"],
                     help="GPT.attention_impl for the train step ('' = jax's default)")
+    ap.add_argument("--block", default="mingpt", choices=["mingpt", "llama"],
+                    help="the GPT block: taming's minGPT or LlamaGen's LLaMA block (class table of 1000 + null)")
     ap.add_argument("--no_sample", action="store_true", help="time the train step only")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--peak_tflops", type=float, required=True,
@@ -123,11 +138,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.peak_tflops <= 0:
         raise SystemExit(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    block_options = ()
+    if args.block == "llama":
+        grid = int(round(args.tokens ** 0.5))  # input: the class token and all codes but the last
+        if grid * grid != args.tokens:
+            raise SystemExit(f"--block llama: --tokens must be a square (the code grid), got {args.tokens}")
+        block_options = tuple(sorted(dict(grid_size=grid, num_classes=1000, cls_token_num=1).items()))
+        PREFIX[0] = 1
     model = GPT(vocab_size=args.vocab, block_size=args.tokens, n_layer=args.layers, n_head=args.heads,
                 n_embd=args.embd, dtype=jnp.dtype(args.dtype), remat=args.remat,
-                attention_impl=args.attention_impl)
+                attention_impl=args.attention_impl, block=args.block, block_options=block_options)
     print(f"machine: {machine()}")
-    print(f"GPT {args.layers}L x {args.embd} x {args.heads}h, vocab {args.vocab}, {args.tokens} tokens, "
+    print(f"GPT ({args.block} block) {args.layers}L x {args.embd} x {args.heads}h, vocab {args.vocab}, {args.tokens} tokens, "
           f"{args.dtype} compute{', remat' if args.remat else ''}, attention {args.attention_impl or 'default'}")
     tr = train_step_mfu(model, args.batch, args.repeats, args.peak_tflops)
     sa = None if args.no_sample else sampling_throughput(model, args.sample_batch, args.tokens,

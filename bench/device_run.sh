@@ -18,4 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null 
 "$PY" bench/bench_gpt_device.py --peak_tflops "$PEAK" --batch 128 --attention_impl cudnn --no_sample \
     || "$PY" bench/bench_gpt_device.py --peak_tflops "$PEAK" --batch 128 --attention_impl cudnn --no_sample --remat \
     || echo "GPT MFU (batch 128, cudnn attention) failed"
+# LlamaGen's LLaMA block at GPT-L (24 x 1024, 16 heads, 256 codes), bf16 (issue 26's target: 50% MFU).
+"$PY" bench/bench_gpt_device.py --peak_tflops "$PEAK" --block llama --layers 24 --embd 1024 --heads 16 --batch 64 \
+    --attention_impl cudnn --no_sample || echo "LLaMA-block GPT-L MFU failed"
 "$PY" bench/bench_vqgan_step.py --device_mfu --perceptual --peak_tflops "$PEAK" --batch 16 || echo "stage-one MFU failed"
