@@ -124,6 +124,7 @@ def converted(ckpts, tmp_path_factory):
     return root, out
 
 
+@pytest.mark.slow  # the converted fixture: both taming checkpoints converted to workdirs
 def test_converted_workdirs_are_ordinary_workdirs(converted):
     from common_jax.pretrained import load_workdir
     root, out = converted
@@ -139,6 +140,7 @@ def test_converted_workdirs_are_ordinary_workdirs(converted):
         assert os.path.isfile(root / name / "config.json")
 
 
+@pytest.mark.slow  # the converted fixture: both taming checkpoints converted to workdirs
 def test_converted_workdirs_hold_what_the_documented_functions_load(ckpts, converted):
     """Bit for bit: a workdir's weights are those load_taming_checkpoint / load_taming_transformer give."""
     from common_jax.pretrained import load_workdir
@@ -176,6 +178,7 @@ def taming_uint8(images):
     return to_uint8(images)
 
 
+@pytest.mark.slow  # entry points as subprocesses
 def test_launch_sample_on_converted_workdirs(converted, expected, tmp_path):
     """Samplers of converted workdirs (what launch.sample builds) draw taming's greedy codes with --top_k=1, and
     launch.sample's writers (class grids, an unconditional grid, --segmentation maps) write taming's decodes of
@@ -210,6 +213,7 @@ def test_launch_sample_on_converted_workdirs(converted, expected, tmp_path):
                                       taming_uint8(expected["sflckr/greedy_images"])[i])
 
 
+@pytest.mark.slow  # entry points as subprocesses
 def test_command_lines(ckpts, tmp_path):
     """The entry points as a user runs them: convert, then sample; a bad file is one error line."""
     env = {k: v for k, v in os.environ.items() if k != "TAMING_JAX_TRACEBACK"}

@@ -25,6 +25,8 @@ from vqgan_jax.train import VQGANTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+pytestmark = pytest.mark.slow   # every test runs launch.eval_fid in one or two subprocesses
+
 
 def write_workdir(task, config, path, seed=0):
     """A workdir holding an (untrained) initial state, as a finished run would leave it."""

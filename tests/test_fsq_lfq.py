@@ -139,6 +139,7 @@ SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_cha
 
 @pytest.mark.parametrize("quantizer,embed_dim,size", [
     ({"kind": "fsq", "levels": (5, 4, 3)}, 3, 60), ({"kind": "lfq"}, 6, 64)], ids=["fsq", "lfq"])
+@pytest.mark.slow  # encode and decode compiled for each quantizer
 def test_decode_code_of_the_codes_equals_decoding_the_quantized_latents(quantizer, embed_dim, size):
     """What stage two does with a code grid (decode_code) is what stage one decodes (decode of z_q)."""
     cfg = vqgan_model(quantizer=quantizer, embed_dim=embed_dim, **SMALL)

@@ -68,6 +68,7 @@ def _close(a, b, what, rel=8 * np.finfo(np.float32).eps):
 GRAD_REL = 3e-5
 
 
+@pytest.mark.slow  # the VQGAN step compiled whole and accumulated
 def test_vqgan_accumulated_gradient_equals_whole_batch(vqgan_steps):
     (s0, one, _), (_, acc, _) = vqgan_steps[1], vqgan_steps[2]
     for name in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
@@ -78,6 +79,7 @@ def test_vqgan_accumulated_gradient_equals_whole_batch(vqgan_steps):
     _close(acc.disc_params, one.disc_params, "discriminator", GRAD_REL)
 
 
+@pytest.mark.slow  # the VQGAN step compiled whole and accumulated
 def test_vqgan_accumulated_ema_codebook_and_restart_equal_whole_batch(vqgan_steps):
     (s0, one, m_one), (_, acc, m_acc) = vqgan_steps[1], vqgan_steps[2]
     e0, e1, ea = (s.codebook_ema["quantize"] for s in (s0, one, acc))
@@ -108,6 +110,7 @@ def _labels(b, seed):
     return np.random.default_rng(seed).integers(0, 5, (b, 8, 8)).astype(np.int32)
 
 
+@pytest.mark.slow  # the segmentation step compiled whole and accumulated
 def test_segmentation_accumulated_gradient_equals_whole_batch():
     batch = {"segmentation": _labels(BATCH, 0)}
     deltas = []

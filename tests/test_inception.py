@@ -45,6 +45,7 @@ def feats(ref):
     return out
 
 
+@pytest.mark.slow  # the feats fixture: InceptionV3 compiled and run on every golden input set
 @pytest.mark.parametrize("name", SETS)
 def test_features_match_golden(ref, feats, name):
     _, manifest, data, _, _ = ref
@@ -54,6 +55,7 @@ def test_features_match_golden(ref, feats, name):
                                atol=suggested_atol(manifest, f"feats_{name}"))
 
 
+@pytest.mark.slow  # the feats fixture: InceptionV3 compiled and run on every golden input set
 def test_fid_matches_golden(ref, feats):
     _, manifest, data, _, _ = ref
     ours = frechet_distance_from_features(feats["fid_set_a"], feats["fid_set_b"])
@@ -100,6 +102,7 @@ def test_state_dict_errors_list_every_key(ref):
         from_pytorch_fid(only_bias)
 
 
+@pytest.mark.slow  # the feats fixture: InceptionV3 compiled and run on every golden input set
 def test_logits_with_released_checkpoint_layout(ref, feats):
     _, _, data, no_fc_model, variables = ref
     assert feats["fc_model"].num_classes == 1008 and no_fc_model.num_classes is None
@@ -111,6 +114,7 @@ def test_logits_with_released_checkpoint_layout(ref, feats):
         no_fc_model.apply(variables, data["input/images64"], method=no_fc_model.features_and_logits)
 
 
+@pytest.mark.slow  # the feats fixture: InceptionV3 compiled and run on every golden input set
 def test_sharded_batch_equals_one_device(ref, feats):
     _, manifest, data, model, variables = ref
     # 8 devices: the batch over data x fsdp, conv output channels over fsdp (the logical table)
@@ -166,6 +170,7 @@ def test_bad_images_shape(ref):
         preprocess(jnp.zeros((2, 32, 32, 1), jnp.uint8))
 
 
+@pytest.mark.slow  # the full InceptionV3 state dict written in torch's format, converted and loaded
 def test_convert_published_pth_end_to_end(ref, tmp_path):
     # pytorch-fid's pt_inception-2015-12-05-6726825d.pth as published: torch's legacy serialisation of an
     # OrderedDict under the released names, fc layer included. Written and converted with no PyTorch.

@@ -48,6 +48,7 @@ def flat(tree):
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow  # the sources fixture: two taming checkpoints converted
 def test_params_and_ema_codebook_come_from_the_source(sources):
     from vqgan_jax.train import VQGANTask
     c = vq_config(sources["vqgan"], quantizer={"use_ema": True})
@@ -73,6 +74,7 @@ def test_params_and_ema_codebook_come_from_the_source(sources):
             np.testing.assert_array_equal(flat(getattr(state, part))[k], v, err_msg=f"{part}{k}")
 
 
+@pytest.mark.slow  # the sources fixture: two taming checkpoints converted
 def test_shape_and_stage_mismatches_are_refused(sources):
     from configs import transformer_uncond
     from vqgan_jax.train import VQGANTask
@@ -108,6 +110,7 @@ def heldout_l1(config, params, workdir) -> float:
     return float(sum(s["l1"] for s in sums) / sum(s["count"] for s in sums))
 
 
+@pytest.mark.slow  # training runs
 def test_fine_tuning_a_converted_vqgan_lowers_heldout_l1(sources, tmp_path, caplog):
     from vqgan_jax.train import train
     c = vq_config(sources["vqgan"], str(tmp_path / "data"))
@@ -129,6 +132,7 @@ def test_fine_tuning_a_converted_vqgan_lowers_heldout_l1(sources, tmp_path, capl
     assert again.step == 30 and "is ignored: the run resumes from its own checkpoint" in caplog.text
 
 
+@pytest.mark.slow  # training runs
 def test_stage_two_fine_tunes_a_converted_gpt_on_its_converted_first_stage(sources, tmp_path, caplog):
     """configs/transformer_uncond at the fixture's size: train_transformer with a converted first stage and
     init_from a converted unconditional Net2NetTransformer, a few steps on the built-in photos."""

@@ -45,6 +45,7 @@ def _expected_codebook_step(task, encode, prev, batch, thr):
                 code_usage=np.where(dead, 1.0, usage), z=z)
 
 
+@pytest.mark.slow  # several short training runs
 def test_ema_codebook_restart_and_generator_ema():
     thr, gen_decay = 0.995, 0.9
     c = micro(vqgan_tiny, dead_code_threshold=thr, generator_ema=gen_decay)
@@ -86,6 +87,7 @@ def test_ema_codebook_restart_and_generator_ema():
     assert restarted_total > 0  # the restart branch was exercised, not only the "nothing dead" case
 
 
+@pytest.mark.slow  # several short training runs
 def test_gumbel_temperature_follows_taming_schedule():
     c = micro(vqgan_gumbel_f8_8192)
     task = VQGANTask(c)

@@ -59,6 +59,7 @@ def step_setup(photos):
     return task, batch, one
 
 
+@pytest.mark.slow  # GAN step compiled on 1, 8 and 4x2 devices
 @pytest.mark.parametrize("shape", [(4, 2, 1), (8, 1, 1)], ids=["data4_fsdp2", "data8"])
 def test_sharded_gan_step_equals_one_device(step_setup, shape):
     task, batch, (ref, ref_metrics, init, _) = step_setup
