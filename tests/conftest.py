@@ -78,6 +78,8 @@ SLOW_ELSEWHERE = (
     "test_sliding_window.py::test_buckets_and_cache_budget_change_cost_not_result",
     "test_sliding_window.py::test_row_chunks_keep_each_rows_codes",
     "test_sliding_window.py::test_window_sized_grid_equals_ordinary_sampling",
+    "test_sliding_window.py::test_larger_grid_logits_match_plain_loop[True-options1]",   # the other four stay
+    "test_sliding_window.py::test_larger_grid_logits_match_plain_loop[False-options4]",
     "test_llama_block.py::test_logical_axis_names_init_bf16_remat_and_dropout",
     "test_vqgan_convert.py::test_bf16_compute_runs_close_to_float32",
     "test_vqgan_convert.py::test_gumbel_config_and_round_trip",
@@ -88,6 +90,8 @@ SLOW_ELSEWHERE = (
     "test_llamagen_launch.py::test_sharded_llama_step_equals_one_device",
     # training runs, entry points and other subprocesses
     "test_host_memory.py::test_results_reuse_memory_instead_of_faulting_it_in_again",
+    "test_net2net.py::test_class_conditional_checkpoint",      # taming checkpoints converted and run
+    "test_net2net.py::test_spatial_checkpoint_loads_cond_stage",
     "test_checkpoint.py::test_sigkill_then_resume_is_bit_identical",
     "test_checkpoint.py::test_sigterm_saves_and_exits_cleanly_then_resumes",
     "test_llamagen_vq.py::test_tiny_llamagen_tokenizer_trains_logs_usage_and_resumes",
