@@ -52,7 +52,7 @@ class Launch:
     reach a collective more than 30 s apart, as when one compiles while the other has loaded. (JAX's
     jax_share_binary_between_hosts, one process compiling for all, times out in gloo on CPU here, even
     with a warm cache.)
-    The one-process references get no cache: they compile each program once anyway.
+    The one-process references keep the environment's cache (the suite run's, tests/conftest.py), if any.
     """
 
     def __init__(self, tag: str, root, n: int, *args: str, devices: int = 4, cache=None):
