@@ -3,7 +3,7 @@ sliding-window sampling and a training step.
 
     python bench/bench_sampling.py                 # all cases
     python bench/bench_sampling.py --cases a,c --repeats 5 --bf16
-    python bench/bench_sampling.py --cases a --no-reference --plain rowwise --plain threads
+    python bench/bench_sampling.py --cases a --no-reference --plain threads
 
 ``--plain NAMES`` (repeatable; NAMES a comma list of transformer_jax.cpu_backend.STRATEGIES, or ``all``) times
 JAX once more per case with those CPU strategies turned off, alternating with the default: the A/B that keeps

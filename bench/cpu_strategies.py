@@ -12,15 +12,11 @@ Ratio = plain / with the strategy: above 1 the strategy is faster. The strategie
 switched off with ``cpu_backend.plain`` while a variant is traced, as ``TAMING_JAX_CPU_PLAIN`` does):
 
 - ``decode_f32`` (case a: float32 4-layer GPT, 256 tokens, batch 4): ``threads`` (row chunks decoded
-  concurrently on host threads) and ``rowwise`` (products of 2-4 rows one row at a time), the latter both beside
-  the threads (two chunks of 2 rows) and in one program (threads off on both sides).
+  concurrently on host threads).
 - ``decode_bf16`` (a bf16 12-layer x 1024 GPT, 32 tokens, batch 4: its 300 MB of weights stream from memory
   as case b's 24-layer GPT does, at a fifth of its time; ``--large-decode`` runs case b itself):
   ``decode_kernels`` ((out, in) bf16 kernel copies), and ``mixed_dense`` in decode (both sides without the copies).
-- ``train_f32`` (case d: AdamW step, batch 16 x 256, 4-layer GPT): ``explicit_attention``.
-- ``train_bf16`` (case d in bf16): ``mixed_dense`` (dense products) and ``mixed_einsum`` (the explicit attention's
-  two products). mixed_einsum has no switch of its own (attention.py uses it for any low-precision explicit
-  attention); its plain side traces the attention with ``jnp.einsum`` patched in, here only.
+- ``train_bf16`` (case d, AdamW step, batch 16 x 256, 4-layer GPT, in bf16): ``mixed_dense`` (dense products).
 - ``train_malloc``: the glibc malloc setting (``common_jax.host_memory``) is process-wide and read at start, so
   case d (float32) runs in separate processes, kept and opted out (``TAMING_JAX_KEEP_HOST_MEMORY=0``) in turn,
   ``--malloc-rounds`` pairs; one persistent compilation cache serves them all, so a process loads its program
@@ -47,8 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-TRAIN_GROUPS = ("train_f32", "train_bf16", "train_malloc")
-GROUPS = ("decode_f32", "decode_bf16", "train_f32", "train_bf16", "train_malloc")
+TRAIN_GROUPS = ("train_bf16", "train_malloc")
+GROUPS = ("decode_f32", "decode_bf16", "train_bf16", "train_malloc")
 
 
 def _child_group(argv: list[str]) -> str | None:
@@ -123,26 +119,18 @@ class _nothing:
         return None
 
 
-def _train_step(cfg: dict, dtype: Any, batch: int, t: int, plain: tuple[str, ...] = (),
-                plain_einsum: bool = False) -> Callable[[], None]:
-    """One AdamW step per run (bench_gpt_device.compile_train_step), compiled with the ``plain`` strategies off
-    and, with ``plain_einsum``, the attention's products as ``jnp.einsum`` instead of ``mixed_einsum``."""
+def _train_step(cfg: dict, dtype: Any, batch: int, t: int, plain: tuple[str, ...] = ()) -> Callable[[], None]:
+    """One AdamW step per run (bench_gpt_device.compile_train_step), compiled with the ``plain`` strategies off."""
     import jax.numpy as jnp
     import numpy as np
     import optax
     from bench_gpt_device import compile_train_step
-    from transformer_jax import attention, cpu_backend
+    from transformer_jax import cpu_backend
     model, v = _gpt(dict(cfg, block_size=max(cfg["block_size"], t + 1)), dtype)
     opt = optax.adamw(3e-4, weight_decay=0.01)
     data = jnp.asarray(np.random.default_rng(0).integers(0, cfg["vocab_size"], (batch, t + 1)), jnp.int32)
-    before = attention.mixed_einsum
-    try:
-        if plain_einsum:
-            attention.mixed_einsum = lambda spec, a, b: jnp.einsum(spec, a, b)
-        with cpu_backend.plain(*plain) if plain else _nothing():
-            compiled, _ = compile_train_step(model, opt, v["params"], data)
-    finally:
-        attention.mixed_einsum = before
+    with cpu_backend.plain(*plain) if plain else _nothing():
+        compiled, _ = compile_train_step(model, opt, v["params"], data)
     state = {"p": v["params"], "o": opt.init(v["params"])}
 
     def run():
@@ -169,13 +157,11 @@ def run_group(group: str, rounds: int, quick: bool, large_decode: bool) -> list[
     if group == "decode_f32":
         cfg, steps, batch = sizes["a"]
         model, v = _gpt(cfg, jnp.float32)
-        variants = {"default": (), "no threads": ("threads",), "no rowwise": ("rowwise",),
-                    "no threads, no rowwise": ("threads", "rowwise")}
+        variants = {"default": (), "no threads": ("threads",)}
         fns = {k: _sampling(model, v, batch, steps, p) for k, p in variants.items()}
         case = f"(a) f32 sampling, {steps} tokens, batch {batch}, {cfg['n_layer']}L x {cfg['n_embd']}"
         return _rows(group, case, _timed(fns, rounds),
-                     [("threads", "default", "no threads"), ("rowwise (beside threads)", "default", "no rowwise"),
-                      ("rowwise (one program)", "no threads", "no threads, no rowwise")], {})
+                     [("threads", "default", "no threads")], {})
     if group == "decode_bf16":
         import jax
         from transformer_jax.decode_kernels import prepare_decode_variables
@@ -191,21 +177,12 @@ def run_group(group: str, rounds: int, quick: bool, large_decode: bool) -> list[
         return _rows(group, case, _timed(fns, rounds),
                      [("decode_kernels", "default", "no decode_kernels"),
                       ("mixed_dense (decode)", "no decode_kernels", "no decode_kernels, no mixed_dense")], {})
-    if group in ("train_f32", "train_bf16"):
+    if group == "train_bf16":
         cfg, batch, t = sizes["d"]
-        dtype = jnp.float32 if group == "train_f32" else jnp.bfloat16
-        fns = {"default": _train_step(cfg, dtype, batch, t)}
-        if group == "train_f32":
-            fns["no explicit_attention"] = _train_step(cfg, dtype, batch, t, ("explicit_attention",))
-            pairs = [("explicit_attention", "default", "no explicit_attention")]
-        else:
-            fns["no mixed_dense"] = _train_step(cfg, dtype, batch, t, ("mixed_dense",))
-            fns["no mixed_einsum"] = _train_step(cfg, dtype, batch, t, plain_einsum=True)
-            pairs = [("mixed_dense (train)", "default", "no mixed_dense"),
-                     ("mixed_einsum (train)", "default", "no mixed_einsum")]
-        case = (f"(d) {'f32' if group == 'train_f32' else 'bf16'} AdamW step, batch {batch} x {t}, "
-                f"{cfg['n_layer']}L x {cfg['n_embd']}")
-        return _rows(group, case, _timed(fns, rounds), pairs, {})
+        fns = {"default": _train_step(cfg, jnp.bfloat16, batch, t),
+               "no mixed_dense": _train_step(cfg, jnp.bfloat16, batch, t, ("mixed_dense",))}
+        case = f"(d) bf16 AdamW step, batch {batch} x {t}, {cfg['n_layer']}L x {cfg['n_embd']}"
+        return _rows(group, case, _timed(fns, rounds), [("mixed_dense (train)", "default", "no mixed_dense")], {})
     raise ValueError(f"unknown group {group!r}; choices: {', '.join(GROUPS)}")
 
 

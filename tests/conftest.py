@@ -74,7 +74,6 @@ SLOW_ELSEWHERE = (
     "test_gpt.py::test_mixed_dense_and_einsum_match_float32_autodiff",
     "test_gpt.py::test_bf16_training_gradients_multiply_bf16_operands",
     "test_gpt.py::test_remat_same_values_and_grads",
-    "test_gpt.py::test_matmul_rowwise_for_few_rows_on_cpu",
     "test_sliding_window.py::test_buckets_and_cache_budget_change_cost_not_result",
     "test_sliding_window.py::test_row_chunks_keep_each_rows_codes",
     "test_sliding_window.py::test_window_sized_grid_equals_ordinary_sampling",

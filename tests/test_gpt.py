@@ -13,10 +13,8 @@ from scipy.special import erf
 from common_jax.mesh import LOGICAL_AXIS_RULES, logical_to_sharding, make_mesh
 from seeded_weights import golden, suggested_atol
 from transformer_jax.convert import from_mingpt, to_mingpt
-from transformer_jax.attention import (attention_mask, causal_attention, causal_query_blocks, softmax_attention,
-                                       use_explicit_attention)
-from transformer_jax.cpu_products import (DECODE_KERNELS, ROWWISE_MAX_KERNEL_BYTES, ROWWISE_MAX_ROWS, matmul,
-                                          matmul_transposed)
+from transformer_jax.attention import attention_mask, causal_attention, causal_query_blocks, softmax_attention
+from transformer_jax.cpu_products import DECODE_KERNELS, matmul, matmul_transposed
 from transformer_jax.decode_kernels import prepare_decode_variables
 from transformer_jax.gpt import (GPT, abstract_variables, init_cache, init_variables, kernels_in_compute_dtype,
                                  logical_partition_specs)
@@ -135,28 +133,6 @@ def test_numpy_reference_and_n_unmasked(gold):
     changed[:, 4] = (changed[:, 4] + 1) % 138
     ref_a, ref_b = _ref_forward(sd, idx, 4, 6), _ref_forward(sd, changed, 4, 6)
     assert np.abs(ref_a[:, 2] - ref_b[:, 2]).max() > 1e-3
-
-
-def test_matmul_rowwise_for_few_rows_on_cpu():
-    # Up to ROWWISE_MAX_ROWS rows times a cache-sized kernel: one product per row, so each row's result is
-    # bit-identical to that row multiplied alone (what keeps decode row chunks from changing a row's rounding);
-    # always x @ kernel up to float rounding.
-    small = jax.random.normal(jax.random.key(0), (64, 96))
-    big = jax.random.normal(jax.random.key(1), (64, ROWWISE_MAX_KERNEL_BYTES // 4 // 64 + 1))
-    f = jax.jit(matmul)
-    for kernel in (small, big):
-        for shape in ((1, 64), (2, 1, 64), (ROWWISE_MAX_ROWS, 64), (3, 2, 64)):
-            x = jax.random.normal(jax.random.key(2), shape)
-            y = f(x, kernel)
-            np.testing.assert_allclose(y, x @ kernel, rtol=1e-5, atol=1e-5)
-            rows = int(np.prod(shape[:-1]))
-            rowwise = kernel is small and rows <= ROWWISE_MAX_ROWS
-            hlo = jax.jit(matmul).lower(x, kernel).as_text()
-            assert hlo.count("dot_general") == (rows if rowwise else 1), (shape, kernel.shape)
-            if rowwise:
-                flat = np.asarray(y).reshape(rows, -1)
-                for i, row in enumerate(np.asarray(x).reshape(rows, -1)):
-                    np.testing.assert_array_equal(flat[i], np.asarray(f(jnp.asarray(row[None]), kernel))[0])
 
 
 def test_bf16_matmul_on_cpu_reads_the_bf16_kernel():
@@ -356,11 +332,10 @@ def test_attention_impl_option(gold, forward):
         loss = lambda p: jnp.mean(jax.nn.log_softmax(m.apply({"params": p}, idx))[..., 0])
         return jax.jit(jax.value_and_grad(loss))(variables["params"]), jax.jit(m.apply)(variables, idx)
 
-    # "" means the explicit (B, H, T, D) attention on CPU; it must agree with jax.nn.dot_product_attention
-    # ("xla") in values and gradients, with and without taming's unmasked prefix.
-    assert use_explicit_attention("", "cpu") and not use_explicit_attention("", "gpu")
-    assert use_explicit_attention("explicit", "tpu") and not use_explicit_attention("xla", "cpu")
-    np.testing.assert_array_equal(np.asarray(value_and_grads("explicit")[1]), np.asarray(forward(variables, idx)))
+    # The explicit (B, H, T, D) attention (the form with attention dropout) must agree with
+    # jax.nn.dot_product_attention ("xla", which "" picks on CPU) in values and gradients, with and without
+    # taming's unmasked prefix.
+    np.testing.assert_array_equal(np.asarray(value_and_grads("xla")[1]), np.asarray(forward(variables, idx)))
     for n_unmasked in (0, 5):
         (l0, g0), y0 = value_and_grads("xla", n_unmasked)
         (l1, g1), y1 = value_and_grads("explicit", n_unmasked)

@@ -1,10 +1,9 @@
 """Causal self-attention over (B, H, T, D) queries, keys and values: the one function every block calls
 (:func:`attend`), for a whole sequence (training, prefill) and for KV-cached decode steps alike.
 
-Which form runs is decided here: JAX's ``dot_product_attention`` (its "xla" or "cudnn" implementation), or the
-explicit softmax attention written out below (:func:`causal_attention`), which XLA:CPU runs faster and which
-is the only form with dropout on the attention weights. ``attention_impl=""`` picks per platform
-(:func:`use_explicit_attention`).
+Which form runs is decided here: JAX's ``dot_product_attention`` (``attention_impl`` "" lets JAX pick, "xla" or
+"cudnn"), or the explicit softmax attention written out below (:func:`causal_attention`, ``"explicit"``), the
+only form with dropout on the attention weights.
 """
 from __future__ import annotations
 
@@ -13,16 +12,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from transformer_jax import cpu_backend
 from transformer_jax.mixed_products import mixed_einsum
 
 ATTENTION_IMPLS = ("", "xla", "cudnn", "explicit")
-
-
-def use_explicit_attention(impl: str, backend: str | None = None) -> bool:
-    """Whether ``attention_impl`` means the explicit (B, H, T, D) attention: "explicit" always, "" (automatic) on
-    CPU only; "xla" and "cudnn" go through ``jax.nn.dot_product_attention``."""
-    return impl == "explicit" or (impl == "" and cpu_backend.uses("explicit_attention", backend))
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, n_unmasked: int) -> jax.Array:
@@ -95,7 +87,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, n_unmasked: int, dtype: Any
     if q_start is not None:
         mask = attention_mask(q_start + jnp.arange(q.shape[2]), jnp.arange(k.shape[2]), n_unmasked)
         return softmax_attention(q, k.astype(dtype), v.astype(dtype), mask, dtype)
-    if dropout is not None or use_explicit_attention(impl):
+    if dropout is not None or impl == "explicit":
         return causal_attention(q, k, v, n_unmasked, dtype, dropout)
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # dot_product_attention takes (B, T, H, D)
     if n_unmasked > 0:

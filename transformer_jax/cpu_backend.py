@@ -13,12 +13,10 @@ from typing import Iterator
 
 import jax
 
-# rowwise: decode products of 2-4 rows by a small float32 kernel, one row at a time (cpu_products.matmul).
 # mixed_dense: a low-precision model's products through mixed_products.mixed_dense (bf16 operands both ways).
 # decode_kernels: (out, in) kernel copies for a low-precision model's decode loops (decode_kernels.py).
 # threads: row chunks of a sampled batch decoded concurrently on host threads (decode_threads.py).
-# explicit_attention: attention_impl "" means the explicit (B, H, T, D) softmax attention (attention.py).
-STRATEGIES = ("rowwise", "mixed_dense", "decode_kernels", "threads", "explicit_attention")
+STRATEGIES = ("mixed_dense", "decode_kernels", "threads")
 PLAIN_ENV = "TAMING_JAX_CPU_PLAIN"
 
 

@@ -19,22 +19,8 @@ from transformer_jax.mixed_products import f32_dot, mixed_dense
 # (transformer_jax.decode_kernels.prepare_decode_variables).
 DECODE_KERNELS = "decode_kernels"
 
-# A decode step multiplies a few rows (its batch) by each kernel; XLA:CPU's vector-matrix product ran a
-# cache-resident kernel faster per row than its matrix product did for 2-4 rows. Past 4 rows, or for kernels
-# that stream from memory (each row would read them again), the single product wins.
-ROWWISE_MAX_ROWS = 4
-ROWWISE_MAX_KERNEL_BYTES = 4 << 20
-
-
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x (..., C) @ kernel (C, F)``; on CPU, for 2 to ``ROWWISE_MAX_ROWS`` rows and a float32 kernel of at most
-    ``ROWWISE_MAX_KERNEL_BYTES``, as one vector-matrix product per row (equal up to float rounding)."""
-    rows = math.prod(x.shape[:-1])
-    if (cpu_backend.uses("rowwise") and 1 < rows <= ROWWISE_MAX_ROWS and kernel.dtype == jnp.float32
-            and kernel.size * kernel.dtype.itemsize <= ROWWISE_MAX_KERNEL_BYTES):
-        flat = x.reshape(rows, x.shape[-1])
-        y = jnp.concatenate([flat[i:i + 1] @ kernel for i in range(rows)], axis=0)
-        return y.reshape(*x.shape[:-1], kernel.shape[1])
+    """``x (..., C) @ kernel (C, F)`` in the inputs' dtype."""
     if cpu_backend.uses("mixed_dense"):  # a low-precision product accumulated in float32, rounded once
         return f32_dot(x, kernel).astype(jnp.result_type(x, kernel))
     return x @ kernel

@@ -49,7 +49,7 @@ class GPT(nn.Module):
     remat: bool = False
     # Attention for training/prefill: "xla" or "cudnn" (fused flash attention on NVIDIA GPUs, bf16/fp16
     # compute) are jax.nn.dot_product_attention's implementations; "explicit" is softmax attention written
-    # out in (B, H, T, D) layout; "" picks per platform (transformer_jax.attention.use_explicit_attention).
+    # out in (B, H, T, D) layout (the form dropout on attention weights takes); "" lets JAX pick.
     attention_impl: str = ""
     # The block (transformer_jax.blocks.BLOCKS) and its own settings as sorted (name, value) pairs.
     block: str = "mingpt"
