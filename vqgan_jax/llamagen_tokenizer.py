@@ -24,15 +24,12 @@ import jax
 from common_jax.layers import Conv
 from vqgan_jax import quantizers
 from vqgan_jax.layers import AttnBlock, Downsample, Upsample
-from vqgan_jax.model import StageOneMethods, fields_from_config, middle, out_conv, resnet_block
+from vqgan_jax.model import StageOneMethods, Trunk, fields_from_config, middle, out_conv, resnet_block
 
 LLAMAGEN_MIDDLE = ("mid_0", "mid_1", "mid_2")
 
 
-class LlamaGenEncoder(nn.Module):
-    ch: int
-    ch_mult: Sequence[int]
-    num_res_blocks: int
+class LlamaGenEncoder(Trunk):
     z_channels: int
     dropout: float = 0.0
     dtype: Any = None
@@ -55,10 +52,7 @@ class LlamaGenEncoder(nn.Module):
         return out_conv(h, self.z_channels, self.dtype)
 
 
-class LlamaGenDecoder(nn.Module):
-    ch: int
-    ch_mult: Sequence[int]
-    num_res_blocks: int
+class LlamaGenDecoder(Trunk):
     out_ch: int
     dropout: float = 0.0
     dtype: Any = None

@@ -42,10 +42,14 @@ def out_conv(h: jax.Array, features: int, dtype: Any, pre_out_only: bool = False
     return h if pre_out_only else Conv(features, (3, 3), padding=1, dtype=dtype, name="conv_out")(h)
 
 
-class Encoder(nn.Module):
+class Trunk(nn.Module):
+    """The fields every encoder and decoder takes first: base channels, per-level multipliers, blocks per level."""
     ch: int
     ch_mult: Sequence[int]
     num_res_blocks: int
+
+
+class Encoder(Trunk):
     attn_resolutions: Sequence[int]
     z_channels: int
     resolution: int
@@ -73,10 +77,7 @@ class Encoder(nn.Module):
         return out_conv(h, 2 * self.z_channels if self.double_z else self.z_channels, self.dtype)
 
 
-class Decoder(nn.Module):
-    ch: int
-    ch_mult: Sequence[int]
-    num_res_blocks: int
+class Decoder(Trunk):
     attn_resolutions: Sequence[int]
     out_ch: int
     resolution: int
