@@ -23,7 +23,6 @@ from absl import app, flags, logging
 from common_jax.metrics import image_grid, save_png
 from common_jax.cli_errors import install_excepthook, run_main
 from common_jax.workdir_checks import check_workdir
-from transformer_jax import conditions
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "stage-two workdir (its config names the stage-one model)")
 _FIRST_STAGE = flags.DEFINE_string("first_stage_workdir", "", "override the stage-one workdir")
@@ -56,7 +55,7 @@ def parse_classes(sampler, classes: list[str]) -> list[int]:
     """--classes as ints; an error for a model that takes no class (the flag would be dropped) or ids out of range."""
     if not classes:
         return []
-    if not conditions.from_config(sampler.cond).takes_labels:
+    if not sampler.conditioning.takes_labels:
         raise ValueError(f"--classes is for class-conditional models; this one is {sampler.cond.kind}")
     try:
         ids = [int(c) for c in classes]
@@ -72,7 +71,7 @@ def write_class_grids(sampler, out: str, per_class: int, classes: list[int], opt
                       batch_size: int) -> list[str]:
     rng = jax.random.key(seed)
     paths = []
-    if conditions.from_config(sampler.cond).takes_labels:
+    if sampler.conditioning.takes_labels:
         classes = classes or list(range(sampler.cond.n_classes))
         labels = np.repeat(np.asarray(classes, np.int32), per_class)
         images = sampler.sample(rng, len(labels), labels, batch_size=batch_size, **opts)
@@ -97,7 +96,7 @@ def write_large(sampler, out: str, height: int, width: int, classes: list[int], 
         raise ValueError(f"--height/--width must be multiples of the stage-one factor {f}, got {height}x{width}")
     opts = _without_guidance(opts, "sliding-window sampling (--height/--width)")
     paths = []
-    for c in (classes or [0]) if conditions.from_config(sampler.cond).takes_labels else [None]:
+    for c in (classes or [0]) if sampler.conditioning.takes_labels else [None]:
         labels = None if c is None else np.asarray([c], np.int32)
         img = sampler.sample_large(jax.random.key(seed), (height // f, width // f), labels=labels, **opts)[0]
         path = os.path.join(out, f"large_{height}x{width}" + ("" if c is None else f"_class_{c:04d}") + ".png")
@@ -147,7 +146,7 @@ def main(argv):
     out = check_workdir(_OUT.value)
     sampler = Sampler.from_workdirs(_WORKDIR.value, _FIRST_STAGE.value, _COND_STAGE.value)
     classes = parse_classes(sampler, _CLASSES.value)
-    if conditions.from_config(sampler.cond).takes_cond_codes:
+    if sampler.conditioning.takes_cond_codes:
         paths = write_spatial(sampler, out, _SEGMENTATION.value, _PER_CLASS.value, opts, _SEED.value,
                               _BATCH.value, _HEIGHT.value, _WIDTH.value)
     elif _SEGMENTATION.value:

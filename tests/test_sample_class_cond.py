@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from launch.sample import parse_classes, write_class_grids
+from transformer_jax import conditions
 
 H = 4
 PAD = 2   # common_jax.metrics.image_grid's border
@@ -20,6 +21,7 @@ PAD = 2   # common_jax.metrics.image_grid's border
 class PaintingSampler:
     def __init__(self, kind="class", n_classes=10):
         self.cond = SimpleNamespace(kind=kind, n_classes=n_classes)
+        self.conditioning = conditions.from_config(self.cond)  # as transformer_jax.sampler.Sampler holds it
         self.calls = []
 
     def sample(self, rng, n, labels=None, *, batch_size=16, **opts):

@@ -114,10 +114,6 @@ class LlamaGenVQ(StageOneMethods, nn.Module):
                              f"has {len(enc)}: the decoder must upsample by the encoder's factor")
         return cls(**d)
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
     def setup(self):
         common = dict(ch=self.ch, num_res_blocks=self.num_res_blocks, dropout=self.dropout, dtype=self.dtype,
                       remat=self.remat)

@@ -146,7 +146,7 @@ class StageOneMethods:
 
     A subclass is a Flax module whose ``setup`` defines ``encoder``, ``decoder`` (taking ``deterministic`` and
     ``pre_out_only``, its last conv named ``conv_out``), ``quant_conv``, ``post_quant_conv`` and ``quantize``,
-    and has the fields ``embed_dim`` and ``quantizer``."""
+    and has the fields ``embed_dim``, ``quantizer`` and ``ch_mult`` (the encoder's levels)."""
 
     def quantizer_def(self) -> Any:
         """The quantizer as an unbound module: its codebook size, options and state-update rules."""
@@ -155,6 +155,11 @@ class StageOneMethods:
     @property
     def codebook_size(self) -> int:
         return self.quantizer_def().codebook_size
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per code along each side: one halving per level after the first of ``ch_mult``."""
+        return 2 ** (len(self.ch_mult) - 1)
 
     def encode(self, x: jax.Array, train: bool = False, temperature: Any = None) -> EncodeOutput:
         """Images NHWC in [-1, 1] -> codes and quantized latents."""
@@ -223,7 +228,3 @@ class VQGAN(StageOneMethods, nn.Module):
         self.quant_conv = Conv(self.embed_dim, (1, 1))
         self.post_quant_conv = Conv(self.z_channels, (1, 1))
         self.quantize = quantizers.build(dict(self.quantizer), self.embed_dim)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
