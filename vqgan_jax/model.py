@@ -1,8 +1,10 @@
 """VQGAN: taming's Encoder / Decoder around a vector quantizer, NHWC.
 
-Configured by the fields of taming's ``ddconfig`` plus ``embed_dim`` and ``quantizer`` (a sub-config: ``kind`` and
-that kind's options, :mod:`vqgan_jax.quantizers`); parameter names mirror
-taming's state-dict keys (``down_0_block_1`` <-> ``down.0.block.1``) so checkpoints convert one to one.
+The Encoder and Decoder serve every stage-one architecture: each supplies only its module names (:class:`Names`)
+and the levels that carry attention. ``VQGAN`` is configured by the fields of taming's ``ddconfig`` plus
+``embed_dim`` and ``quantizer`` (a sub-config: ``kind`` and that kind's options, :mod:`vqgan_jax.quantizers`);
+parameter names mirror taming's state-dict keys (``down_0_block_1`` <-> ``down.0.block.1``) so checkpoints
+convert one to one.
 """
 from __future__ import annotations
 
@@ -17,93 +19,107 @@ from vqgan_jax.layers import AttnBlock, Downsample, Normalize, ResnetBlock, Upsa
 from vqgan_jax import quantizers
 
 
-def resnet_block(remat: bool):
-    # Rematerialise each ResnetBlock in training when memory, not compute, is the limit.
-    return nn.remat(ResnetBlock, static_argnums=(2,)) if remat else ResnetBlock
+# Rematerialise each ResnetBlock in training when memory, not compute, is the limit.
+RematResnetBlock = nn.remat(ResnetBlock, static_argnums=(2,))
 
 
-TAMING_MIDDLE = ("mid_block_1", "mid_attn_1", "mid_block_2")
-
-
-def middle(h: jax.Array, block: Any, dropout: float, dtype: Any, deterministic: bool, names: Sequence[str]
-           ) -> jax.Array:
-    """The lowest-resolution middle of an encoder or decoder: resnet block, attention, resnet block (called inside
-    a compact method, whose module owns the three, under ``names``)."""
-    c = h.shape[-1]
-    h = block(c, dropout, dtype, name=names[0])(h, deterministic)
-    h = AttnBlock(dtype, name=names[1])(h)
-    return block(c, dropout, dtype, name=names[2])(h, deterministic)
-
-
-def out_conv(h: jax.Array, features: int, dtype: Any, pre_out_only: bool = False) -> jax.Array:
-    """GroupNorm ``norm_out``, swish, then the 3x3 ``conv_out``; ``pre_out_only`` stops before the conv (the
-    adaptive GAN weight needs that activation)."""
-    h = swish(Normalize("norm_out", dtype)(h))
-    return h if pre_out_only else Conv(features, (3, 3), padding=1, dtype=dtype, name="conv_out")(h)
+class Names(NamedTuple):
+    """How an architecture names the modules of its encoder or decoder (its checkpoints' keys, so they convert one
+    to one). Each name is a format string of ``i``, the level (0 at full resolution, as the encoder counts),
+    ``k``, the level's place in the loop (the encoder's k is i; the decoder's is 0 at the lowest resolution), and,
+    for blocks and attention, ``j``, the block within the level."""
+    block: str
+    attn: str
+    resample: str                       # the encoder's Downsample, the decoder's Upsample, after each level but one
+    middle: tuple[str, str, str]        # resnet block, attention, resnet block at the lowest resolution
 
 
 class Trunk(nn.Module):
-    """The fields every encoder and decoder takes first: base channels, per-level multipliers, blocks per level."""
+    """An encoder's or decoder's fields: base channels, per-level multipliers, blocks per level, ``conv_out``'s
+    channels, the architecture's module names, and the levels (0 at full resolution) whose ResnetBlocks are each
+    followed by attention."""
     ch: int
     ch_mult: Sequence[int]
     num_res_blocks: int
+    out_channels: int
+    names: Names
+    attn_levels: Sequence[int]
+    dropout: float = 0.0
+    dtype: Any = None
+    remat: bool = False
+
+    # The helpers below create submodules: they run inside the subclass's compact __call__, which owns them.
+    def _block(self, h: jax.Array, name: str, features: int, deterministic: bool) -> jax.Array:
+        block = RematResnetBlock if self.remat else ResnetBlock
+        return block(features, self.dropout, self.dtype, name=name)(h, deterministic)
+
+    def _level(self, h: jax.Array, i: int, k: int, blocks: int, deterministic: bool) -> jax.Array:
+        """The ResnetBlocks of level ``i`` at ``ch * ch_mult[i]`` channels, each with its attention if any."""
+        for j in range(blocks):
+            h = self._block(h, self.names.block.format(i=i, k=k, j=j), self.ch * self.ch_mult[i], deterministic)
+            if i in self.attn_levels:
+                h = AttnBlock(self.dtype, name=self.names.attn.format(i=i, k=k, j=j))(h)
+        return h
+
+    def _middle(self, h: jax.Array, deterministic: bool) -> jax.Array:
+        block_1, attn, block_2 = self.names.middle
+        h = self._block(h, block_1, h.shape[-1], deterministic)
+        h = AttnBlock(self.dtype, name=attn)(h)
+        return self._block(h, block_2, h.shape[-1], deterministic)
+
+    def _out(self, h: jax.Array, pre_out_only: bool = False) -> jax.Array:
+        """GroupNorm ``norm_out``, swish, then the 3x3 ``conv_out``; ``pre_out_only`` stops before the conv (the
+        adaptive GAN weight needs that activation)."""
+        h = swish(Normalize("norm_out", self.dtype)(h))
+        return h if pre_out_only else Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(h)
 
 
 class Encoder(Trunk):
-    attn_resolutions: Sequence[int]
-    z_channels: int
-    resolution: int
-    dropout: float = 0.0
-    double_z: bool = False
-    dtype: Any = None
-    remat: bool = False
+    """Images -> latents: ``conv_in``, the levels from full resolution down, the middle, ``conv_out``."""
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        block = resnet_block(self.remat)
-        h = Conv(self.ch, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x)
-        res = self.resolution
         n = len(self.ch_mult)
+        h = Conv(self.ch, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(x)
         for i in range(n):
-            for j in range(self.num_res_blocks):
-                h = block(self.ch * self.ch_mult[i], self.dropout, self.dtype,
-                          name=f"down_{i}_block_{j}")(h, deterministic)
-                if res in self.attn_resolutions:
-                    h = AttnBlock(self.dtype, name=f"down_{i}_attn_{j}")(h)
+            h = self._level(h, i, i, self.num_res_blocks, deterministic)
             if i != n - 1:
-                h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
-                res //= 2
-        h = middle(h, block, self.dropout, self.dtype, deterministic, TAMING_MIDDLE)
-        return out_conv(h, 2 * self.z_channels if self.double_z else self.z_channels, self.dtype)
+                h = Downsample(self.dtype, name=self.names.resample.format(i=i, k=i))(h)
+        return self._out(self._middle(h, deterministic))
 
 
 class Decoder(Trunk):
-    attn_resolutions: Sequence[int]
-    out_ch: int
-    resolution: int
-    dropout: float = 0.0
-    dtype: Any = None
-    remat: bool = False
+    """Latents -> images: ``conv_in``, the middle, the levels from the lowest resolution up (one more block each
+    than the encoder's), ``conv_out``."""
 
     @nn.compact
     def __call__(self, z: jax.Array, deterministic: bool = True, pre_out_only: bool = False) -> jax.Array:
-        """Latents -> images; ``pre_out_only`` stops before ``conv_out`` (the adaptive GAN weight needs it)."""
-        block = resnet_block(self.remat)
+        """``pre_out_only`` stops before ``conv_out`` (the adaptive GAN weight needs it)."""
         n = len(self.ch_mult)
-        c = self.ch * self.ch_mult[-1]
-        res = self.resolution // 2 ** (n - 1)
-        h = Conv(c, (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z)
-        h = middle(h, block, self.dropout, self.dtype, deterministic, TAMING_MIDDLE)
-        for i in reversed(range(n)):
-            for j in range(self.num_res_blocks + 1):
-                h = block(self.ch * self.ch_mult[i], self.dropout, self.dtype,
-                          name=f"up_{i}_block_{j}")(h, deterministic)
-                if res in self.attn_resolutions:
-                    h = AttnBlock(self.dtype, name=f"up_{i}_attn_{j}")(h)
+        h = Conv(self.ch * self.ch_mult[-1], (3, 3), padding=1, dtype=self.dtype, name="conv_in")(z)
+        h = self._middle(h, deterministic)
+        for k, i in enumerate(reversed(range(n))):
+            h = self._level(h, i, k, self.num_res_blocks + 1, deterministic)
             if i != 0:
-                h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
-                res *= 2
-        return out_conv(h, self.out_ch, self.dtype, pre_out_only)
+                h = Upsample(self.dtype, name=self.names.resample.format(i=i, k=k))(h)
+        return self._out(h, pre_out_only)
+
+
+TAMING_MIDDLE = ("mid_block_1", "mid_attn_1", "mid_block_2")
+TAMING_ENCODER = Names("down_{i}_block_{j}", "down_{i}_attn_{j}", "down_{i}_downsample", TAMING_MIDDLE)
+TAMING_DECODER = Names("up_{i}_block_{j}", "up_{i}_attn_{j}", "up_{i}_upsample", TAMING_MIDDLE)
+
+
+def taming_attn_levels(resolution: int, levels: int, attn_resolutions: Sequence[int]
+                       ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The encoder's and the decoder's attention levels: those whose size in pixels is in ``attn_resolutions``.
+
+    As in taming, the encoder halves ``resolution`` per level and the decoder doubles the lowest level's size, so
+    the two differ when ``resolution`` is not a multiple of ``2 ** (levels - 1)``."""
+    lowest = resolution // 2 ** (levels - 1)
+    enc = tuple(i for i in range(levels) if resolution // 2 ** i in attn_resolutions)
+    dec = tuple(i for i in range(levels) if lowest * 2 ** (levels - 1 - i) in attn_resolutions)
+    return enc, dec
 
 
 class EncodeOutput(NamedTuple):
@@ -220,11 +236,12 @@ class VQGAN(StageOneMethods, nn.Module):
         return cls(**fields_from_config(cls, cfg, ("ch_mult", "attn_resolutions")))
 
     def setup(self):
-        dd = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                  attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                  dropout=self.dropout, dtype=self.dtype, remat=self.remat)
-        self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **dd)
-        self.decoder = Decoder(out_ch=self.out_ch, **dd)
+        enc_attn, dec_attn = taming_attn_levels(self.resolution, len(self.ch_mult), tuple(self.attn_resolutions))
+        trunk = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                     dropout=self.dropout, dtype=self.dtype, remat=self.remat)
+        self.encoder = Encoder(out_channels=2 * self.z_channels if self.double_z else self.z_channels,
+                               names=TAMING_ENCODER, attn_levels=enc_attn, **trunk)
+        self.decoder = Decoder(out_channels=self.out_ch, names=TAMING_DECODER, attn_levels=dec_attn, **trunk)
         self.quant_conv = Conv(self.embed_dim, (1, 1))
         self.post_quant_conv = Conv(self.z_channels, (1, 1))
         self.quantize = quantizers.build(dict(self.quantizer), self.embed_dim)
