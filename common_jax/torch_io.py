@@ -21,7 +21,7 @@ import pickle
 import struct
 import zipfile
 import zlib
-from typing import Any
+from typing import Any, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -466,28 +466,39 @@ def load_torch_file(path: str) -> Any:
         raise ValueError(f"{path} is damaged: its containers nest too deeply to walk") from None
 
 
-def find_state_dict(obj: Any, path: str, key: str | None = None) -> dict:
-    """The state dict inside a loaded file: ``obj[key]`` when given, else the first of ``state_dict``
-    (Lightning), ``model`` or ``module`` (plain training scripts) that is a dict, else ``obj`` itself."""
+# Where training scripts put the weights: Lightning's ``state_dict``, then plain scripts' ``model`` / ``module``.
+STATE_DICT_KEYS = ("state_dict", "model", "module")
+
+
+def find_state_dict(obj: Any, path: str, key: str | None = None, keys: Sequence[str] = STATE_DICT_KEYS,
+                    bare_tensors_only: bool = False) -> dict:
+    """The state dict inside a loaded file: ``obj[key]`` when given, else the first of ``keys`` that is a
+    dict, else ``obj`` itself (with ``bare_tensors_only``, only when every value is a tensor: a bare state dict
+    such as an FSDP-consolidated file, not a checkpoint that holds its weights under another name)."""
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict")
-    if key is not None:
+    entries = sorted(map(str, obj))
+    if key:
         if not isinstance(obj.get(key), dict):
-            raise ValueError(f"{path} has no state dict under {key!r}; its entries: {sorted(map(str, obj))}")
+            raise ValueError(f"{path} has no state dict under {key!r}; its entries: {entries}")
         return obj[key]
-    for k in ("state_dict", "model", "module"):
+    for k in keys:
         if isinstance(obj.get(k), dict):
             return obj[k]
+    if bare_tensors_only and not (obj and all(isinstance(v, np.ndarray) for v in obj.values())):
+        raise ValueError(f"{path} holds no state dict: none of {list(keys)} is one and its top level is not one "
+                         f"(a bare state dict such as an FSDP-consolidated file); its entries: {_short(entries)}")
     return obj
 
 
-def read_torch_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
+def read_torch_state_dict(path: str, key: str | None = None, keys: Sequence[str] = STATE_DICT_KEYS,
+                          bare_tensors_only: bool = False) -> dict[str, np.ndarray]:
     """``{name: array}`` from a state dict file or a checkpoint holding one (see :func:`find_state_dict`).
 
     Floating tensors (float16/bfloat16/float32/float64) come back as float32, integer and bool tensors
     in their own dtype; entries that are not tensors are dropped. No PyTorch is needed.
     """
-    sd = find_state_dict(load_torch_file(path), path, key)
+    sd = find_state_dict(load_torch_file(path), path, key, keys, bare_tensors_only)
     out = {k: v.astype(np.float32) if v.dtype in _FLOAT_DTYPES else v
            for k, v in sd.items() if isinstance(v, np.ndarray)}
     if not out:

@@ -43,33 +43,12 @@ WEIGHT_KEYS = ("model", "module", "state_dict", "ema")
 _SIZE_FIELDS = ("n_layer", "n_head", "dim", "multiple_of")
 
 
-def select_weights(obj: Any, path: str, key: str = "") -> dict[str, np.ndarray]:
-    """The state dict (name -> array, floats as float32) inside a loaded LlamaGen file: ``obj[key]`` when
-    ``key`` is given, else the first of :data:`WEIGHT_KEYS` holding a dict, else ``obj`` itself when it is a bare
-    state dict (FSDP-consolidated); one ValueError naming the file otherwise."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict of weights")
-    entries = sorted(map(str, obj))
-    if key:
-        if not isinstance(obj.get(key), dict):
-            raise ValueError(f"{path} has no weights under {key!r}; its entries: {entries}")
-        sd, where = obj[key], key
-    else:
-        where = next((k for k in WEIGHT_KEYS if isinstance(obj.get(k), dict)), None)
-        sd = obj[where] if where else obj
-        if where is None and not (sd and all(isinstance(v, np.ndarray) for v in sd.values())):
-            raise ValueError(f"{path} holds no weights: none of {list(WEIGHT_KEYS)} is a state dict and its "
-                             f"top level is not one (an FSDP-consolidated file); its entries: {entries}")
-    arrays = {k: v for k, v in sd.items() if isinstance(v, np.ndarray)}
-    if not arrays:
-        raise ValueError(f"{path}: the entry {where!r} holds no tensors")
-    return {k: v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v
-            for k, v in arrays.items()}
-
-
 def read_weights(path: str, key: str = "") -> dict[str, np.ndarray]:
-    from common_jax.torch_io import load_torch_file
-    return select_weights(load_torch_file(path), path, key)
+    """The state dict (name -> array, floats as float32) of a LlamaGen file: under ``key`` when given, else the
+    first of :data:`WEIGHT_KEYS` holding one, else the file's top level when it is a bare state dict
+    (FSDP-consolidated); one ValueError naming the file otherwise."""
+    from common_jax.torch_io import read_torch_state_dict
+    return read_torch_state_dict(path, key or None, keys=WEIGHT_KEYS, bare_tensors_only=True)
 
 
 def parse_args(pairs: Sequence[str], flag: str) -> dict[str, Any]:

@@ -170,7 +170,7 @@ def test_command_lines_convert_and_sample_with_guidance(files, converted, tmp_pa
                  "--top_k=1", "--guidance_scale=4", "--batch_size=4")
     wrong = run("launch.convert_llamagen", *convert_args(files["c2i_tiny.pt"], files["vq_tiny.pt"],
                                                           tmp_path / "wrong", gpt_model="GPT-B", gpt_args={}))
-    for proc, needle in ((empty, f"{files['no_weights.pt']} holds no weights"),
+    for proc, needle in ((empty, f"{files['no_weights.pt']} holds no state dict"),
                          (wrong, f"{files['c2i_tiny.pt']} does not hold --gpt_model=GPT-B")):
         text, _ = proc.communicate(timeout=600)
         lines = [ln for ln in text.splitlines() if ln.startswith("error: ")]
@@ -323,7 +323,7 @@ def test_bad_keys_files_and_workdirs_are_one_line_each(files, converted, tmp_pat
     """A --gpt_key the file lacks, the two files swapped, a wrong --image_size, a workdir that holds checkpoints:
     one line naming the file (and key) each, and nothing written."""
     from launch.convert_llamagen import convert, read_weights
-    with pytest.raises(ValueError, match=re.escape(f"{files['c2i_tiny.pt']} has no weights under 'ema'; its "
+    with pytest.raises(ValueError, match=re.escape(f"{files['c2i_tiny.pt']} has no state dict under 'ema'; its "
                                                    "entries: ['model']")):
         read_weights(files["c2i_tiny.pt"], "ema")
     w = str(tmp_path / "w")
