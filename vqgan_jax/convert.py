@@ -20,7 +20,7 @@ import numpy as np
 
 from common_jax.torch_io import read_torch_state_dict
 from vqgan_jax import quantizers
-from vqgan_jax.llamagen_tokenizer import LlamaGenVQ
+from vqgan_jax.llamagen_tokenizer import LlamaGenVQ, llamagen_quantizer
 from vqgan_jax.model import VQGAN
 
 _TARGETS = {"taming.models.vqgan.VQModel": "vq", "taming.models.vqgan.GumbelVQ": "gumbel",
@@ -254,10 +254,8 @@ def llamagen_vq_config(model_args: Any) -> dict[str, Any]:
     ``resolution``): the l2-normalised codebook is the ``vq`` quantizer with ``l2_normalize`` and beta on the
     commitment term (``legacy=False``), its entropy loss with LlamaGen's temperature and epsilon."""
     a = _llamagen_args(model_args)
-    quantizer = quantizers.default_options(
-        "vq", n_embed=int(a["codebook_size"]), beta=float(a["commit_loss_beta"]), legacy=False,
-        l2_normalize=bool(a["codebook_l2_norm"]), codebook_dim=0, entropy_weight=float(a["entropy_loss_ratio"]),
-        entropy_temperature=0.01, entropy_eps=1e-5)
+    quantizer = llamagen_quantizer(int(a["codebook_size"]), float(a["commit_loss_beta"]), bool(a["codebook_l2_norm"]),
+                                   float(a["entropy_loss_ratio"]))
     return dict(arch="llamagen", ch=int(a["ch"]), ch_mult=tuple(int(c) for c in a["encoder_ch_mult"]),
                 decoder_ch_mult=tuple(int(c) for c in a["decoder_ch_mult"]), num_res_blocks=2,
                 z_channels=int(a["z_channels"]), resolution=int(a["resolution"]), in_channels=3, out_ch=3,

@@ -30,10 +30,19 @@ LLAMAGEN_ENCODER = Names("conv_blocks_{k}_res_{j}", "conv_blocks_{k}_attn_{j}", 
                          LLAMAGEN_MIDDLE)
 LLAMAGEN_DECODER = LLAMAGEN_ENCODER._replace(resample="conv_blocks_{k}_upsample")
 
-# LlamaGen's VQ ModelArgs defaults, in this project's names (the released c2i tokenizers use them).
-DEFAULT_QUANTIZER = (("beta", 0.25), ("codebook_dim", 0), ("entropy_eps", 1e-5), ("entropy_temperature", 0.01),
-                     ("entropy_weight", 0.0), ("kind", "vq"), ("l2_normalize", True), ("legacy", False),
-                     ("n_embed", 16384))
+
+
+def llamagen_quantizer(n_embed: int = 16384, beta: float = 0.25, l2_normalize: bool = True,
+                       entropy_weight: float = 0.0) -> dict[str, Any]:
+    """LlamaGen's ``VectorQuantizer`` as this project's ``vq`` options (the defaults are its ModelArgs defaults,
+    which the released c2i tokenizers use): beta on the commitment term (``legacy=False``), the entropy loss
+    with LlamaGen's temperature and epsilon."""
+    return quantizers.default_options("vq", n_embed=n_embed, beta=beta, legacy=False, l2_normalize=l2_normalize,
+                                      codebook_dim=0, entropy_weight=entropy_weight, entropy_temperature=0.01,
+                                      entropy_eps=1e-5)
+
+
+DEFAULT_QUANTIZER = tuple(sorted(llamagen_quantizer().items()))
 
 
 class LlamaGenVQ(StageOneMethods, nn.Module):
