@@ -3,8 +3,8 @@
 Each against a float64 numpy computation of its method: codes and indices, the straight-through gradient,
 the loss, usage statistics; index <-> code round trips; the config rules (old flat layout migrated, one-line
 refusals); decode_code of the codes equals decoding the quantized latents (what stage two relies on); and a
-short demo-sized training (slow, ~8 min on 2 shared cores) that lowers held-out L1 and reports codebook usage
-beside the VQ baseline.
+short demo-sized training (slow) that lowers held-out L1 and uses more of the codebook than the VQ baseline
+after the same steps.
 """
 import math
 
@@ -39,10 +39,12 @@ def _close(got, want, what, ulps=8):
 
 # ------------------------------------------------------------------------------------------ FSQ
 def _fsq_numpy(z, levels, eps=1e-3):
-    """Mentzer et al.: shifted tanh bound, round, divide by levels // 2; mixed-radix index, channel 0 first."""
+    """Mentzer et al. (arXiv 2309.15505, Appendix A.1): shifted tanh bound of half-width (L - 1)(1 - eps)/2,
+    round, divide by levels // 2; mixed-radix index, channel 0 first. The shift is arctanh(offset / half), the
+    bound's exact zero (the appendix's tan() agrees to third order)."""
     z = np.asarray(z, np.float64)
     L = np.asarray(levels, np.float64)
-    half = (L - 1) * (1 + eps) / 2
+    half = (L - 1) * (1 - eps) / 2
     offset = np.where(np.asarray(levels) % 2 == 0, 0.5, 0.0)
     shift = np.arctanh(offset / half)
     bounded = np.tanh(z + shift) * half - offset
@@ -79,9 +81,11 @@ def test_fsq_index_code_round_trip():
     every = jnp.arange(q.codebook_size, dtype=jnp.int32)
     codes = np.asarray(q.apply({}, every, method="embed_code"), np.float64)
     assert len({tuple(c) for c in codes}) == q.codebook_size and np.abs(codes).max() <= 1.0
-    # a latent that the bound maps onto each code's level (the bound's inverse), quantized again
+    # a latent that the bound maps next to each code's level (the bound's inverse at the level moved 0.1 toward
+    # 0: with (1 - eps) the outermost levels lie just outside the bound's open range), quantized again
     _, _, _, (half, offset, shift, hw) = _fsq_numpy(np.zeros(len(LEVELS)), LEVELS)
-    z = np.arctanh((codes * hw + offset) / half) - shift
+    level = codes * hw
+    z = np.arctanh((level - 0.1 * np.sign(level) + offset) / half) - shift
     out = q.apply({}, jnp.asarray(z[None, None], jnp.float32))
     np.testing.assert_array_equal(np.asarray(out.indices)[0, 0], np.asarray(every))
     _close(np.asarray(out.z_q)[0, 0], codes, "code -> index -> code")
@@ -234,9 +238,16 @@ def tiny_config(quantizer, embed_dim):
     return c
 
 
-# 25 steps: every check below already holds by a wide margin (measured at 25 / 40 steps: FSQ usage 0.17 -> 0.35 /
-# 0.44, VQ's 0.95 -> 0.57 / 0.46, LFQ's 1.00; held-out L1 down by 0.10-0.13 / 0.13-0.18), at 5/8 of the steps.
-TRAIN_STEPS = 25
+# Held-out codebook usage after the same steps, seeds 0-6 (init key and batch order; LFQ seeds 0-2):
+#   steps   0          25         40         60         100
+#   VQ      0.81-0.95  0.44-0.58  0.34-0.45  0.26-0.38  0.19-0.30   (its learned codebook collapsing)
+#   FSQ     0.16-0.22  0.30-0.38  0.32-0.48  0.37-0.61  0.35-0.66
+#   LFQ     0.91-1.00  1.00       1.00       0.99-1.00  0.99-1.00   (its entropy term)
+# FSQ starts low because quant_conv's outputs at init (std ~0.17) round to the central levels. It passes VQ
+# between 40 and 60 steps: at 40 it is below in 2 of 7 seeds; at 60 above in all 7, by 0.13-0.33 in five,
+# 0.07 and 0.02 in two, 0.20 at seed 0 used here (the median). LFQ is compared at 25 steps (above by 0.42-0.55),
+# so the cost over comparing all three at 25 steps is VQ's and FSQ's 35 more steps.
+HELDOUT_AT = {"vq": (25, 60), "fsq": (60,), "lfq": (25,)}
 # 128 codes each: VQ n_embed 128, FSQ levels (8, 4, 4), LFQ 7 bits
 KINDS = {"vq": vqgan_tiny.get_config, "fsq": vqgan_tiny_fsq.get_config, "lfq": vqgan_tiny_lfq.get_config}
 
@@ -248,8 +259,9 @@ def test_the_tiny_fsq_and_lfq_configs_have_vq_tiny_codebook_size():
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory):
-    """Each kind trained TRAIN_STEPS steps on the built-in photos (GAN off, as early in the demo), the same
-    batches for all; held-out L1 and the fraction of the codebook the held-out set uses, before and after."""
+    """Each kind trained on the built-in photos (GAN off, as early in the demo), the same batches for all;
+    held-out L1 and the fraction of the codebook the held-out set uses, at init and after each of
+    HELDOUT_AT[kind] steps."""
     from common_jax import data as data_lib
     from common_jax import datasets
     from common_jax.training import jit_init
@@ -257,9 +269,10 @@ def demo_runs(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("photos"))
     datasets.prepare_builtin_photos(data_dir, crop_size=32, crops_per_photo=16)
     name = datasets.builtin_photos_name(crop_size=32, crops_per_photo=16)
+    steps = max(max(v) for v in HELDOUT_AT.values())
     with data_lib.make_loader(data_dir, name, "train", 16, train=True, image_size=32, seed=0) as loader:
         it = iter(loader)
-        batches = [np.asarray(next(it)["image"]) for _ in range(TRAIN_STEPS)]
+        batches = [np.asarray(next(it)["image"]) for _ in range(steps)]
     with data_lib.make_loader(data_dir, name, "validation", 64, train=False, image_size=32, seed=0,
                               num_epochs=1) as loader:
         held = [(np.asarray(b["image"]), np.asarray(b["mask"])) for b in loader]
@@ -282,27 +295,26 @@ def demo_runs(tmp_path_factory):
                 n += int(m.sum())
             return l1 / n, float(used.mean())
 
-        before = heldout(state)
-        for i, x in enumerate(batches):
-            state, metrics = step(state, {"image": x}, jax.random.key(i))
-        out[kind] = {"before": before, "after": heldout(state), "train_usage": float(metrics["codebook_usage"]),
-                     "perplexity": float(metrics["perplexity"])}
+        out[kind] = {0: heldout(state)}
+        for i, x in enumerate(batches[:max(HELDOUT_AT[kind])]):
+            state, _ = step(state, {"image": x}, jax.random.key(i))
+            if i + 1 in HELDOUT_AT[kind]:
+                out[kind][i + 1] = heldout(state)
     return out
 
 
 @pytest.mark.slow
-def test_fsq_and_lfq_train_in_the_demo_setting_and_use_their_codebooks(demo_runs):
+def test_fsq_and_lfq_train_in_the_demo_setting_and_use_more_of_their_codebooks_than_vq(demo_runs):
     for kind, r in demo_runs.items():
-        print(f"\n{kind}: held-out L1 {r['before'][0]:.4f} -> {r['after'][0]:.4f}, held-out codebook usage "
-              f"{r['before'][1]:.3f} -> {r['after'][1]:.3f}, last train batch usage {r['train_usage']:.3f}, "
-              f"perplexity {r['perplexity']:.1f} (after {TRAIN_STEPS} steps)")
-    for kind in ("fsq", "lfq"):
-        before, after = demo_runs[kind]["before"], demo_runs[kind]["after"]
-        assert after[0] < before[0] - 0.02, (kind, before, after)   # L1 lowered
+        print(f"\n{kind}: " + ", ".join(f"{n} steps: held-out L1 {l1:.4f}, codebook usage {u:.3f}"
+                                        for n, (l1, u) in r.items()))
+    for kind, r in demo_runs.items():
+        for n in HELDOUT_AT[kind]:
+            assert r[n][0] < r[0][0] - 0.02, (kind, n, r)   # held-out L1 lowered
     vq, fsq, lfq = (demo_runs[k] for k in ("vq", "fsq", "lfq"))
-    # LFQ's entropy term spreads the codes: above the learned VQ codebook's usage after the same steps
-    # (measured 1.00 vs 0.57)
-    assert lfq["after"][1] > vq["after"][1], demo_runs
-    # FSQ ends near VQ (at 40 steps 0.44 vs 0.46), not reliably above it; what holds by a wide margin is the
-    # direction: its implicit codebook fills during training (0.17 -> 0.35) while VQ's shrinks (0.95 -> 0.57)
-    assert fsq["after"][1] > fsq["before"][1] + 0.1 and vq["after"][1] < vq["before"][1] - 0.1, demo_runs
+    # usage above the VQ baseline's after the same steps, by at least 6 of the 128 codes (margins measured
+    # in the table above HELDOUT_AT)
+    assert lfq[25][1] > vq[25][1] + 0.05, demo_runs
+    assert fsq[60][1] > vq[60][1] + 0.05, demo_runs
+    # and the direction: FSQ's implicit codebook fills during training while VQ's learned one shrinks
+    assert fsq[60][1] > fsq[0][1] + 0.1 and vq[60][1] < vq[0][1] - 0.1, demo_runs

@@ -23,7 +23,7 @@ from vqgan_jax.quantizers.base import QuantizerHooks, QuantizerOutput, usage_sta
 class FSQ(QuantizerHooks, nn.Module):
     embed_dim: int
     levels: Sequence[int] = (8, 5, 5, 5)
-    eps: float = 1e-3     # widens the tanh range slightly so the outermost levels are reachable
+    eps: float = 1e-3     # narrows the tanh range slightly, as Mentzer et al.'s Appendix A.1 does
 
     shape_options = ("levels",)
 
@@ -46,9 +46,14 @@ class FSQ(QuantizerHooks, nn.Module):
         return jnp.asarray(levels, jnp.float32), jnp.asarray(levels // 2, jnp.float32), jnp.asarray(basis, jnp.int32)
 
     def bound(self, z: jax.Array) -> jax.Array:
-        """Channel c squashed into (-levels[c]/2, levels[c]/2) so that rounding gives levels[c] integers."""
+        """Channel c squashed into (-levels[c]/2, levels[c]/2) so that rounding gives levels[c] integers.
+
+        Appendix A.1 of the paper: half-width (L - 1)(1 - eps)/2, even L shifted by 1/2. The shift inside the
+        tanh is arctanh(offset / half), the exact value that maps z = 0 onto level 0 (as lucidrains'
+        vector-quantize-pytorch does); the appendix writes tan(), equal to third order (4e-4 apart at L = 4).
+        """
         levels, _, _ = self._consts()
-        half = (levels - 1) * (1 + self.eps) / 2
+        half = (levels - 1) * (1 - self.eps) / 2
         offset = jnp.where(levels % 2 == 0, 0.5, 0.0)   # even counts: integers -L/2 .. L/2 - 1
         shift = jnp.arctanh(offset / half)
         return jnp.tanh(z + shift) * half - offset
