@@ -34,10 +34,12 @@ p.add_argument("--first-stage", default="")
 p.add_argument("--tensorboard", action="store_true")
 a = p.parse_args()
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from _xla_flags import xla_flags  # noqa: E402  (this script's folder is on the path)
+
+os.environ["XLA_FLAGS"] = xla_flags(a.devices)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 

@@ -39,7 +39,8 @@ def assert_resume_bit_identical(r: dict, total: int) -> list[str]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    from _xla_flags import xla_flags
+    os.environ.setdefault("XLA_FLAGS", xla_flags(8))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -29,13 +29,14 @@ p.add_argument("--per-process-weights", action="store_true", help="each process 
 p.add_argument("--data-dir", default="", help="resolve this prepared dataset ({p}: the process id) and exit")
 p.add_argument("--dataset", default="")
 a = p.parse_args()
+from _xla_flags import xla_flags  # noqa: E402  (this script's folder is on the path)
 if a.per_process_workdir:
     a.workdir = f"{a.workdir}_p{a.process_id}"
 
 if a.num_processes > 1:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // a.num_processes}"
+    os.environ["XLA_FLAGS"] = xla_flags(8 // a.num_processes)
 else:
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

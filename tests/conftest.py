@@ -8,9 +8,11 @@ import tempfile
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(__file__))
+from _xla_flags import xla_flags  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # One persistent compilation cache for the whole run: the pytest process, its xdist workers and every subprocess
 # a test starts inherit these variables, so a program compiled once (the tiny train steps, evals and samplers

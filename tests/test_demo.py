@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _xla_flags import xla_flags
 from common_jax.metrics import image_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +28,7 @@ def _run_demo(workdir, log_path, cache_dir):
     # A user's laptop: one CPU device (no simulated device count). Both runs share a compilation cache, as a
     # user's JAX_COMPILATION_CACHE_DIR would: the second run's evals and sampling load instead of compiling.
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TAMING_JAX_TRACEBACK")}
+    env["XLA_FLAGS"] = xla_flags()
     env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     t0 = time.monotonic()
     with open(log_path, "w") as log:

@@ -18,6 +18,7 @@ from common_jax.training import jit_init
 from configs import transformer_tiny, vqgan_tiny
 from launch.convert_inception import convert_state_dict
 from _stage_main import cache_env
+from _xla_flags import xla_flags
 from processes import free_port, run_all
 from seeded_weights import golden, seeded_array
 from transformer_jax.train import TransformerTask
@@ -56,7 +57,7 @@ def setup(tmp_path_factory):
 
 def run(args, tmp, returncode=0):
     # The runs share a compilation cache: both modes embed 32 px images with the same InceptionV3 program.
-    env = dict(cache_env(str(tmp / "jax_cache")), XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(cache_env(str(tmp / "jax_cache")), XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="3")
     p = subprocess.run([sys.executable, "-m", "launch.eval_fid", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == returncode, p.stderr[-3000:]
@@ -73,7 +74,7 @@ NO_SAMPLING = ("import runpy, sys; import transformer_jax.sampler as s; "
 def run_refused(args):
     """(last stderr line) of a launch.eval_fid run that must be refused before any sampling."""
     p = subprocess.run([sys.executable, "-c", NO_SAMPLING, *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3"))
+                       timeout=300, env=dict(os.environ, XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="3"))
     assert "SAMPLED" not in p.stderr and p.returncode == 1, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error:"), p.stderr[-3000:]
@@ -146,7 +147,7 @@ def test_samples_mode_writes_json_and_resumes(setup):
     saved = (tmp / "fid_s" / "samples_state.npz").read_bytes()
     p = subprocess.run([sys.executable, "-m", "launch.eval_fid", *[a for a in args if a != "--top_k=10"],
                         "--top_k=20"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, XLA_FLAGS=""))
+                       env=dict(os.environ, XLA_FLAGS=xla_flags()))
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "samples_state.npz holds 3 chunks of another evaluation" in last, last
@@ -163,7 +164,7 @@ def reconstruction_args(tmp, name, workdir, inception="inception.npz"):
 def two_processes(per_process_args, tmp):
     """Run launch.eval_fid as two JAX processes on loopback (gloo), one argument list each; (rc, output) each."""
     port = free_port()
-    env = dict(cache_env(str(tmp / "jax_cache")), XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3",
+    env = dict(cache_env(str(tmp / "jax_cache")), XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="3",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
     return run_all([([sys.executable, "-m", "launch.eval_fid", *args], dict(env, JAX_PROCESS_ID=str(i)))
                     for i, args in enumerate(per_process_args)],
@@ -241,7 +242,7 @@ def test_missing_inception_weights_is_one_line(setup, tmp_path):
                         f"--workdir={tmp_path}", f"--vqgan_workdir={tmp}/vq",
                         f"--inception_weights={tmp_path}/none.npz", f"--data_dir={tmp}/data",
                         f"--dataset={name}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, XLA_FLAGS=""))
+                       env=dict(os.environ, XLA_FLAGS=xla_flags()))
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "none.npz" in last, p.stderr[-2000:]
@@ -256,7 +257,7 @@ def test_guidance_on_a_model_without_condition_dropout_fails_before_any_work(set
     p = subprocess.run([sys.executable, "-m", "launch.eval_fid", "--mode=samples", f"--workdir={tmp_path}/fid",
                         f"--transformer_workdir={tmp_path}/gpt", f"--inception_weights={tmp}/inception.npz",
                         f"--data_dir={tmp}/data", f"--dataset={name}", "--guidance_scale=2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=xla_flags()))
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "cond.cfg_dropout=0.0" in last, p.stderr[-2000:]

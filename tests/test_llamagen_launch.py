@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _xla_flags import xla_flags
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 FILES = os.path.join(HERE, "llamagen_files")
@@ -311,7 +313,7 @@ def test_demo_flags_pick_the_configs_and_a_preempted_stage_stops_the_demo(tmp_pa
         "vq, gpt = demo_configs(sys.argv[1], 10, 10, 8, 'llama', 'lfq')",
         "print('configs', vq.model.quantizer.kind, gpt.gpt.block, gpt.gpt.n_embd)",
         "print('summary', run_demo(sys.argv[1], 10, 10, 2, 8, 2, 'llama', 'lfq'), calls)"])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "demo")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from processes import free_port
+from _xla_flags import xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -59,7 +60,7 @@ class Launch:
         self.logs = [f"{root}.{tag}.{i}.log" for i in range(n)]
         port = free_port()
         env = dict(os.environ)
-        env.pop("XLA_FLAGS", None)
+        env["XLA_FLAGS"] = xla_flags()   # the script sets its own device count
         if n > 1 and cache is not None:
             env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
         self.procs = []

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import _stage_main as stage
+from _xla_flags import xla_flags
 from common_jax import checkpoint as ckpt
 from common_jax import pretrained
 from common_jax.config_utils import config_to_dict
@@ -123,7 +124,7 @@ def test_stage_two_refuses_a_nan_stage_one_before_any_work(runs, tmp_path):
 
 def eval_fid(*args):
     p = subprocess.run([sys.executable, "-m", "launch.eval_fid", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3"))
+                       timeout=300, env=dict(os.environ, XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="3"))
     assert p.returncode == 1, p.stderr[-3000:]
     return p.stderr.strip().splitlines()[-1]
 
