@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _xla_flags import MANY_RUNS
 from configs import transformer_tiny, vqgan_tiny, vqgan_tiny_fsq, vqgan_tiny_lfq
 from configs.vqgan_base import vqgan_model
 from vqgan_jax import quantizers
@@ -283,7 +284,7 @@ def demo_runs(tmp_path_factory):
         c.optim.base_learning_rate *= 2      # as tests/test_vqgan_train's short training
         task = VQGANTask(c)
         state = jit_init(task.init_state)(jax.random.key(0))
-        step = jax.jit(task.train_step)
+        step = jax.jit(task.train_step, compiler_options=MANY_RUNS)   # 145 steps in all
         fwd = jax.jit(lambda p, x: task.model.apply({"params": p}, x))
 
         def heldout(state):

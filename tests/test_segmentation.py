@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from _xla_flags import MANY_RUNS
 from common_jax.training import jit_init
 from configs.vqgan_base import base_config, vqgan_model
 from vqgan_jax import convert
@@ -48,7 +49,7 @@ def test_bce_matches_formula():
 def test_training_lowers_bce_and_converter_round_trips():
     task = SegmentationVQTask(seg_config())
     state = jit_init(task.init_state)(jax.random.key(0))
-    step = jax.jit(task.train_step)
+    step = jax.jit(task.train_step, compiler_options=MANY_RUNS)   # 40 steps
     ev = jax.jit(task.eval_step)
     held = {"segmentation": label_maps(16, 99)}
     before = ev(state, held)

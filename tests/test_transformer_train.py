@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _xla_flags import MANY_RUNS
 from common_jax.mesh import LOGICAL_AXIS_RULES, batch_sharding, make_mesh, replicated
 from common_jax.training import jit_init, state_shardings
 from configs import transformer_tiny
@@ -86,7 +87,7 @@ def test_grad_accumulation_matches_full_batch(reference):
 def test_training_beats_unigram_entropy_on_structured_codes():
     task = TransformerTask(tiny_config(**{"optim.base_learning_rate": 3e-3, "cond.cfg_dropout": 0.0}))
     state = task.init_state(jax.random.key(0))
-    step = jax.jit(task.train_step)
+    step = jax.jit(task.train_step, compiler_options=MANY_RUNS)   # 60 steps
     ev = jax.jit(task.eval_step)
     held = fake_batch(b=64, seed=999)
     for i in range(60):
