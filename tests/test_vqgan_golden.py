@@ -67,3 +67,11 @@ def test_quantizer_loss_gradients_match_golden(gold, legacy):
     check(manifest, data, f"qloss_{tag}", val)
     check(manifest, data, f"qloss_{tag}_grad_z", nchw(gz))
     check(manifest, data, f"qloss_{tag}_grad_codebook", ge)
+
+
+def test_attention_levels_as_taming_places_them():
+    """taming's Encoder halves the resolution per level and its Decoder doubles the lowest level's size, so at a
+    resolution that is not a multiple of 2**(levels-1) they put attention on different levels; kept as taming has it."""
+    from vqgan_jax.model import taming_attn_levels
+    assert taming_attn_levels(256, 5, (16,)) == ((4,), (4,))
+    assert taming_attn_levels(90, 3, (22, 44)) == ((2,), (1, 2))   # encoder 90, 45, 22; decoder 88, 44, 22
