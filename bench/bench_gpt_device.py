@@ -149,8 +149,8 @@ def main() -> None:
                 n_embd=args.embd, dtype=jnp.dtype(args.dtype), remat=args.remat,
                 attention_impl=args.attention_impl, block=args.block, block_options=block_options)
     print(f"machine: {machine()}")
-    print(f"GPT ({args.block} block) {args.layers}L x {args.embd} x {args.heads}h, vocab {args.vocab}, {args.tokens} tokens, "
-          f"{args.dtype} compute{', remat' if args.remat else ''}, attention {args.attention_impl or 'default'}")
+    print(f"GPT ({args.block} block) {args.layers}L x {args.embd} x {args.heads}h, vocab {args.vocab}, "
+          f"{args.tokens} tokens, {args.dtype} compute{', remat' if args.remat else ''}, attention {args.attention_impl or 'default'}")
     tr = train_step_mfu(model, args.batch, args.repeats, args.peak_tflops)
     sa = None if args.no_sample else sampling_throughput(model, args.sample_batch, args.tokens,
                                                          max(3, args.repeats // 3))

@@ -257,7 +257,8 @@ def test_guidance_on_a_model_without_condition_dropout_fails_before_any_work(set
     p = subprocess.run([sys.executable, "-m", "launch.eval_fid", "--mode=samples", f"--workdir={tmp_path}/fid",
                         f"--transformer_workdir={tmp_path}/gpt", f"--inception_weights={tmp}/inception.npz",
                         f"--data_dir={tmp}/data", f"--dataset={name}", "--guidance_scale=2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=xla_flags()))
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, XLA_FLAGS=xla_flags()))
     assert p.returncode == 1
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "cond.cfg_dropout=0.0" in last, p.stderr[-2000:]
